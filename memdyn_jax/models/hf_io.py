@@ -1,0 +1,462 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors, no torch.
+
+One regex key map per family (as Tunix does): each entry ties an HF tensor name (with
+`{i}` for the layer index) to one of our parameter paths and a layout transform.
+The generic loader streams tensor by tensor straight into each parameter's target
+sharding: a device shard is assembled from memory-mapped safetensors slices, so host RAM
+holds one HF tensor and one stacked shard at a time, never the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import struct
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.models import registry
+from memdyn_jax.models.config import ModelConfig, from_hf_config
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- key maps
+
+SAME, FLAT, LINEAR = "same", "flat", "linear"  # transforms: see `_to_ours` / `_to_hf`
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRule:
+  hf: str  # HF tensor name; "{i}" = layer index
+  ours: str  # our parameter path, dot-separated ("blocks.…" params are stacked over layers)
+  transform: str = SAME  # SAME: as is; FLAT: HF 1-D; LINEAR: HF (out, in) -> our (in…, out…)
+  n_in: int = 1  # LINEAR: how many of our leading (per-layer) axes are input axes
+
+  @property
+  def pattern(self) -> re.Pattern:
+    return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(\d+)") + "$")
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.hf
+
+
+def _llama_rules(cfg: ModelConfig) -> list[KeyRule]:
+  p = "model.layers.{i}."
+  rules = [KeyRule("model.embed_tokens.weight", "embedding"),
+           KeyRule("model.norm.weight", "final_norm.scale")]
+  norms = ["input_layernorm", "post_attention_layernorm"]
+  if cfg.family == "gemma2":
+    norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+  rules += [KeyRule(p + f"{n}.weight", f"blocks.{n}.scale") for n in norms]
+  for x in "qkv":
+    rules.append(KeyRule(p + f"self_attn.{x}_proj.weight", f"blocks.self_attn.{x}_proj.kernel", LINEAR))
+    if cfg.attention_bias:
+      rules.append(KeyRule(p + f"self_attn.{x}_proj.bias", f"blocks.self_attn.{x}_proj.bias", FLAT))
+  rules.append(KeyRule(p + "self_attn.o_proj.weight", "blocks.self_attn.o_proj.kernel", LINEAR, 2))
+  if cfg.attention_out_bias:
+    rules.append(KeyRule(p + "self_attn.o_proj.bias", "blocks.self_attn.o_proj.bias"))
+  for x in ("gate", "up", "down"):
+    rules.append(KeyRule(p + f"mlp.{x}_proj.weight", f"blocks.mlp.{x}_proj.kernel", LINEAR))
+    if cfg.mlp_bias:
+      rules.append(KeyRule(p + f"mlp.{x}_proj.bias", f"blocks.mlp.{x}_proj.bias"))
+  if not cfg.tie_word_embeddings:
+    rules.append(KeyRule("lm_head.weight", "lm_head.kernel", LINEAR))
+  return rules
+
+
+def _gpt_neo_rules(cfg: ModelConfig) -> list[KeyRule]:
+  p = "transformer.h.{i}."
+  rules = [KeyRule("transformer.wte.weight", "embedding"),
+           KeyRule("transformer.wpe.weight", "position_embedding"),
+           KeyRule("transformer.ln_f.weight", "final_norm.scale"),
+           KeyRule("transformer.ln_f.bias", "final_norm.bias")]
+  for n in ("ln_1", "ln_2"):
+    rules += [KeyRule(p + f"{n}.weight", f"blocks.{n}.scale"), KeyRule(p + f"{n}.bias", f"blocks.{n}.bias")]
+  for x in "qkv":
+    rules.append(KeyRule(p + f"attn.attention.{x}_proj.weight", f"blocks.attn.{x}_proj.kernel", LINEAR))
+  rules += [KeyRule(p + "attn.attention.out_proj.weight", "blocks.attn.o_proj.kernel", LINEAR, 2),
+            KeyRule(p + "attn.attention.out_proj.bias", "blocks.attn.o_proj.bias")]
+  for x in ("c_fc", "c_proj"):
+    rules += [KeyRule(p + f"mlp.{x}.weight", f"blocks.mlp.{x}.kernel", LINEAR),
+              KeyRule(p + f"mlp.{x}.bias", f"blocks.mlp.{x}.bias")]
+  return rules
+
+
+def key_rules(cfg: ModelConfig) -> list[KeyRule]:
+  return _gpt_neo_rules(cfg) if cfg.family == "gpt_neo" else _llama_rules(cfg)
+
+
+# HF tensors that carry no parameters of ours (buffers saved by old checkpoints; an lm_head
+# duplicated next to tied embeddings).
+_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r".*attn\.attention\.(masked_)?bias$"))
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                    "gpt_neo": "GPTNeoForCausalLM"}
+
+# ----------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsFile:
+  """Memory-mapped safetensors file: `get(name)` returns a read-only numpy view, no copy."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    self.header = header
+    self._offset = 8 + n
+    self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+
+  def keys(self) -> list[str]:
+    return list(self.header)
+
+  def get(self, name: str) -> np.ndarray:
+    info = self.header[name]
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    if self._offset + end > self._mmap.size:
+      raise ValueError(f"{self.path}: tensor {name} extends past the end of the file (truncated?)")
+    raw = self._mmap[self._offset + start:self._offset + end]
+    return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]] | None = None, *,
+                      specs: Sequence[tuple[str, tuple[int, ...], np.dtype]] | None = None,
+                      produce=None, metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file. Either `tensors` (materialised) or `specs` + `produce(name)`
+  (streamed: the header is known up front, each tensor is produced only when written).
+  Written to `path.tmp` then renamed, so a crash never leaves a half file under `path`."""
+  if tensors is not None:
+    tensors = list(tensors)
+    specs = [(n, tuple(a.shape), a.dtype) for n, a in tensors]
+    by_name = dict(tensors)
+    produce = by_name.__getitem__
+  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+  offset = 0
+  for name, shape, dtype in specs:
+    size = int(math.prod(shape)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, shape, dtype in specs:
+      arr = np.ascontiguousarray(produce(name), dtype=dtype)
+      if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"tensor {name}: produced shape {arr.shape}, declared {shape}")
+      f.write(arr.tobytes())
+  os.replace(tmp, path)
+
+
+class CheckpointReader:
+  """All tensors of an HF checkpoint directory (single file or sharded with an index)."""
+
+  def __init__(self, directory: str):
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+      for fname in files:
+        if not os.path.exists(os.path.join(directory, fname)):
+          raise FileNotFoundError(f"{index_path} lists shard {fname!r}, which is missing from "
+                                  f"{directory}")
+    elif os.path.exists(single):
+      files = ["model.safetensors"]
+      weight_map = None
+    else:
+      raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+    self.files = {f: SafetensorsFile(os.path.join(directory, f)) for f in files}
+    self.location: dict[str, str] = {}
+    for fname, st in self.files.items():
+      for k in st.keys():
+        self.location[k] = fname
+    if weight_map is not None:
+      missing = [k for k in weight_map if k not in self.location]
+      if missing:
+        raise ValueError(f"{index_path} lists tensors absent from their shards: {missing[:5]}")
+
+  def keys(self) -> list[str]:
+    return list(self.location)
+
+  def get(self, name: str) -> np.ndarray:
+    return self.files[self.location[name]].get(name)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _to_ours(hf: np.ndarray, rule: KeyRule, layer_shape: tuple[int, ...]) -> np.ndarray:
+  if rule.transform == LINEAR:
+    hf = hf.T
+  if tuple(hf.shape) != layer_shape and math.prod(hf.shape) != math.prod(layer_shape):
+    raise ValueError(f"tensor {rule.hf}: shape {hf.shape} does not fit parameter {rule.ours} "
+                     f"{layer_shape} (config mismatch?)")
+  return hf.reshape(layer_shape)
+
+
+def _to_hf(ours: np.ndarray, rule: KeyRule) -> np.ndarray:
+  if rule.transform == LINEAR:
+    n_in = rule.n_in
+    return ours.reshape(math.prod(ours.shape[:n_in]), -1).T
+  if rule.transform == FLAT:
+    return ours.reshape(-1)
+  return ours
+
+
+def _hf_shape(layer_shape: tuple[int, ...], rule: KeyRule) -> tuple[int, ...]:
+  if rule.transform == LINEAR:
+    return (math.prod(layer_shape[rule.n_in:]), math.prod(layer_shape[:rule.n_in]))
+  if rule.transform == FLAT:
+    return (math.prod(layer_shape),)
+  return layer_shape
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
+  """A local directory as is; a `.gguf` file converted once (cached); else a hub snapshot
+  (honours the HF cache and `HF_HUB_OFFLINE`)."""
+  if os.path.isdir(path_or_hub_id):
+    return path_or_hub_id
+  if path_or_hub_id.endswith(".gguf"):
+    if not os.path.exists(path_or_hub_id):
+      raise FileNotFoundError(f"GGUF file {path_or_hub_id} does not exist")
+    from memdyn_jax.models import gguf  # needs torch; only for this path
+
+    return gguf.convert_gguf_to_hf(path_or_hub_id)
+  if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")):
+    raise FileNotFoundError(f"{path_or_hub_id} is not a checkpoint directory")
+  import huggingface_hub
+
+  return huggingface_hub.snapshot_download(
+      path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+
+
+def load_config(directory: str) -> ModelConfig:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json in {directory}")
+  with open(path) as f:
+    try:
+      raw = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: malformed JSON ({e})") from None
+  return from_hf_config(raw)
+
+
+def _index_tuple(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None, mesh=None,
+                    rules=sharding_lib.DEFAULT_RULES, remat: str = "none"):
+  """Loads an HF causal-LM checkpoint into our NNX model. Returns `(model, config)`.
+
+  Args:
+    path_or_hub_id: a local HF directory, a `.gguf` file, or a hub id.
+    dtype: activation/compute dtype. param_dtype: parameter dtype (default = dtype).
+    mesh: place parameters by the logical-axis `rules` on this mesh (default: first device).
+  """
+  directory = resolve_checkpoint_dir(path_or_hub_id)
+  cfg = load_config(directory)
+  param_dtype = param_dtype or dtype
+  abstract = registry.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  graphdef, abs_state = nnx.split(abstract)
+  reader = CheckpointReader(directory)
+
+  # HF name -> (rule, layer); every HF tensor must be claimed by a rule or ignored.
+  rules_by_path = {}
+  claimed: dict[str, dict[int | None, str]] = {}
+  for rule in key_rules(cfg):
+    rules_by_path[rule.ours] = rule
+    claimed[rule.ours] = {}
+  patterns = [(r, r.pattern) for r in key_rules(cfg)]
+  unexpected = []
+  for name in reader.keys():
+    for rule, pat in patterns:
+      m = pat.match(name)
+      if m:
+        claimed[rule.ours][int(m.group(1)) if rule.stacked else None] = name
+        break
+    else:
+      if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        continue
+      if not any(p.match(name) for p in _IGNORED):
+        unexpected.append(name)
+  if unexpected:
+    raise ValueError(f"{directory}: tensors with no place in a {cfg.model_type} model: {unexpected[:8]}")
+
+  device = jax.devices()[0]
+  flat = nnx.to_flat_state(abs_state)
+  loaded = []
+  for path, var in flat:
+    key = ".".join(map(str, path))
+    if key not in rules_by_path:
+      raise ValueError(f"parameter {key} has no HF key rule (model/key-map mismatch)")
+    rule = rules_by_path[key]
+    shape = tuple(var.shape)
+    layer_shape = shape[1:] if rule.stacked else shape
+    names = claimed[key]
+    expected = range(cfg.num_layers) if rule.stacked else [None]
+    missing = [rule.hf.format(i=i) for i in expected if i not in names]
+    if missing:
+      raise ValueError(f"{directory}: checkpoint lacks tensor(s) {missing[:4]} for {key}")
+    np_dtype = np.dtype(param_dtype)
+    if mesh is not None:
+      target = sharding_lib.param_sharding(var, mesh, rules)
+    else:
+      target = jax.sharding.SingleDeviceSharding(device)
+    shard_cache: dict[Any, np.ndarray] = {}
+
+    def read_shard(index, rule=rule, names=names, layer_shape=layer_shape, shape=shape,
+                   np_dtype=np_dtype, shard_cache=shard_cache):
+      idx = _index_tuple(index, shape)
+      if idx in shard_cache:
+        return shard_cache[idx]
+      if rule.stacked:
+        (l0, l1), rest = idx[0], idx[1:]
+        parts = [_to_ours(reader.get(names[layer]), rule, layer_shape)[
+            tuple(slice(a, b) for a, b in rest)].astype(np_dtype) for layer in range(l0, l1)]
+        out = np.stack(parts)
+      else:
+        out = _to_ours(reader.get(names[None]), rule, layer_shape)[
+            tuple(slice(a, b) for a, b in idx)].astype(np_dtype)
+      shard_cache[idx] = out
+      return out
+
+    arr = jax.make_array_from_callback(shape, target, read_shard)
+    shard_cache.clear()
+    loaded.append((path, var.replace(arr) if hasattr(var, "replace") else arr))
+  state = nnx.from_flat_state(loaded)
+  model = nnx.merge(graphdef, state)
+  return model, cfg
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
+                    dtype=None) -> None:
+  """Writes `config.json` + safetensors (sharded with an index past `max_shard_bytes`)
+  that `transformers.AutoModelForCausalLM.from_pretrained` loads. Parameters are gathered
+  and written one at a time; only process 0 writes."""
+  state = nnx.state(model, nnx.Param)
+  flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+  rules = key_rules(config)
+  out_dtype = np.dtype(dtype) if dtype is not None else None
+  specs = []  # (hf name, hf shape, dtype, param key, rule, layer)
+  for rule in rules:
+    if rule.ours not in flat:
+      raise ValueError(f"model has no parameter {rule.ours} for HF tensor {rule.hf}")
+    var = flat[rule.ours]
+    arr_dtype = out_dtype or np.dtype(var[...].dtype)
+    shape = tuple(var[...].shape)
+    layers = range(shape[0]) if rule.stacked else [None]
+    layer_shape = shape[1:] if rule.stacked else shape
+    for layer in layers:
+      name = rule.hf.format(i=layer) if rule.stacked else rule.hf
+      specs.append((name, _hf_shape(layer_shape, rule), arr_dtype, rule.ours, rule, layer))
+
+  # Group tensors of one parameter together so each is gathered once.
+  files: list[list[tuple]] = [[]]
+  size = 0
+  for spec in specs:
+    nbytes = math.prod(spec[1]) * spec[2].itemsize
+    if files[-1] and size + nbytes > max_shard_bytes:
+      files.append([])
+      size = 0
+    files[-1].append(spec)
+    size += nbytes
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(out_dir, exist_ok=True)
+  names = (["model.safetensors"] if len(files) == 1 else
+           [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+  cache: dict[str, np.ndarray] = {}
+  for fname, group in zip(names, files):
+    by_name = {s[0]: s for s in group}
+
+    def produce(name, by_name=by_name):
+      _, _, arr_dtype, key, rule, layer = by_name[name]
+      if key not in cache:
+        cache.clear()  # one parameter on the host at a time
+        cache[key] = _gather(flat[key][...])
+      full = cache[key]
+      return _to_hf(full[layer] if layer is not None else full, rule).astype(arr_dtype)
+
+    if is_writer:
+      write_safetensors(os.path.join(out_dir, fname), specs=[(s[0], s[1], s[2]) for s in group],
+                        produce=produce)
+    else:  # other processes take part in the gathers in the same order
+      for s in group:
+        produce(s[0])
+  if not is_writer:
+    return
+  if len(files) > 1:
+    index = {"metadata": {"total_size": int(sum(math.prod(s[1]) * s[2].itemsize for s in specs))},
+             "weight_map": {s[0]: fname for fname, g in zip(names, files) for s in g}}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump(index, f, indent=2)
+  hf_config = dict(config.hf_config)
+  hf_config["model_type"] = config.model_type
+  hf_config["architectures"] = [HF_ARCHITECTURES[config.model_type]]
+  hf_config["dtype"] = str(np.dtype(out_dtype or specs[0][2]).name)
+  hf_config["tie_word_embeddings"] = config.tie_word_embeddings
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path_or_hub_id: str, *, padding_side: str = "left"):
+  """`AutoTokenizer` with a pad token (EOS if it has none) and left padding for generation."""
+  import transformers
+
+  directory = path_or_hub_id
+  if not os.path.isdir(path_or_hub_id) and path_or_hub_id.endswith(".gguf"):
+    directory = resolve_checkpoint_dir(path_or_hub_id)
+  tok = transformers.AutoTokenizer.from_pretrained(directory)
+  if tok.pad_token is None:
+    if tok.eos_token is None:
+      raise ValueError(f"tokenizer at {path_or_hub_id} has neither a pad nor an EOS token")
+    tok.pad_token = tok.eos_token
+  tok.padding_side = padding_side
+  return tok

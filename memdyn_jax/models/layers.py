@@ -1,0 +1,259 @@
+"""Building blocks shared by the model families: parameters with logical axes, norms,
+rotary embeddings, attention over a KV cache, and MLPs.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` (MaxText's idea): layers name
+what an axis *is* (`embed`, `heads`, `mlp`, ...) and `memdyn_jax.sharding` maps names to
+mesh axes with one rules table. Numerics follow the HF PyTorch modules: norms and
+softmax in float32, attention scores accumulated in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+_NEG_INF = -1e30  # finite so fully-masked (padding) rows stay NaN-free
+
+
+def make_param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int],
+               axes: Sequence[str | None], dtype) -> nnx.Param:
+  """An `nnx.Param` of `shape`, initialised by `init`, tagged with `logical_axes`."""
+  if len(shape) != len(axes):
+    raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def normal_init(stddev: float) -> Initializer:
+  return lambda key, shape, dtype: (stddev * jax.random.normal(key, shape)).astype(dtype)
+
+
+def zeros_init(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32. `offset=1` gives Gemma's `x * (1 + w)`."""
+
+  def __init__(self, dim: int, eps: float, *, offset: float = 0.0, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    self.eps = eps
+    self.offset = offset
+    init = zeros_init if offset else ones_init
+    self.scale = make_param(rngs, init, (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:  # Gemma multiplies in float32, then casts
+      return (x32 * (self.offset + self.scale[...].astype(jnp.float32))).astype(dtype)
+    # Llama casts the normalised activations back before the weight multiply.
+    return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with bias, statistics in float32 (GPT-Neo)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    self.eps = eps
+    self.scale = make_param(rngs, ones_init, (dim,), ("norm",), param_dtype)
+    self.bias = make_param(rngs, zeros_init, (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class Dense(nnx.Module):
+  """y = x @ W (+ b), with W's logical axes given; W may have several input/output axes.
+
+  `n_in` leading axes of the kernel contract with the trailing `n_in` axes of x.
+  """
+
+  def __init__(self, shape: Sequence[int], axes: Sequence[str | None], *, n_in: int = 1,
+               use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               init_std: float = 0.02, rngs: nnx.Rngs | None = None):
+    self.n_in = n_in
+    self.dtype = dtype
+    self.kernel = make_param(rngs, normal_init(init_std), shape, axes, param_dtype)
+    self.bias = (make_param(rngs, zeros_init, shape[n_in:], axes[n_in:], param_dtype)
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    n_out = kernel.ndim - self.n_in
+    y = jax.lax.dot_general(
+        x.astype(self.dtype), kernel,
+        ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - n_out) + self.bias.shape)
+    return y
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name == "silu":
+    return jax.nn.silu
+  if name in ("gelu_pytorch_tanh", "gelu_new"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  raise ValueError(f"unsupported activation {name!r}")
+
+
+class GatedMLP(nnx.Module):
+  """down(act(gate(x)) * up(x)): SwiGLU (Llama) and GeGLU (Gemma 2)."""
+
+  def __init__(self, hidden: int, inner: int, act: str, *, use_bias: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Dense((hidden, inner), ("embed", "mlp"), **kw)
+    self.up_proj = Dense((hidden, inner), ("embed", "mlp"), **kw)
+    self.down_proj = Dense((inner, hidden), ("mlp", "embed"), **kw)
+    self.act = activation(act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PlainMLP(nnx.Module):
+  """proj(act(fc(x))) with biases (GPT-Neo)."""
+
+  def __init__(self, hidden: int, inner: int, act: str, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.c_fc = Dense((hidden, inner), ("embed", "mlp"), **kw)
+    self.c_proj = Dense((inner, hidden), ("mlp", "embed"), **kw)
+    self.act = activation(act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.c_proj(self.act(self.c_fc(x)))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str, float],
+                  max_position_embeddings: int, seq_len: jax.Array | None = None) -> jax.Array:
+  """Inverse frequencies as HF computes them for each supported `rope_type`.
+
+  `dynamic` (NTK) depends on the longest position in the call, like HF's forward.
+  """
+  exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+  if rope_type == "dynamic":
+    factor = params["factor"]
+    seq = jnp.maximum(seq_len.astype(jnp.float32), float(max_position_embeddings))
+    base = theta * ((factor * seq / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** jnp.asarray(exponents, jnp.float32))
+  inv = 1.0 / (theta ** exponents)
+  if rope_type == "linear":
+    inv = inv / params["factor"]
+  elif rope_type == "llama3":
+    factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    inv = np.where(medium, smoothed, scaled)
+  elif rope_type != "default":
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+  return jnp.asarray(inv.astype(np.float32))
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables (B, T, head_dim) in float32, HF's `cat(freqs, freqs)` layout."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x (B, T, H, D) with HF's rotate-half convention."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_mask(q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array,
+                   window: jax.Array) -> jax.Array:
+  """Boolean (B, Tq, S): causal in slot order, key must be a real token, and within `window`.
+
+  Slots are indices in the (left-padded) sequence/cache, as HF's masks use; `window` 0
+  means global attention. A local window allows `0 <= q - k < window`.
+  """
+  diff = q_slots[:, None] - k_slots[None, :]
+  allowed = diff >= 0
+  allowed &= (window <= 0) | (diff < window)
+  return allowed[None] & key_valid[:, None, :]
+
+
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+                  softcap: float = 0.0) -> jax.Array:
+  """Grouped-query attention. q (B,T,H,D), k/v (B,S,K,D), mask (B,T,S) -> (B,T,H,D).
+
+  Scores and softmax are float32 (as HF eager); heads share K/V groups without copies.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * scale
+  if softcap:
+    scores = jnp.tanh(scores / softcap) * softcap
+  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query self-attention with optional RoPE, biases and softcap."""
+
+  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               qkv_bias: bool, out_bias: bool, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Dense((hidden, num_heads, head_dim), ("embed", "heads", "head_dim"),
+                        use_bias=qkv_bias, **kw)
+    self.k_proj = Dense((hidden, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                        use_bias=qkv_bias, **kw)
+    self.v_proj = Dense((hidden, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                        use_bias=qkv_bias, **kw)
+    self.o_proj = Dense((num_heads, head_dim, hidden), ("heads", "head_dim", "embed"), n_in=2,
+                        use_bias=out_bias, **kw)
+
+  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None,
+               layer_cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array,
+               q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array, window: jax.Array,
+               scale: float, softcap: float):
+    """Returns (output, updated (k, v) cache or the fresh (k, v) when there is no cache)."""
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, axis=1)
+    mask = attention_mask(q_slots, k_slots, key_valid, window)
+    out = dot_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale, softcap=softcap)
+    return self.o_proj(out), (k, v)

@@ -1,0 +1,37 @@
+"""Family name -> model class; model construction (concrete or abstract)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from memdyn_jax.models.config import ModelConfig
+from memdyn_jax.models.gemma2 import Gemma2ForCausalLM
+from memdyn_jax.models.gpt_neo import GPTNeoForCausalLM
+from memdyn_jax.models.llama import LlamaForCausalLM
+from memdyn_jax.models.transformer import CausalLM
+
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "gpt_neo": GPTNeoForCausalLM,
+}
+
+
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
+  if cfg.family not in MODEL_CLASSES:
+    raise ValueError(f"unknown model family {cfg.family!r}; known: {sorted(MODEL_CLASSES)}")
+  return MODEL_CLASSES[cfg.family]
+
+
+def build_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0,
+                remat: str = "none") -> CausalLM:
+  """A randomly initialised model (for pre-training from scratch and tests)."""
+  return model_class(cfg)(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                          rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   remat: str = "none") -> CausalLM:
+  """The model with `ShapeDtypeStruct` leaves: shapes and logical axes, nothing allocated."""
+  return nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, param_dtype=param_dtype,
+                                            remat=remat))

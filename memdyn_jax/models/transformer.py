@@ -1,0 +1,200 @@
+"""The decoder-only causal LM shared by every family: embeddings, a scanned stack of
+blocks, final norm and LM head, with a plain forward and a KV-cache forward.
+
+Conventions (those of HF `generate` with left padding):
+- `attention_mask` (B, T) is 1 on real tokens, 0 on padding; padding never influences a
+  real position.
+- positions default to `cumsum(mask) - 1` (clipped at 0 on left padding), continued from the
+  cache on decode, so a left-padded row computes exactly what it computes unpadded.
+- masks are built on *slots* (indices in the padded sequence / cache), as HF's masks are;
+  with left padding a row's real tokens are contiguous, so slot and position distances agree.
+
+Blocks are stored stacked (leading `layers` axis) and run with `lax.scan`: one compiled
+block regardless of depth, and a per-layer attention window (`ModelConfig.layer_windows`)
+scanned alongside, so alternating local/global layers need no second code path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memdyn_jax.models import layers
+from memdyn_jax.models.config import ModelConfig, attn_scale
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys/values of every layer in a padded slot layout.
+
+  k, v: (layers, B, S, kv_heads, head_dim); key_valid (B, S): slot holds a real token;
+  index: next slot to write (shared by rows); next_pos (B,): next position id per row.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  key_valid: jax.Array
+  index: jax.Array
+  next_pos: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def _stack_blocks(make_block, n: int, rngs: nnx.Rngs):
+  """Creates `n` blocks with stacked parameters and prepends `layers` to their logical axes."""
+  keys = jax.random.split(rngs.params(), n)
+  blocks = nnx.vmap(lambda key: make_block(nnx.Rngs(params=key)), in_axes=0, out_axes=0)(keys)
+  for _, var in nnx.iter_graph(blocks):
+    if isinstance(var, nnx.Param):
+      var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+  return blocks
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  if policy == "dots":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat policy {policy!r} not in {REMAT_POLICIES}")
+
+
+class CausalLM(nnx.Module):
+  """Base class; a family implements `make_block`, `embed_tokens` and `final_norm`."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: str = "none", rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat policy {remat!r} not in {REMAT_POLICIES}")
+    self.cfg = cfg
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.remat = remat
+    self.embedding = layers.make_param(rngs, layers.normal_init(0.02),
+                                       (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                       param_dtype)
+    self.init_extra(rngs)
+    self.blocks = _stack_blocks(self.make_block, cfg.num_layers, rngs)
+    self.final_norm = self.make_final_norm(rngs)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = layers.Dense((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  # -- family hooks -----------------------------------------------------------------
+  def init_extra(self, rngs: nnx.Rngs) -> None:
+    """Extra top-level parameters (GPT-Neo's learned positions)."""
+
+  def make_block(self, rngs: nnx.Rngs) -> nnx.Module:
+    raise NotImplementedError
+
+  def make_final_norm(self, rngs: nnx.Rngs) -> nnx.Module:
+    raise NotImplementedError
+
+  def embed_tokens(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
+
+  # -- shared machinery -------------------------------------------------------------
+  def rope_tables(self, positions: jax.Array):
+    cfg = self.cfg
+    if cfg.rope_type == "none":
+      return None
+    seq_len = jnp.max(positions) + 1 if cfg.rope_type == "dynamic" else None
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope,
+                                    cfg.max_position_embeddings, seq_len)
+    return layers.rope_cos_sin(positions, inv_freq)
+
+  def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+    h = self.final_norm(h)
+    if self.lm_head is None:
+      logits = jnp.einsum("bte,ve->btv", h, self.embedding[...].astype(self.dtype))
+    else:
+      logits = self.lm_head(h)
+    logits = logits.astype(jnp.float32)
+    if self.cfg.final_logit_softcap:
+      cap = self.cfg.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+  def _run_blocks(self, h, *, rope, cache: KVCache | None, q_slots, k_slots, key_valid):
+    cfg = self.cfg
+    graphdef, block_state = nnx.split(self.blocks)
+    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    attn_kwargs = dict(scale=attn_scale(cfg), softcap=cfg.attn_logit_softcap)
+    write_index = cache.index if cache is not None else jnp.int32(0)
+
+    def body(h, xs):
+      state, window, layer_cache = xs
+      block = nnx.merge(graphdef, state)
+      h, kv = block(h, rope=rope, layer_cache=layer_cache, write_index=write_index,
+                    q_slots=q_slots, k_slots=k_slots, key_valid=key_valid, window=window,
+                    **attn_kwargs)
+      return h, (kv if cache is not None else None)
+
+    body = _remat(body, self.remat)
+    layer_caches = (cache.k, cache.v) if cache is not None else None
+    h, new_kv = jax.lax.scan(body, h, (block_state, windows, layer_caches))
+    return h, new_kv
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Logits (B, T, V) in float32 for a (left- or right-) padded batch."""
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    valid = attention_mask.astype(bool)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    h = self.embed_tokens(input_ids, positions)
+    slots = jnp.arange(t)
+    h, _ = self._run_blocks(h, rope=self.rope_tables(positions), cache=None, q_slots=slots,
+                            k_slots=slots, key_valid=valid)
+    return self.logits_from_hidden(h)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    cfg = self.cfg
+    dtype = dtype or self.dtype
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   key_valid=jnp.zeros((batch_size, max_len), bool), index=jnp.int32(0),
+                   next_pos=jnp.zeros((batch_size,), jnp.int32))
+
+  def forward_with_cache(self, input_ids: jax.Array, attention_mask: jax.Array | None,
+                         cache: KVCache, *, positions: jax.Array | None = None
+                         ) -> tuple[jax.Array, KVCache]:
+    """Prefill (T > 1) or decode (T = 1) step: logits (B, T, V) and the updated cache.
+
+    Tokens are written at slots [cache.index, cache.index + T); positions continue each
+    row's count of real tokens unless given (B, T).
+    """
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    valid = attention_mask.astype(bool)
+    if positions is None:
+      positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.key_valid, valid, cache.index, axis=1)
+    h = self.embed_tokens(input_ids, positions)
+    h, (new_k, new_v) = self._run_blocks(
+        h, rope=self.rope_tables(positions), cache=cache, q_slots=cache.index + jnp.arange(t),
+        k_slots=jnp.arange(cache.max_len), key_valid=key_valid)
+    new_cache = KVCache(k=new_k, v=new_v, key_valid=key_valid, index=cache.index + t,
+                        next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32))
+    return self.logits_from_hidden(h), new_cache
+
+
+def attn_block_kwargs(cfg: ModelConfig, dtype, param_dtype) -> dict[str, Any]:
+  return dict(hidden=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+              head_dim=cfg.head_dim, qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+              dtype=dtype, param_dtype=param_dtype)

@@ -1,0 +1,34 @@
+"""memdyn_jax: memorization dynamics of LLM fine-tuning on reasoning data, in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="memdyn_jax",
+    version="0.1.0",
+    description="JAX/Flax toolkit for studying memorization dynamics of LLMs fine-tuned on reasoning data",
+    packages=find_packages(include=["memdyn_jax", "memdyn_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "transformers>=5.0",
+        "tokenizers",
+        "datasets",
+        "huggingface_hub",
+        "safetensors",
+        "numpy",
+        "absl-py",
+        "math-verify",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "gguf",
+            "accelerate",
+        ],
+    },
+)

@@ -1,0 +1,82 @@
+"""Tiny random-init HF models for tests and benchmarks (needs torch: the `test` extra).
+
+Everything here is built locally with `transformers` + `save_pretrained`; nothing is
+downloaded. Parameters are perturbed away from HF's init (zeros biases, unit norms) so a
+parity test exercises every tensor.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Small configs per HF model type that exercise each family's features: GQA, biases,
+# rope scaling, sliding windows shorter than test sequences, soft-capping.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                  rope_theta=500.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "llama3_scaled": dict(model_type="llama", vocab_size=211, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                          max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=True,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 16}),
+    "mistral": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    sliding_window=5, tie_word_embeddings=False),
+    "qwen2": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
+                  tie_word_embeddings=True, rope_theta=1e6),
+    "gemma2": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   max_position_embeddings=128, sliding_window=5, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gpt_neo": dict(vocab_size=211, hidden_size=48, num_layers=4, num_heads=4,
+                    attention_types=[[["global", "local"], 2]], window_size=5,
+                    max_position_embeddings=128),
+}
+
+
+def hf_config(name: str, **overrides):
+  import transformers
+
+  kwargs = dict(TINY_CONFIGS[name])
+  model_type = kwargs.pop("model_type", name)
+  kwargs.update(overrides)
+  return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_hf_model(config, seed: int = 0, perturb: float = 0.05):
+  """A random HF PyTorch causal LM (eager attention, fp32, eval mode)."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+  model = model.float().eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * perturb)
+  return model
+
+
+def save_tiny_hf_model(name: str, out_dir: str, seed: int = 0, **overrides) -> str:
+  """Builds `TINY_CONFIGS[name]` (with overrides) and saves it to `out_dir`; returns out_dir."""
+  model = make_hf_model(hf_config(name, **overrides), seed=seed)
+  os.makedirs(out_dir, exist_ok=True)
+  model.save_pretrained(out_dir)
+  return out_dir
+
+
+def left_padded_batch(vocab_size: int, batch: int, length: int, pad_lengths, seed: int = 0):
+  """Random ids with left padding: row i has `pad_lengths[i]` pads. Returns (ids, mask, positions)."""
+  import numpy as np
+
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(3, vocab_size, (batch, length))
+  mask = np.ones((batch, length), np.int32)
+  for i, n in enumerate(pad_lengths):
+    mask[i, :n] = 0
+    ids[i, :n] = 0
+  positions = np.maximum(mask.cumsum(1) - 1, 0)
+  return ids, mask, positions

@@ -1,0 +1,37 @@
+"""Tasks and data: GSM8K, MATH, instruction SFT, prompt perturbations and tokenization.
+
+Importing this package registers every task with `get_task`.
+"""
+from memdyn_jax.tasks import gsm8k, math_task, sft, synthetic_arith  # Imported for registration.
+from memdyn_jax.tasks.base import (
+    DEFAULT_TEMPLATE,
+    ChatTemplate,
+    DataError,
+    Example,
+    GradeResult,
+    PromptTemplate,
+    Task,
+    ensure_nonempty,
+    get_task,
+    read_jsonl,
+    register_task,
+    resolve_split_path,
+    task_names,
+)
+from memdyn_jax.tasks.gsm8k import GSM8KTask
+from memdyn_jax.tasks.math_task import MathTask
+from memdyn_jax.tasks.perturb import (
+    DEFAULT_PERTURBATIONS,
+    PerturbedPrompt,
+    expand_perturbations,
+    format_prompt,
+)
+from memdyn_jax.tasks.sft import SFTTask
+from memdyn_jax.tasks.tokenize import (
+    OVERLENGTH_POLICIES,
+    TokenizedBatch,
+    encode_example,
+    tokenize_examples,
+    tokenize_task_examples,
+    tokenizer_adds_bos,
+)

@@ -91,7 +91,7 @@ def logical_to_spec(axes: Iterable[str | None], rules=DEFAULT_RULES, shape: Sequ
 
 def param_sharding(var: nnx.Variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   axes = var.get_metadata().get("logical_axes")
-  shape = var[...].shape
+  shape = var.shape  # also works on abstract (ShapeDtypeStruct) variables
   if axes is None:
     return NamedSharding(mesh, P())
   return NamedSharding(mesh, logical_to_spec(axes, rules, shape, mesh))

@@ -1,0 +1,57 @@
+"""Memorization metrics: pure numpy / jax functions over per-checkpoint, per-example arrays.
+
+- premem: pre-memorization train accuracy and threshold calibration (Kang et al. Sec. 4).
+- regression: line fit with R² and Pearson r.
+- baselines: gradient variance, distance from initialization, ATC (Kang et al. App. B).
+- overmemorization: over-memorization stages and checkpoint selection (Ruan et al.).
+- data_maps: exact memorization and data maps (Ge et al. Sec. 2).
+- diversity: distinct-n, unique answers and traces among samples (Ruan et al.).
+"""
+from memdyn_jax.metrics.baselines import (
+    NUM_GRADIENT_MINIBATCHES,
+    atc_predicted_accuracy,
+    atc_threshold,
+    distance_from_init,
+    gradient_variance,
+    minibatch_gradients,
+    squared_distance_leaves,
+)
+from memdyn_jax.metrics.data_maps import (
+    EASY,
+    HARD,
+    OTHER,
+    CategorySummary,
+    DataMap,
+    DataMapThresholds,
+    data_map,
+    exact_memorization,
+    partition,
+    quantile_thresholds,
+    summarize_by_category,
+)
+from memdyn_jax.metrics.diversity import (
+    Diversity,
+    distinct_n,
+    sample_diversity,
+    unique_final_answers,
+    unique_traces,
+)
+from memdyn_jax.metrics.overmemorization import (
+    OverMemorization,
+    OverMemorizationConfig,
+    detect_overmemorization,
+    select_checkpoint,
+)
+from memdyn_jax.metrics.premem import (
+    GSM8K_LOGLOG_THRESHOLD,
+    MATH_LOGLOG_THRESHOLD,
+    CalibrationResult,
+    CalibrationRun,
+    calibrate_threshold,
+    dataset_premem_accuracy,
+    loglog_to_perplexity,
+    masked_accuracy,
+    perplexity_to_loglog,
+    premem_accuracy,
+)
+from memdyn_jax.metrics.regression import LinearFit, fit_r2, r2_identity

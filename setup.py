@@ -22,6 +22,7 @@ setup(
         "math-verify",
         "tqdm",
         "matplotlib",
+        "tensorboardX",
     ],
     extras_require={
         "test": [

@@ -84,6 +84,8 @@ class Dense(nnx.Module):
   """y = x @ W (+ b), with W's logical axes given; W may have several input/output axes.
 
   `n_in` leading axes of the kernel contract with the trailing `n_in` axes of x.
+  `memdyn_jax.train.lora.apply_lora` may add low-rank adapters (`lora_a`, `lora_b`, ...);
+  without them the computation is unchanged.
   """
 
   def __init__(self, shape: Sequence[int], axes: Sequence[str | None], *, n_in: int = 1,
@@ -103,7 +105,23 @@ class Dense(nnx.Module):
         ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - n_out) + self.bias.shape)
+    if getattr(self, "lora_a", None) is not None:  # adapters added by memdyn_jax.train.lora
+      y = y + self._lora_delta(x)
     return y
+
+  def _lora_delta(self, x: jax.Array) -> jax.Array:
+    """lora_scale * dropout(x) @ A @ B; dropout only when `deterministic` is False."""
+    x = x.astype(self.dtype)
+    if self.lora_dropout > 0 and not self.deterministic:
+      keep = 1.0 - self.lora_dropout
+      key = jax.random.wrap_key_data(self.lora_dropout_key[...])
+      x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
+    a = self.lora_a[...].astype(self.dtype)  # (in..., r)
+    b = self.lora_b[...].astype(self.dtype)  # (r, out...)
+    h = jax.lax.dot_general(
+        x, a, ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
+    delta = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+    return (self.lora_scale * delta).astype(self.dtype)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -14,7 +14,7 @@ from memdyn_jax import models, testing
 CASES = {
     "llama": ("llama", {}),
     "llama_tied_mha_odd": ("llama", dict(num_attention_heads=3, num_key_value_heads=3,
-                                         hidden_size=45, tie_word_embeddings=True)),
+                                         hidden_size=42, tie_word_embeddings=True)),
     "llama_attention_bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "llama3_scaled": ("llama3_scaled", {}),
     "llama_linear_rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),

@@ -1,0 +1,252 @@
+"""Run directories and orbax checkpoints of training runs.
+
+Layout of a run directory:
+
+    run.json             TrainConfig, base model reference (path, dtypes, LoRA), data
+                         fingerprint: what the run *is*; compared on resume.
+    model_config.json    the base model's HF config.json (rebuilds the architecture).
+    checkpoints/<step>/  orbax: "params" (trained variables: all params, or only the LoRA
+                         adapters), "opt_state", "rngs", "meta" (JSON: step, examples seen,
+                         epoch, sampler state, draw counts, config).
+    metrics.jsonl, tensorboard/   written by the training loop.
+
+Checkpoints are written asynchronously and atomically by orbax (a step directory appears
+only once complete; temporary directories of an interrupted save are never listed and are
+cleaned up when a manager opens the run), and all are kept.
+`restore(run_dir, step, mesh)` rebuilds the trained model on any mesh for analysis.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from memdyn_jax import models
+from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.train.config import TrainConfig
+
+RUN_INFO = "run.json"
+MODEL_CONFIG = "model_config.json"
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 1
+
+
+class RunMismatchError(ValueError):
+  """The run directory was created by a different configuration / model / dataset."""
+
+
+def checkpoint_dir(run_dir: str) -> str:
+  return os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
+
+
+def run_info(cfg: TrainConfig, *, model_path: str, data_fingerprint: str,
+             num_examples: int) -> dict[str, Any]:
+  """What identifies a run: compared field by field when resuming."""
+  return {
+      "format": FORMAT_VERSION,
+      "config": cfg.to_dict(),
+      "model": {"path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+                "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
+                "lora": cfg.lora},
+      "data": {"fingerprint": data_fingerprint, "num_examples": int(num_examples)},
+  }
+
+
+def read_run_info(run_dir: str) -> dict[str, Any]:
+  path = os.path.join(run_dir, RUN_INFO)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{run_dir} is not a training run directory (no {RUN_INFO})")
+  with open(path) as f:
+    return json.load(f)
+
+
+def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
+  """Creates the run directory, or checks that an existing one describes the same run.
+
+  Raises:
+    RunMismatchError: `run.json` exists and differs from `info` (names every difference).
+  """
+  path = os.path.join(run_dir, RUN_INFO)
+  if os.path.exists(path):
+    old = read_run_info(run_dir)
+    diffs = _diff(old, dict(info))
+    if diffs:
+      raise RunMismatchError(
+          f"{run_dir} holds a run with a different configuration; refusing to resume it "
+          f"(use a new --output_dir). Differences (saved -> now): " + "; ".join(diffs))
+    return
+  if jax.process_index() != 0:
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  shutil.copyfile(os.path.join(model_dir, "config.json"), os.path.join(run_dir, MODEL_CONFIG))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)  # atomic: a run.json is always complete
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  if isinstance(old, Mapping) and isinstance(new, Mapping):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+    return out
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def make_manager(run_dir: str, *, async_save: bool = True, read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+  """An orbax manager over `run_dir/checkpoints` that keeps every checkpoint."""
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
+                               item_names=("params", "opt_state", "rngs", "meta"))
+
+
+def list_steps(run_dir: str) -> list[int]:
+  """Steps of the complete checkpoints of a run, ascending ([] if none)."""
+  if not os.path.isdir(checkpoint_dir(run_dir)):
+    return []
+  mngr = make_manager(run_dir, read_only=True)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
+def _savable(tree):
+  # Typed PRNG keys are stored as their raw uint32 data.
+  return jax.tree.map(lambda x: jax.random.key_data(x)
+                      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, rngs,
+                    meta: Mapping[str, Any]) -> None:
+  """Starts an async save of one step (every process must call it)."""
+  items = dict(params=ocp.args.StandardSave(params),
+               opt_state=ocp.args.StandardSave(opt_state),
+               meta=ocp.args.JsonSave(dict(meta)))
+  if jax.tree.leaves(rngs):  # orbax rejects empty trees; most models have no RNG state
+    items["rngs"] = ocp.args.StandardSave(_savable(rngs))
+  mngr.save(step, force=True, args=ocp.args.Composite(**items))
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, *, params, opt_state, rngs):
+  """Restores a step into the layout (shapes, dtypes, shardings) of the given targets,
+  which may be concrete arrays or `jax.ShapeDtypeStruct`s with shardings.
+
+  Returns:
+    (params, opt_state, rngs, meta).
+  """
+  items = dict(params=ocp.args.StandardRestore(params),
+               opt_state=ocp.args.StandardRestore(opt_state), meta=ocp.args.JsonRestore())
+  if jax.tree.leaves(rngs):
+    items["rngs"] = ocp.args.StandardRestore(_savable(rngs))
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  if not jax.tree.leaves(rngs):
+    return restored["params"], restored["opt_state"], rngs, restored["meta"]
+  new_rngs = jax.tree.map(
+      lambda like, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(like))
+      if jnp.issubdtype(like.dtype, jax.dtypes.prng_key) else x, rngs, restored["rngs"])
+  return restored["params"], restored["opt_state"], new_rngs, restored["meta"]
+
+
+def read_meta(run_dir: str, step: int) -> dict[str, Any]:
+  """The JSON metadata of one checkpoint."""
+  mngr = make_manager(run_dir, read_only=True)
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    mngr.close()
+
+
+def _abstract_like(state, mesh: Mesh, rules) -> Any:
+  """ShapeDtypeStructs with the rule-given sharding on `mesh` for each variable of `state`."""
+  def one(var):
+    return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype,
+                                            sharding=sharding_lib.param_sharding(var, mesh, rules)))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def restore(run_dir: str, step: int | None = None, mesh: Mesh | None = None, *,
+            merge_lora: bool = True, rules=sharding_lib.DEFAULT_RULES
+            ) -> tuple[nnx.Module, dict[str, Any]]:
+  """Loads the model of a run's checkpoint onto `mesh`, for analysis.
+
+  Full fine-tuning runs need only the run directory; LoRA runs also read the base model
+  recorded in `run.json` and apply the saved adapters (merged into the weights unless
+  `merge_lora=False`).
+
+  Args:
+    run_dir: the training run directory.
+    step: checkpoint step; None = the latest.
+    mesh: target mesh (any shape); None = the first local device.
+    merge_lora: fold LoRA adapters into the weights.
+    rules: logical-axis sharding rules.
+
+  Returns:
+    (model, meta): meta is the checkpoint's JSON metadata plus "run" (run.json) and "step".
+  """
+  info = read_run_info(run_dir)
+  cfg = TrainConfig.from_dict(info["config"])
+  steps = list_steps(run_dir)
+  if not steps:
+    raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise ValueError(f"{run_dir} has no checkpoint at step {step}; steps: {steps}")
+  if mesh is None:
+    mesh = sharding_lib.make_mesh(devices=jax.local_devices()[:1])
+  dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+  if cfg.lora:
+    from memdyn_jax.train import lora as lora_lib
+    from memdyn_jax.models import hf_io
+    model = load_base_model(hf_io.resolve_checkpoint_dir(info["model"]["path"]), cfg, mesh, rules)
+    lora_lib.apply_lora(model, lora_config(cfg), nnx.Rngs(cfg.seed))
+    sharding_lib.shard_model(model, mesh, rules)
+    wrt = lora_lib.LoraParam
+  else:
+    with open(os.path.join(run_dir, MODEL_CONFIG)) as f:
+      model_cfg = models.from_hf_config(json.load(f))
+    model = models.abstract_model(model_cfg, dtype=dtype, param_dtype=param_dtype)
+    wrt = nnx.Param
+  graphdef, params, *rest = nnx.split(model, wrt, ...)
+  if not cfg.lora and any(jax.tree.leaves(r) for r in rest):
+    raise ValueError("model has non-parameter state that full fine-tuning checkpoints lack")
+  target = _abstract_like(params, mesh, rules)
+  mngr = make_manager(run_dir, read_only=True)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  finally:
+    mngr.close()
+  model = nnx.merge(graphdef, restored["params"], *rest)
+  if cfg.lora and merge_lora:
+    lora_lib.merge_lora(model)
+  meta = dict(restored["meta"])
+  meta.update(run=info, step=step)
+  return model, meta
+
+
+def load_base_model(model_dir: str, cfg: TrainConfig, mesh: Mesh,
+                    rules=sharding_lib.DEFAULT_RULES) -> nnx.Module:
+  """The base model of a run, its parameters placed on `mesh` by `rules`."""
+  dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype, rules=rules, remat=cfg.remat)
+  model, _ = models.from_pretrained(model_dir, mesh=mesh, **kwargs)
+  return model
+
+
+def lora_config(cfg: TrainConfig):
+  """The `LoraConfig` a TrainConfig asks for."""
+  from memdyn_jax.train import lora as lora_lib
+  return lora_lib.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             target_modules=tuple(cfg.lora_target_modules))

@@ -1,0 +1,199 @@
+"""The training loop end to end: memorization, checkpoints, exact resume after SIGKILL,
+NaN guard, SIGTERM, config-change refusal, LoRA and MBC integration."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from memdyn_jax import checkpoints, models
+from memdyn_jax.train import lora as lora_lib
+from memdyn_jax.train import loop
+from memdyn_jax.train.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, tie_word_embeddings=False)
+BASE_CFG = TrainConfig(learning_rate=3e-2, num_epochs=4, global_batch_size=8, micro_batch_size=4,
+                       warmup_steps=1, schedule="linear", max_grad_norm=1.0,
+                       save_every_steps=2, weight_decay=0.01)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("tiny_llama"))
+  cfg = models.from_hf_config(TINY)
+  models.save_pretrained(models.build_model(cfg, seed=0), cfg, out)
+  return out
+
+
+def make_data(n=16, t=16, seed=0) -> loop.TrainData:
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(3, 64, (n, t))
+  attn = np.ones((n, t))
+  tgt = np.zeros((n, t))
+  tgt[:, 6:] = 1
+  attn[::3, -2:] = 0  # some right padding
+  tgt[::3, -2:] = 0
+  return loop.TrainData(ids, attn, tgt)
+
+
+def flat_params(model, wrt=nnx.Param):
+  return {".".join(map(str, k)): np.asarray(v[...]) for k, v in
+          nnx.to_flat_state(nnx.state(model, wrt))}
+
+
+def test_train_data_validates():
+  with pytest.raises(ValueError, match="target_mask"):
+    loop.TrainData(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 4)))
+  a, b = make_data(), make_data(seed=1)
+  assert a.fingerprint() == make_data().fingerprint() != b.fingerprint()
+
+
+def test_train_memorizes_checkpoints_and_restores(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  result = loop.train(BASE_CFG.replace(save_every_steps=3), make_data(), model_dir, run,
+                      progress=False)
+  assert (result.step, result.total_steps, result.preempted) == (8, 8, False)
+  assert result.losses[-1] < 0.85 * result.losses[0]  # memorization itself: test_loss_step
+  assert checkpoints.list_steps(run) == [3, 6, 8]
+  lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+  assert [r["step"] for r in lines] == list(range(1, 9))
+  assert {"epoch", "loss", "lr", "grad_norm", "tokens_per_s", "examples_seen"} <= set(lines[0])
+  assert lines[-1]["epoch"] == 4.0 and lines[-1]["examples_seen"] == 64
+  assert os.listdir(os.path.join(run, "tensorboard"))
+  model, meta = checkpoints.restore(run)
+  assert meta["step"] == 8 and meta["examples_seen"] == 64 and sum(meta["draw_counts"]) == 64
+  got, want = flat_params(model), flat_params(result.model)
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k])
+  early, meta3 = checkpoints.restore(run, step=3)
+  assert meta3["epoch"] == 1.5
+  assert not np.array_equal(flat_params(early)["embedding"], want["embedding"])
+  # Same run again: already complete, nothing to do.
+  again = loop.train(BASE_CFG.replace(save_every_steps=3), make_data(), model_dir, run,
+                     progress=False)
+  assert again.step == 8 and again.losses == ()
+  with pytest.raises(loop.RunExistsError):
+    loop.train(BASE_CFG.replace(save_every_steps=3), make_data(), model_dir, run,
+               progress=False, resume=False)
+
+
+def test_epoch_fraction_schedule_and_changed_config(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(save_every_steps=0, save_every_epochs=0.75, num_epochs=2)
+  loop.train(cfg, make_data(), model_dir, run, progress=False)
+  # 0.5 epoch per step: 0.75-epoch marks fall in steps 2 (1.0) and 3 (1.5); 4 is the end.
+  assert checkpoints.list_steps(run) == [2, 3, 4]
+  with pytest.raises(checkpoints.RunMismatchError, match="learning_rate"):
+    loop.train(cfg.replace(learning_rate=5e-3), make_data(), model_dir, run, progress=False)
+  with pytest.raises(checkpoints.RunMismatchError, match="fingerprint"):
+    loop.train(cfg, make_data(seed=3), model_dir, run, progress=False)
+
+
+_CHILD = textwrap.dedent("""
+    import json, os, signal, sys
+    import numpy as np
+    from memdyn_jax.train import loop
+    from memdyn_jax.train.config import TrainConfig
+    cfg = TrainConfig.from_dict(json.load(open(sys.argv[1])))
+    d = np.load(sys.argv[2])
+    data = loop.TrainData(d["input_ids"], d["attention_mask"], d["target_mask"])
+    kill_at = int(sys.argv[5])
+    def hook(step, record):
+      if step == kill_at:  # right after this step's async checkpoint save started
+        os.kill(os.getpid(), signal.SIGKILL)
+    loop.train(cfg, data, sys.argv[3], sys.argv[4], progress=False, hooks=[hook])
+""")
+
+
+def test_sigkill_then_resume_is_bitwise_exact(model_dir, tmp_path):
+  cfg = BASE_CFG.replace(data_fraction=0.75, num_epochs=3)  # 6 steps over a 12-example subset
+  data = make_data()
+  cfg_path, data_path = tmp_path / "cfg.json", tmp_path / "data.npz"
+  cfg_path.write_text(cfg.to_json())
+  np.savez(data_path, input_ids=data.input_ids, attention_mask=data.attention_mask,
+           target_mask=data.target_mask)
+  run = str(tmp_path / "killed")
+  child = subprocess.run(
+      [sys.executable, "-c", _CHILD, str(cfg_path), str(data_path), model_dir, run, "4"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+  saved = checkpoints.list_steps(run)
+  assert saved and max(saved) <= 4
+  resumed = loop.train(cfg, data, model_dir, run, progress=False)
+  assert resumed.step == cfg.total_steps(16) == 5
+  assert len(resumed.losses) == 5 - max(saved)
+  straight = loop.train(cfg, data, model_dir, str(tmp_path / "straight"), progress=False)
+  a, b = flat_params(resumed.model), flat_params(straight.model)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  np.testing.assert_array_equal(resumed.losses, straight.losses[max(saved):])
+  lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+  assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+  assert json.load(open(os.path.join(run, "subset.json")))["data_fraction"] == 0.75
+
+
+def test_nan_guard_names_step_and_keeps_last_checkpoint(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(learning_rate=1e30, schedule="constant", warmup_steps=0,
+                         max_grad_norm=0.0, weight_decay=0.0, save_every_steps=1,
+                         optimizer="adam")
+  with pytest.raises(loop.NonFiniteError, match=r"step (\d+).*last good checkpoint: step"):
+    loop.train(cfg, make_data(), model_dir, run, progress=False)
+  steps = checkpoints.list_steps(run)
+  assert steps
+  model, meta = checkpoints.restore(run)
+  assert meta["step"] == steps[-1]
+  assert all(np.isfinite(v).all() for v in flat_params(model).values())
+
+
+def test_sigterm_saves_then_stops(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+
+  def hook(step, record):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  result = loop.train(BASE_CFG.replace(save_every_steps=0), make_data(), model_dir, run,
+                      progress=False, hooks=[hook])
+  assert result.preempted and result.step == 3
+  assert checkpoints.list_steps(run) == [3]
+  assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+
+
+def test_lora_trains_only_adapters(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(lora_rank=2, lora_alpha=4.0, lora_dropout=0.1, num_epochs=1,
+                         lora_target_modules=("q_proj", "v_proj"), weight_decay=0.0)
+  result = loop.train(cfg, make_data(), model_dir, run, progress=False)
+  base, _ = models.from_pretrained(model_dir)
+  base_p = flat_params(base)
+  trained_p = flat_params(result.model)
+  for k, v in base_p.items():
+    np.testing.assert_array_equal(trained_p[k], v, err_msg=k)  # base untouched
+  lora_p = flat_params(result.model, lora_lib.LoraParam)
+  assert lora_p and any(np.abs(v).max() > 0 for k, v in lora_p.items() if "lora_b" in k)
+  merged, meta = checkpoints.restore(run)
+  assert not lora_lib.has_lora(merged) and meta["run"]["model"]["lora"]
+  expected = flat_params(lora_lib.merge_lora(result.model))
+  for k, v in flat_params(merged).items():
+    np.testing.assert_allclose(v, expected[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_mbc_sampler_refreshes_scores(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(sampler="mbc", mbc_refresh_steps=2, num_epochs=2, save_every_steps=0)
+  result = loop.train(cfg, make_data(), model_dir, run, progress=False)
+  _, meta = checkpoints.restore(run)
+  assert result.step == 4 and sum(meta["draw_counts"]) == 32
+  assert meta["sampler"]  # sampler state (scores) is checkpointed

@@ -1,0 +1,135 @@
+"""Loss normalization, per-example perplexity, and the jitted train step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from memdyn_jax import models
+from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.train import loss as loss_lib
+from memdyn_jax.train import optim
+from memdyn_jax.train import step as step_lib
+from memdyn_jax.train.config import TrainConfig
+
+TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_model(dtype=jnp.float32):
+  return models.build_model(models.from_hf_config(TINY), dtype=dtype, param_dtype=jnp.float32,
+                            seed=0)
+
+
+def tiny_batch(n=8, t=16, seed=0):
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(3, 64, (n, t)).astype(np.int32)
+  attn = np.ones((n, t), np.int32)
+  tgt = np.zeros((n, t), np.int32)
+  for i in range(n):  # varied prompt / target / padding lengths
+    p, end = 3 + i % 4, t - (i % 3)
+    tgt[i, p:end] = 1
+    attn[i, end:] = 0
+  return dict(input_ids=ids, attention_mask=attn, target_mask=tgt)
+
+
+def _ref_nll(logits, ids, tgt):
+  logits = np.asarray(logits, np.float64)
+  out = np.zeros(ids.shape[0])
+  for b in range(ids.shape[0]):
+    for t in range(1, ids.shape[1]):
+      if tgt[b, t]:
+        row = logits[b, t - 1]
+        out[b] += np.log(np.exp(row - row.max()).sum()) + row.max() - row[ids[b, t]]
+  return out
+
+
+def test_loss_normalization_and_weights_match_reference():
+  rng = np.random.RandomState(1)
+  b = tiny_batch()
+  logits = rng.randn(8, 16, 64).astype(np.float32)
+  per_row = _ref_nll(logits, b["input_ids"], b["target_mask"])
+  n_tok = b["target_mask"][:, 1:].sum()
+  got = loss_lib.masked_mean_loss(logits, b["input_ids"], b["target_mask"])
+  assert float(got) == pytest.approx(per_row.sum() / n_tok, rel=1e-5)
+  w = rng.rand(8).astype(np.float32)
+  got_w = loss_lib.masked_mean_loss(logits, b["input_ids"], b["target_mask"], w)
+  # Weights scale rows; the denominator stays the unweighted token count.
+  assert float(got_w) == pytest.approx((w * per_row).sum() / n_tok, rel=1e-5)
+  counts = b["target_mask"][:, 1:].sum(1)
+  ppl = loss_lib.example_perplexity(logits, b["input_ids"], b["target_mask"])
+  np.testing.assert_allclose(ppl, np.exp(per_row / counts), rtol=1e-5)
+  # Position 0 is never predicted; a row with no target token has perplexity 1, loss 0.
+  empty = np.zeros_like(b["target_mask"])
+  empty[:, 0] = 1
+  assert float(loss_lib.num_target_tokens(empty)) == 0
+  assert float(loss_lib.masked_mean_loss(logits, b["input_ids"], empty)) == 0
+  np.testing.assert_allclose(loss_lib.example_perplexity(logits, b["input_ids"], empty), 1.0)
+
+
+def test_microbatch_layout_and_sharding():
+  x = np.arange(24).reshape(8, 3)
+  mb = step_lib.to_microbatches({"x": x, "w": np.arange(8)}, 4)
+  assert mb["x"].shape == (4, 2, 3) and (mb["x"][1] == x[2:4]).all()
+  assert (mb["w"][3] == [6, 7]).all()
+  with pytest.raises(ValueError, match="micro-batches"):
+    step_lib.to_microbatches({"x": x}, 3)
+  mesh = sharding_lib.make_mesh()
+  s = step_lib.microbatch_sharding(mesh, 3)
+  arr = step_lib.put_global(mb["x"], s)
+  np.testing.assert_array_equal(np.asarray(arr), mb["x"])
+  assert s.spec[0] is None
+
+
+def _run_steps(cfg, batch, n_steps, dtype=jnp.float32):
+  model = tiny_model(dtype)
+  graphdef, trained, rngs, frozen = step_lib.split_model(model)
+  tx = optim.make_optimizer(cfg, 50)
+  opt_state = tx.init(trained)
+  fn = step_lib.make_train_step(graphdef, tx)
+  host = dict(batch, weights=np.ones(len(batch["input_ids"]), np.float32))
+  mb = step_lib.to_microbatches(host, cfg.accumulation_steps)
+  losses, norms = [], []
+  for s in range(n_steps):
+    trained, opt_state, rngs, m = fn(trained, opt_state, rngs, frozen, mb, jnp.int32(s))
+    assert bool(m["finite"])
+    losses.append(float(m["loss"]))
+    norms.append(float(m["grad_norm"]))
+  return losses, norms, graphdef, trained, rngs, frozen
+
+
+def test_step_accumulation_is_exact_and_loss_falls():
+  batch = tiny_batch()
+  cfg = TrainConfig(learning_rate=1e-2, schedule="constant", global_batch_size=8,
+                    max_grad_norm=1.0)
+  l1, n1, graphdef, trained1, rngs, frozen = _run_steps(cfg, batch, 25)
+  l4, n4, _, trained4, _, _ = _run_steps(cfg.replace(micro_batch_size=2), batch, 25)
+  # Micro-batches of unequal token counts still give the global-batch mean.
+  np.testing.assert_allclose(l1[:3], l4[:3], rtol=1e-5)
+  np.testing.assert_allclose(n1[:3], n4[:3], rtol=1e-5)
+  # The reported loss is the full-batch loss before the update.
+  model0 = tiny_model()
+  logits = model0(batch["input_ids"], batch["attention_mask"])
+  ref = loss_lib.masked_mean_loss(logits, batch["input_ids"], batch["target_mask"])
+  assert l1[0] == pytest.approx(float(ref), rel=1e-5)
+  # A tiny set is memorized.
+  assert l1[-1] < 0.3 * l1[0]
+  # The perplexity function agrees with the loss module on the trained model.
+  ppl = step_lib.make_perplexity_fn(graphdef)(trained1, rngs, frozen, batch["input_ids"],
+                                              batch["attention_mask"], batch["target_mask"])
+  model = nnx.merge(graphdef, trained1, rngs, frozen)
+  ref_ppl = loss_lib.example_perplexity(model(batch["input_ids"], batch["attention_mask"]),
+                                        batch["input_ids"], batch["target_mask"])
+  np.testing.assert_allclose(ppl, ref_ppl, rtol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+  batch = tiny_batch()
+  cfg = TrainConfig(learning_rate=1e-2, schedule="constant", global_batch_size=8,
+                    compute_dtype="bfloat16")
+  losses, _, _, trained, _, _ = _run_steps(cfg, batch, 3, dtype=jnp.bfloat16)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trained))
+  assert losses[-1] < losses[0]

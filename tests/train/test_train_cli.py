@@ -1,0 +1,71 @@
+"""experiments/train.py: one-line errors for bad flags, and an end-to-end run on a task."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from memdyn_jax import checkpoints, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINARY = os.path.join(REPO, "experiments", "train.py")
+
+
+def run_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, BINARY, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--model=m", "--task=t", "--output_dir=o", "--optimizer=lion"], "--optimizer"),
+    (["--model=m", "--task=t", "--output_dir=o", "--global_batch_size=12",
+      "--micro_batch_size=5"], "--micro_batch_size"),
+    (["--global_batch_size=abc"], "global_batch_size"),
+    (["--task=t", "--output_dir=o"], "--model"),
+    (["--model=embedded", "--task=t", "--output_dir=o"], "--model"),
+    (["--model=/nonexistent/dir", "--task=t", "--output_dir=o"], "--model"),
+    (["--model=m", "--task=t", "--output_dir=o", "--preset=nope"], "--preset"),
+])
+def test_bad_flags_give_one_line_error(args, needle):
+  proc = run_cli(*args)
+  assert proc.returncode == 2
+  lines = [x for x in proc.stderr.splitlines() if x.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("train.py: error:") and needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_no_bos):
+  out = str(tmp_path_factory.mktemp("cli_model"))
+  cfg = models.from_hf_config(dict(
+      model_type="llama", vocab_size=len(tokenizer_no_bos), hidden_size=32,
+      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=512, tie_word_embeddings=True))
+  models.save_pretrained(models.build_model(cfg, seed=0), cfg, out)
+  tokenizer_no_bos.save_pretrained(out)
+  return out
+
+
+def test_end_to_end_on_a_task_then_unknown_task(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  common = [f"--model={model_dir}", "--task=synthetic_arith",
+            '--task_kwargs={"n_train": 16, "n_test": 4, "n_ood": 4}', f"--output_dir={run}",
+            "--preset=kang_llama3_gsm8k", "--global_batch_size=8", "--num_epochs=1",
+            "--max_length=256", "--overlength=truncate", "--noprogress", "--mesh_data=1"]
+  proc = run_cli(*common)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 2/2" in proc.stdout
+  info = checkpoints.read_run_info(run)
+  assert info["config"]["warmup_steps"] == 20 and info["config"]["global_batch_size"] == 8
+  assert info["config"]["max_grad_norm"] == 2.0  # from the preset
+  assert len(json.load(open(os.path.join(run, "examples.json")))["ids"]) == 16
+  assert checkpoints.list_steps(run) == [2]
+  # A changed flag on the same run directory: one-line refusal naming the field.
+  proc = run_cli(*common, "--learning_rate=1e-3")
+  assert proc.returncode == 2 and "learning_rate" in proc.stderr.strip().splitlines()[-1]
+  proc = run_cli(*common[:1], "--task=no_such_task", f"--output_dir={tmp_path / 'x'}")
+  assert proc.returncode == 2 and "--task" in proc.stderr

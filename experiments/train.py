@@ -72,7 +72,7 @@ def resolve_model(model: str) -> str:
 def load_data(model_dir: str, cfg: config_lib.TrainConfig):
   """Task examples tokenized under the trainer/scorer convention -> (TrainData, example ids)."""
   from memdyn_jax import models, tasks
-  from memdyn_jax.train.loop import TrainData
+  from memdyn_jax.train.loop import task_train_data
   try:
     kwargs = json.loads(FLAGS.task_kwargs)
   except json.JSONDecodeError as e:
@@ -85,14 +85,10 @@ def load_data(model_dir: str, cfg: config_lib.TrainConfig):
   if FLAGS.max_examples:
     examples = examples[:FLAGS.max_examples]
   tokenizer = models.load_tokenizer(model_dir, padding_side="right")
-  batch = tasks.tokenize_task_examples(tokenizer, task, examples, max_length=cfg.max_length,
-                                       overlength=cfg.overlength, padding_side="right",
-                                       append_eos=cfg.append_eos)
-  if len(batch.kept_indices) == 0:
-    raise UsageError(f"--max_length: every example is longer than {cfg.max_length} tokens")
-  ids = [examples[i].id for i in batch.kept_indices]
-  data = TrainData(batch.input_ids, batch.attention_mask, batch.target_mask)
-  return data, ids
+  try:
+    return task_train_data(tokenizer, task, examples, cfg)
+  except ValueError as e:
+    raise UsageError(f"--max_length: {e}") from None
 
 
 def run() -> int:

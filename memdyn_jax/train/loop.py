@@ -383,3 +383,19 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   final = start + len(losses)
   return TrainResult(run_dir=output_dir, step=final, total_steps=total, losses=tuple(losses),
                      preempted=preempted, model=nnx.merge(graphdef, trained, rngs, frozen))
+
+
+def task_train_data(tokenizer, task, examples, cfg: TrainConfig) -> tuple[TrainData, list[str]]:
+  """Task examples tokenized under the trainer/scorer convention -> (TrainData, example ids).
+
+  Row i of the arrays is example `ids[i]` (over-length examples follow `cfg.overlength`).
+  """
+  from memdyn_jax.tasks import tokenize_task_examples
+
+  batch = tokenize_task_examples(tokenizer, task, examples, max_length=cfg.max_length,
+                                 overlength=cfg.overlength, padding_side="right",
+                                 append_eos=cfg.append_eos)
+  if len(batch.kept_indices) == 0:
+    raise ValueError(f"every example is longer than max_length={cfg.max_length} tokens")
+  ids = [examples[i].id for i in batch.kept_indices]
+  return TrainData(batch.input_ids, batch.attention_mask, batch.target_mask), ids

@@ -28,7 +28,7 @@ setup(
         "test": [
             "pytest",
             "torch==2.13.0",
-            "gguf",
+            "gguf>=0.10",
             "accelerate",
         ],
     },

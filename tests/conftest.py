@@ -87,3 +87,70 @@ def tokenizer_bos():
 # =========================================================================================
 # End of tasks and data fixtures.
 # =========================================================================================
+
+# =========================================================================================
+# Evaluation fixtures: one tiny trained run (synthetic_arith tokenizer, tiny Llama, two
+# checkpoints) shared by the evaluation and analysis tests.
+# =========================================================================================
+
+EVAL_TASK_KWARGS = {"n_train": 12, "n_test": 4, "n_ood": 4, "max_steps": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(run_dir, base_dir): a run trained 4 steps with checkpoints at steps 2 and 4."""
+  import json
+
+  from memdyn_jax import checkpoints, models
+  from memdyn_jax.tasks import synthetic_arith as sa
+  from memdyn_jax.tasks import synthetic_corpus as sc
+  from memdyn_jax.train import loop
+  from memdyn_jax.train.config import TrainConfig
+
+  root = tmp_path_factory.mktemp("eval_run")
+  base = str(root / "base")
+  task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
+  tok = sc.build_tokenizer(base, vocab_size=256, n_docs=200, lexicon_repeats=20, task=task)
+  # Built by memdyn_jax itself: no torch import, seconds faster than testing.save_tiny_hf_model.
+  cfg = models.from_hf_config(dict(
+      model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+      eos_token_id=tok.eos_token_id))
+  models.save_pretrained(models.build_model(cfg, seed=0), cfg, base)
+  tok = models.load_tokenizer(base, padding_side="right")
+  cfg = TrainConfig(learning_rate=1e-2, num_epochs=2, global_batch_size=6, warmup_steps=1,
+                    save_every_steps=2, max_length=256, overlength="truncate")
+  data, ids = loop.task_train_data(tok, task, task.load("train"), cfg)
+  run_dir = str(root / "sweep" / "run_a")
+  loop.train(cfg, data, base, run_dir, progress=False, async_checkpoints=False)
+  with open(os.path.join(run_dir, "examples.json"), "w") as f:
+    json.dump({"task": "synthetic_arith", "split": "train", "ids": ids}, f)
+  assert checkpoints.list_steps(run_dir) == [2, 4]
+  return run_dir, base
+
+
+EVAL_CLI_FLAGS = ("--splits=train,test,perturbed", "--num_train=4", "--max_eval=4",
+                  "--perturbations=First", "--max_new_tokens=8", "--n_samples=2",
+                  "--batch_size=4", "--noprogress")
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tiny_run):
+  """(run_dir, completed process) after experiments/evaluate.py ran on `tiny_run`."""
+  import json
+  import subprocess
+  import sys
+
+  run_dir, _ = tiny_run
+  proc = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "experiments" / "evaluate.py"), f"--run_dir={run_dir}",
+       f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run_dir, proc
+
+# =========================================================================================
+# End of evaluation fixtures.
+# =========================================================================================

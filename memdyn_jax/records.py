@@ -1,0 +1,201 @@
+"""Evaluation records of a run: one atomic jsonl file per (step, split[, perturbation]).
+
+Layout under a run directory:
+
+    eval/config.json                       what was evaluated (task, sampling, subsets);
+                                           compared on every re-run.
+    eval/step_00000012/train.jsonl         one JSON object per example
+    eval/step_00000012/perturbed@First.jsonl
+    eval/distance_from_init.json           cached parameter distances (analysis)
+
+A record file is written to a temporary name and renamed into place, so it exists only
+once complete: a killed evaluation leaves either the whole file or none, and a re-run
+skips exactly the (step, split, perturbation) units whose files exist. Perturbations are
+percent-encoded in file names ("We know that" -> "We%20know%20that"), so names round-trip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import urllib.parse
+from typing import Any, Iterable, Mapping
+
+EVAL_DIR = "eval"
+CONFIG_FILE = "config.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_SUFFIX = ".jsonl"
+
+
+class EvalConfigMismatchError(ValueError):
+  """The eval directory holds records made with a different evaluation configuration."""
+
+
+def eval_dir(run_dir: str, name: str = EVAL_DIR) -> str:
+  """The records folder of a run (`name` lets several evaluations coexist)."""
+  return os.path.join(os.path.abspath(run_dir), name)
+
+
+def unit_name(split: str, perturbation: str | None = None) -> str:
+  """File stem of one unit: the split, plus "@<percent-encoded perturbation>"."""
+  if not split or "@" in split or "/" in split:
+    raise ValueError(f"split must be a non-empty name without '@' or '/', got {split!r}")
+  if perturbation:
+    return f"{split}@{urllib.parse.quote(perturbation, safe='')}"
+  return split
+
+
+def parse_unit_name(stem: str) -> tuple[str, str | None]:
+  """Inverse of `unit_name`: (split, perturbation or None)."""
+  split, sep, pert = stem.partition("@")
+  return split, (urllib.parse.unquote(pert) if sep else None)
+
+
+def record_path(run_dir: str, step: int, split: str, perturbation: str | None = None, *,
+                name: str = EVAL_DIR) -> str:
+  """Where the records of (step, split, perturbation) live."""
+  return os.path.join(eval_dir(run_dir, name), f"step_{int(step):08d}",
+                      unit_name(split, perturbation) + _SUFFIX)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file in the same folder and a rename."""
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are meant to be shared
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_records(run_dir: str, step: int, split: str, rows: Iterable[Mapping[str, Any]],
+                  perturbation: str | None = None, *, name: str = EVAL_DIR) -> str:
+  """Writes one unit's records atomically; each row gets run, step, split, perturbation.
+
+  Args:
+    run_dir: the training run directory.
+    step: checkpoint step.
+    split: split name.
+    rows: per-example dicts (e.g. `ExampleRecord.to_dict()`).
+    perturbation: the unit's perturbation, or None.
+    name: eval folder name.
+
+  Returns:
+    The path written.
+
+  Raises:
+    ValueError: no rows (an empty unit would later read as done).
+  """
+  run = os.path.basename(os.path.abspath(run_dir))
+  lines = []
+  for row in rows:
+    out = dict(row)
+    out.update(run=run, step=int(step), split=split, perturbation=perturbation)
+    lines.append(json.dumps(out, sort_keys=True))
+  if not lines:
+    raise ValueError(f"no records for step {step}, split {unit_name(split, perturbation)!r}")
+  path = record_path(run_dir, step, split, perturbation, name=name)
+  atomic_write_text(path, "\n".join(lines) + "\n")
+  return path
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """All JSON objects of a jsonl file (NaN/Infinity accepted); errors name path:line."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+  return rows
+
+
+def list_done(run_dir: str, *, name: str = EVAL_DIR) -> set[tuple[int, str, str | None]]:
+  """The (step, split, perturbation) units whose record files are complete."""
+  root = eval_dir(run_dir, name)
+  done = set()
+  if not os.path.isdir(root):
+    return done
+  for entry in os.listdir(root):
+    m = _STEP_RE.match(entry)
+    if not m or not os.path.isdir(os.path.join(root, entry)):
+      continue
+    for fname in os.listdir(os.path.join(root, entry)):
+      if fname.endswith(_SUFFIX) and not fname.startswith(".tmp-"):
+        done.add((int(m.group(1)), *parse_unit_name(fname[:-len(_SUFFIX)])))
+  return done
+
+
+def is_done(run_dir: str, step: int, split: str, perturbation: str | None = None, *,
+            name: str = EVAL_DIR) -> bool:
+  """Whether the unit's record file exists (it is complete by construction)."""
+  return os.path.exists(record_path(run_dir, step, split, perturbation, name=name))
+
+
+def load_records(run_dir: str, *, name: str = EVAL_DIR) -> list[dict[str, Any]]:
+  """Every record of a run, ordered by (step, split, perturbation, file order)."""
+  rows = []
+  for step, split, pert in sorted(list_done(run_dir, name=name),
+                                  key=lambda u: (u[0], u[1], u[2] or "")):
+    rows.extend(read_jsonl(record_path(run_dir, step, split, pert, name=name)))
+  return rows
+
+
+def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DIR) -> None:
+  """Records `config` for the eval folder, or checks that it matches the recorded one.
+
+  Raises:
+    EvalConfigMismatchError: the folder was made with another configuration; the message
+      names every differing key.
+  """
+  path = os.path.join(eval_dir(run_dir, name), CONFIG_FILE)
+  config = json.loads(json.dumps(dict(config), sort_keys=True))  # tuples -> lists
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    keys = sorted(set(old) | set(config))
+    diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}"
+             for k in keys if old.get(k, "<absent>") != config.get(k, "<absent>")]
+    if diffs:
+      raise EvalConfigMismatchError(
+          f"{path} was made with a different evaluation configuration ("
+          + "; ".join(diffs) + "); use another eval folder name")
+    return
+  atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(run_dir: str, *, name: str = EVAL_DIR) -> dict[str, Any] | None:
+  """The recorded evaluation configuration, or None."""
+  path = os.path.join(eval_dir(run_dir, name), CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def read_json_cache(run_dir: str, filename: str, *, name: str = EVAL_DIR) -> dict[str, Any]:
+  """A JSON dict cached in the eval folder ({} when absent)."""
+  path = os.path.join(eval_dir(run_dir, name), filename)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def write_json_cache(run_dir: str, filename: str, data: Mapping[str, Any], *,
+                     name: str = EVAL_DIR) -> str:
+  """Atomically writes a JSON dict into the eval folder; returns its path."""
+  path = os.path.join(eval_dir(run_dir, name), filename)
+  atomic_write_text(path, json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
+  return path

@@ -1,0 +1,8 @@
+"""Analysis of evaluation records over a sweep of runs: tables, Markdown and PNG plots.
+
+- collect: records of each run gathered into (checkpoint, example) matrices.
+- analysis: per-checkpoint tables, PreMemAcc calibration, baselines, over-memorization,
+  robustness bins, data maps, entropy; distance from initialization from checkpoints.
+- plots: matplotlib figures written as PNG.
+- markdown: Markdown tables and CSV files.
+"""

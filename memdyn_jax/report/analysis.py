@@ -1,0 +1,408 @@
+"""From gathered records to the quantities of the papers, per checkpoint and per sweep.
+
+All metrics come from `memdyn_jax.metrics`; this module only lines records up:
+  * per checkpoint: dataset accuracies, target perplexity (token-level), train PreMemAcc
+    (Kang et al. Sec. 4), exact memorization, entropies (Ge et al. Table 1), diversity
+    (Ruan et al.), OOD and perturbed accuracy, ATC prediction (Kang et al. App. B.3);
+  * per sweep: threshold calibration and R² of test accuracy on train PreMemAcc, baseline
+    correlations, over-memorization stages and checkpoint selection, robustness by
+    PreMemAcc bin, data maps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from memdyn_jax import metrics
+from memdyn_jax import records as records_lib
+from memdyn_jax.report.collect import RunRecords, SplitMatrix
+
+TRAIN, TEST, OOD = "train", "test", "ood"
+DISTANCE_CACHE = "distance_from_init.json"
+
+
+def learning_rate(run: RunRecords) -> float:
+  """The run's peak learning rate from run.json (NaN when absent)."""
+  return float(run.info.get("config", {}).get("learning_rate", math.nan))
+
+
+def train_premem(run: RunRecords, threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+  """(steps, per-example PreMemAcc (C, N)) over the run's train checkpoints, or None."""
+  train = run.units.get(TRAIN)
+  if train is None or not train.example_ids:
+    return None
+  ppl = np.nan_to_num(train.fields["perplexity"], nan=np.inf)  # unscored: never memorized
+  return train.steps, metrics.premem_accuracy(train.fields["accuracy"], ppl, threshold)
+
+
+def _by_step(unit: SplitMatrix | None, values: np.ndarray | None) -> dict[int, float]:
+  if unit is None or values is None:
+    return {}
+  return {int(s): float(v) for s, v in zip(unit.steps, values)}
+
+
+def checkpoint_rows(run: RunRecords, threshold: float,
+                    atc: Mapping[int, float] | None = None,
+                    distance: Mapping[int, float] | None = None) -> list[dict[str, Any]]:
+  """One row per checkpoint of the run with every dataset-level quantity (NaN if absent).
+
+  Args:
+    run: the run's records.
+    threshold: PreMemAcc memorization threshold (perplexity units).
+    atc: step -> ATC predicted accuracy.
+    distance: step -> squared distance from initialization.
+  """
+  cols: dict[str, dict[int, float]] = {}
+  train, test, ood = (run.units.get(u) for u in (TRAIN, TEST, OOD))
+  pm = train_premem(run, threshold)
+  if pm is not None:
+    cols["train_premem"] = _by_step(train, pm[1].mean(axis=1))
+  for prefix, unit in (("train", train), ("test", test), ("ood", ood)):
+    if unit is None:
+      continue
+    cols[f"{prefix}_accuracy"] = _by_step(unit, unit.mean("accuracy"))
+    cols[f"{prefix}_perplexity"] = _by_step(unit, unit.corpus_perplexity())
+    cols[f"{prefix}_exact_memorization"] = _by_step(unit, unit.mean("exact_memorization"))
+    cols[f"{prefix}_greedy_accuracy"] = _by_step(unit, unit.mean("greedy_correct"))
+    cols[f"{prefix}_unparseable_rate"] = _by_step(
+        unit, unit.fields["n_unparseable"].sum(1) / np.maximum(unit.fields["n_samples"].sum(1), 1))
+  if test is not None:
+    for field, col in (("mean_entropy", "test_tf_entropy"),
+                       ("sampled_entropy", "test_sampled_entropy"),
+                       ("distinct_1", "test_distinct_1"), ("distinct_2", "test_distinct_2"),
+                       ("unique_answers", "test_unique_answers"),
+                       ("unique_traces", "test_unique_traces")):
+      cols[col] = _by_step(test, test.mean(field))
+  for unit_name in run.perturbations():
+    _, pert = records_lib.parse_unit_name(unit_name)
+    unit = run.units[unit_name]
+    cols[f"perturbed_accuracy[{pert}]"] = _by_step(unit, unit.mean("accuracy"))
+  if atc:
+    cols["atc_predicted_accuracy"] = dict(atc)
+  if distance:
+    cols["distance_from_init"] = {int(k): float(v) for k, v in distance.items()}
+  lr = learning_rate(run)
+  rows = []
+  for step in run.steps():
+    row = {"run": run.name, "learning_rate": lr, "step": int(step)}
+    row.update({c: values.get(int(step), math.nan) for c, values in cols.items()})
+    rows.append(row)
+  return rows
+
+
+def premem_points(run: RunRecords, threshold: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """(steps, train PreMemAcc, test accuracy) at checkpoints having both, or None."""
+  steps = run.common_steps(TRAIN, TEST)
+  pm = train_premem(run, threshold)
+  if pm is None or not steps.size:
+    return None
+  pm_by = dict(zip(pm[0].tolist(), pm[1].mean(axis=1)))
+  test = run.units[TEST].at(steps)
+  return steps, np.asarray([pm_by[int(s)] for s in steps]), test.mean("accuracy")
+
+
+def calibration_runs(runs: Sequence[RunRecords]) -> list[metrics.CalibrationRun]:
+  """CalibrationRun per run over the checkpoints with both train and test records
+  (PreMemAcc's running max then runs over exactly those checkpoints)."""
+  out = []
+  for run in runs:
+    steps = run.common_steps(TRAIN, TEST)
+    if not steps.size or not run.units[TRAIN].example_ids:
+      continue
+    train = run.units[TRAIN].at(steps)
+    ppl = np.nan_to_num(train.fields["perplexity"], nan=np.inf)
+    out.append(metrics.CalibrationRun(train.fields["accuracy"], ppl,
+                                      run.units[TEST].at(steps).mean("accuracy")))
+  return out
+
+
+def default_candidates(num: int = 41) -> np.ndarray:
+  """Perplexity thresholds spaced evenly on the log(log(ppl)) scale from -4.5 to 0.5
+  (ppl 1.011 to 5.2), bracketing Kang et al.'s -2.3 (GSM8K) and -1.7 (MATH)."""
+  return metrics.loglog_to_perplexity(np.linspace(-4.5, 0.5, num))
+
+
+def default_threshold(task_name: str | None) -> float:
+  """Kang et al.'s reference threshold for the task (MATH's for math, else GSM8K's)."""
+  t = metrics.MATH_LOGLOG_THRESHOLD if task_name == "math" else metrics.GSM8K_LOGLOG_THRESHOLD
+  return metrics.loglog_to_perplexity(t)
+
+
+def atc_predictions(runs: Sequence[RunRecords], reference: tuple[str, int] | None = None
+                    ) -> tuple[dict[str, dict[int, float]], str]:
+  """ATC predicted accuracy per (run, step) (Kang et al. App. B.3).
+
+  The threshold comes from a reference checkpoint's test greedy-response log-likelihoods
+  and its test accuracy; each checkpoint's prediction is the fraction of its train
+  examples whose greedy log-likelihood exceeds it.
+
+  Args:
+    runs: the sweep.
+    reference: (run name, step); default the last checkpoint of the first run that has
+      test greedy scores.
+
+  Returns:
+    ({run: {step: prediction}}, description of the reference or of why none was made).
+  """
+  def has_scores(run, step=None):
+    test = run.units.get(TEST)
+    if test is None or np.isnan(test.fields.get("greedy_sum_logprob", np.array([[np.nan]]))).all():
+      return False
+    return step is None or int(step) in test.steps.tolist()
+
+  ref_run = None
+  if reference is not None:
+    ref_run = next((r for r in runs if r.name == reference[0]), None)
+    if ref_run is None or not has_scores(ref_run, reference[1]):
+      raise ValueError(f"ATC reference {reference[0]}:{reference[1]} has no test greedy "
+                       "scores")
+    ref_step = int(reference[1])
+  else:
+    ref_run = next((r for r in runs if has_scores(r)), None)
+    if ref_run is None:
+      return {}, "no test greedy scores (evaluate with --greedy)"
+    ref_step = int(ref_run.units[TEST].steps[-1])
+  test = ref_run.units[TEST].at([ref_step])
+  scores = test.fields["greedy_sum_logprob"][0]
+  t = metrics.atc_threshold(scores[~np.isnan(scores)], test.mean("accuracy")[0])
+  out: dict[str, dict[int, float]] = {}
+  for run in runs:
+    train = run.units.get(TRAIN)
+    if train is None or "greedy_sum_logprob" not in train.fields:
+      continue
+    preds = {}
+    for i, step in enumerate(train.steps):
+      s = train.fields["greedy_sum_logprob"][i]
+      if (~np.isnan(s)).any():
+        preds[int(step)] = metrics.atc_predicted_accuracy(s[~np.isnan(s)], t)
+    out[run.name] = preds
+  return out, f"{ref_run.name} step {ref_step} (threshold {t:.3f} nats)"
+
+
+def correlation_table(rows: Sequence[Mapping[str, Any]], predictors: Sequence[str],
+                      target: str = "test_accuracy") -> list[dict[str, Any]]:
+  """Pooled over checkpoints: line fit of `target` on each predictor (rows with both).
+
+  Returns:
+    One row per predictor: predictor, n, r2, pearson_r, slope (NaN when < 2 points or a
+    constant input).
+  """
+  out = []
+  for p in predictors:
+    pts = [(r.get(p, math.nan), r.get(target, math.nan)) for r in rows]
+    pts = np.asarray([(x, y) for x, y in pts if np.isfinite(x) and np.isfinite(y)])
+    fit = None
+    if len(pts) >= 2:
+      fit = metrics.fit_r2(pts[:, 0], pts[:, 1])
+    out.append({"predictor": p, "n": int(len(pts)),
+                "r2": fit.r2 if fit else math.nan,
+                "pearson_r": fit.pearson_r if fit else math.nan,
+                "slope": fit.slope if fit else math.nan})
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OverMemRun:
+  """Over-memorization analysis of one run.
+
+  Attributes:
+    run: run name.
+    steps, test_perplexity, test_accuracy: (C,) per checkpoint with test records.
+    detection: detector output.
+    pre_stage_best: step chosen by "pre_stage_best_acc".
+    max_premem: step chosen by "max_train_premem" (None without train records).
+  """
+
+  run: str
+  steps: np.ndarray
+  test_perplexity: np.ndarray
+  test_accuracy: np.ndarray
+  detection: metrics.OverMemorization
+  pre_stage_best: int
+  max_premem: int | None
+
+
+def overmemorization(run: RunRecords, config: metrics.OverMemorizationConfig,
+                     threshold: float) -> OverMemRun | None:
+  """Detects over-memorization stages on the run's test curves (Ruan et al.)."""
+  test = run.units.get(TEST)
+  if test is None or not test.example_ids:
+    return None
+  ppl, acc = test.corpus_perplexity(), test.mean("accuracy")
+  ok = np.isfinite(ppl) & np.isfinite(acc)
+  if not ok.any():
+    return None
+  steps, ppl, acc = test.steps[ok], ppl[ok], acc[ok]
+  det = metrics.detect_overmemorization(ppl, acc, steps, config)
+  best = metrics.select_checkpoint("pre_stage_best_acc", test_acc=acc, detection=det)
+  pts = premem_points(run, threshold)
+  max_pm = None
+  if pts is not None:
+    max_pm = int(pts[0][metrics.select_checkpoint("max_train_premem", train_premem=pts[1])])
+  return OverMemRun(run.name, steps, ppl, acc, det, int(steps[best]), max_pm)
+
+
+def robustness(runs: Sequence[RunRecords], threshold: float
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+  """Per-example PreMemAcc and accuracy under each prompt variant (Kang et al. Fig. 7).
+
+  For each run, at its last checkpoint having train and perturbed records: per train
+  example its PreMemAcc and its accuracy on the original prompt and every perturbation,
+  pooled over runs.
+
+  Returns:
+    (premem (M,), {"original": (M,), perturbation: (M,), ...}) or None without records.
+  """
+  premem_all, accs = [], {}
+  for run in runs:
+    perts = run.perturbations()
+    pm = train_premem(run, threshold)
+    if not perts or pm is None:
+      continue
+    steps = run.common_steps(TRAIN, *perts)
+    if not steps.size:
+      continue
+    step = int(steps[-1])
+    train = run.units[TRAIN]
+    row = train.steps.tolist().index(step)
+    premem_all.append(pm[1][row])
+    accs.setdefault("original", []).append(train.fields["accuracy"][row])
+    for u in perts:
+      unit = run.units[u]
+      pos = {e: j for j, e in enumerate(unit.example_ids)}
+      acc_row = unit.fields["accuracy"][unit.steps.tolist().index(step)]
+      label = records_lib.parse_unit_name(u)[1]
+      accs.setdefault(label, []).append(
+          np.asarray([acc_row[pos[e]] if e in pos else np.nan for e in train.example_ids]))
+  if not premem_all:
+    return None
+  return np.concatenate(premem_all), {k: np.concatenate(v) for k, v in accs.items()}
+
+
+def bin_index(values: np.ndarray, num_bins: int) -> np.ndarray:
+  """Equal-width bins of [0, 1]: index in 0..num_bins-1 (1.0 falls in the last bin)."""
+  if num_bins < 1:
+    raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+  return np.clip((np.asarray(values, np.float64) * num_bins).astype(int), 0, num_bins - 1)
+
+
+def robustness_table(premem: np.ndarray, accs: Mapping[str, np.ndarray],
+                     num_bins: int) -> list[dict[str, Any]]:
+  """Mean accuracy per PreMemAcc bin for each prompt variant."""
+  idx = bin_index(premem, num_bins)
+  rows = []
+  for b in range(num_bins):
+    sel = idx == b
+    row = {"premem_bin": f"[{b / num_bins:.2f}, {(b + 1) / num_bins:.2f}"
+                         + ("]" if b == num_bins - 1 else ")"), "n": int(sel.sum())}
+    for label, acc in accs.items():
+      vals = acc[sel][~np.isnan(acc[sel])]
+      row[f"accuracy[{label}]"] = float(vals.mean()) if vals.size else math.nan
+    rows.append(row)
+  return rows
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunDataMap:
+  """Ge et al. data map of one run's train examples."""
+
+  run: str
+  dmap: metrics.DataMap
+  labels: np.ndarray
+  thresholds: metrics.DataMapThresholds
+
+
+def data_maps(runs: Sequence[RunRecords]) -> list[RunDataMap]:
+  """Data maps of train exact memorization across checkpoints, with quantile regions."""
+  out = []
+  for run in runs:
+    train = run.units.get(TRAIN)
+    if train is None or not train.example_ids or len(train.steps) < 1:
+      continue
+    em = train.fields["exact_memorization"]
+    keep = ~np.isnan(em).any(axis=0)
+    if not keep.any():
+      continue
+    dmap = metrics.data_map(em[:, keep])
+    th = metrics.quantile_thresholds(dmap)
+    out.append(RunDataMap(run.name, dmap, metrics.partition(dmap, th), th))
+  return out
+
+
+def data_map_rows(maps: Sequence[RunDataMap]) -> list[dict[str, Any]]:
+  """Per run: region counts and mean coordinates."""
+  rows = []
+  for m in maps:
+    row = {"run": m.run, "n": int(m.labels.size)}
+    for lab in (metrics.EASY, metrics.HARD, metrics.OTHER):
+      sel = m.labels == lab
+      row[f"n_{lab}"] = int(sel.sum())
+      row[f"mean_{lab}"] = float(m.dmap.mean[sel].mean()) if sel.any() else math.nan
+    row["mean_variance"] = float(m.dmap.variance.mean())
+    rows.append(row)
+  return rows
+
+
+def entropy_rows(runs: Sequence[RunRecords], split: str = TEST) -> list[dict[str, Any]]:
+  """Ge et al. Table 1: mean entropy under nucleus sampling vs teacher forcing, at the
+  first and last checkpoints of each run."""
+  rows = []
+  for run in runs:
+    unit = run.units.get(split)
+    if unit is None:
+      continue
+    for label, i in (("first", 0), ("last", len(unit.steps) - 1)):
+      rows.append({"run": run.name, "checkpoint": label, "step": int(unit.steps[i]),
+                   "sampled_entropy": float(unit.mean("sampled_entropy")[i]),
+                   "teacher_forced_entropy": float(unit.mean("mean_entropy")[i])})
+  return rows
+
+
+def distances_from_init(run_dir: str, steps: Sequence[int], *,
+                        name: str = records_lib.EVAL_DIR, progress: bool = False
+                        ) -> dict[int, float]:
+  """Σ_d (θ_d − θ0_d)² of each checkpoint vs the run's base model (Kang et al. App. B.2).
+
+  Checkpoints are restored one at a time and compared leaf by leaf with the base model's
+  parameters of the same path (LoRA runs are compared after merging their adapters).
+  Results are cached in `<run_dir>/<name>/distance_from_init.json`.
+  """
+  import jax
+  from flax import nnx
+
+  from memdyn_jax import checkpoints, sharding
+  from memdyn_jax.models import hf_io
+  from memdyn_jax.train.config import TrainConfig
+
+  cache = {int(k): float(v) for k, v in
+           records_lib.read_json_cache(run_dir, DISTANCE_CACHE, name=name).items()}
+  todo = [int(s) for s in steps if int(s) not in cache]
+  if not todo:
+    return {int(s): cache[int(s)] for s in steps}
+  info = checkpoints.read_run_info(run_dir)
+  cfg = TrainConfig.from_dict(info["config"])
+  mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
+  base = checkpoints.load_base_model(hf_io.resolve_checkpoint_dir(info["model"]["path"]), cfg,
+                                     mesh)
+  flat = lambda m: {k: v[...] for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  base_params = flat(base)
+  del base
+  available = set(checkpoints.list_steps(run_dir))
+  for step in todo:
+    if step == 0 and step not in available:
+      cache[0] = 0.0  # the base model itself
+      continue
+    model, _ = checkpoints.restore(run_dir, step, mesh)
+    params = flat(model)
+    del model
+    shared = [k for k in base_params if k in params]
+    if not shared:
+      raise ValueError(f"{run_dir} step {step}: no parameter path in common with the base model")
+    cache[step] = metrics.squared_distance_leaves((params[k], base_params[k]) for k in shared)
+    records_lib.write_json_cache(run_dir, DISTANCE_CACHE, {str(k): v for k, v in cache.items()},
+                                 name=name)
+  return {int(s): cache[int(s)] for s in steps}

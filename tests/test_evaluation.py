@@ -1,0 +1,263 @@
+"""Evaluation: records module, per-example records, experiments/evaluate.py end to end
+(record schema, compiled-program reuse across checkpoints, resumability, bad flags).
+
+A changed evaluation config and mismatched task arguments are refused at library level
+(test_config_is_recorded_then_compared, test_trained_examples_follow_examples_json)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from memdyn_jax import evaluation, records
+from memdyn_jax.tasks import Example
+from memdyn_jax.tasks import synthetic_arith as sa
+
+from conftest import EVAL_TASK_KWARGS, REPO_ROOT
+
+EVALUATE = str(REPO_ROOT / "experiments" / "evaluate.py")
+
+
+def run_cli(*args, timeout=120):
+  return subprocess.run([sys.executable, EVALUATE, *args], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+# ----------------------------------------------------------------------------- records.py
+
+
+def test_unit_names_round_trip_and_reject_bad_splits():
+  for split, pert in [("train", None), ("perturbed", "We know that"), ("p", "a/b@c%")]:
+    stem = records.unit_name(split, pert)
+    assert "/" not in stem and records.parse_unit_name(stem) == (split, pert)
+  assert records.unit_name("test", "") == "test"
+  for bad in ("", "a@b", "a/b"):
+    with pytest.raises(ValueError, match="split"):
+      records.unit_name(bad)
+
+
+def test_write_list_load_records_atomically(tmp_path):
+  run = str(tmp_path / "run_x")
+  assert records.list_done(run) == set() and records.load_records(run) == []
+  path = records.write_records(run, 7, "perturbed", [{"example_id": "a", "accuracy": 0.5}],
+                               "We know that")
+  records.write_records(run, 3, "train", [{"example_id": "a", "accuracy": float("nan")},
+                                          {"example_id": "b", "accuracy": float("inf")}])
+  assert path == records.record_path(run, 7, "perturbed", "We know that")
+  assert os.path.basename(path) == "perturbed@We%20know%20that.jsonl"
+  assert records.list_done(run) == {(7, "perturbed", "We know that"), (3, "train", None)}
+  assert records.is_done(run, 3, "train") and not records.is_done(run, 3, "test")
+  rows = records.load_records(run)
+  assert [(r["step"], r["example_id"]) for r in rows] == [(3, "a"), (3, "b"), (7, "a")]
+  assert rows[0]["run"] == "run_x" and math.isnan(rows[0]["accuracy"])
+  assert rows[1]["accuracy"] == math.inf and rows[2]["perturbation"] == "We know that"
+  # Nothing temporary is left behind, and an empty unit is refused (it would read as done).
+  assert not [f for _, _, fs in os.walk(run) for f in fs if f.startswith(".tmp-")]
+  with pytest.raises(ValueError, match="no records"):
+    records.write_records(run, 3, "test", [])
+  # A stray temporary file (a killed writer) is not listed as done.
+  open(os.path.join(os.path.dirname(path), ".tmp-xtest.jsonl"), "w").close()
+  assert len(records.list_done(run)) == 2
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+  path = str(tmp_path / "f.json")
+  records.atomic_write_text(path, "old")
+
+  def boom(*a):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", boom)
+  with pytest.raises(OSError):
+    records.atomic_write_text(path, "new")
+  assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_read_jsonl_names_bad_line(tmp_path):
+  path = tmp_path / "x.jsonl"
+  path.write_text('{"a": 1}\n\n{bad\n')
+  with pytest.raises(ValueError, match=r"x.jsonl:3"):
+    records.read_jsonl(str(path))
+
+
+def test_config_is_recorded_then_compared(tmp_path):
+  run = str(tmp_path / "run")
+  assert records.read_config(run) is None
+  records.check_config(run, {"task": "gsm8k", "sampling": {"n": 5}, "steps": (1, 2)})
+  records.check_config(run, {"task": "gsm8k", "sampling": {"n": 5}, "steps": [1, 2]})
+  assert records.read_config(run)["steps"] == [1, 2]
+  with pytest.raises(records.EvalConfigMismatchError, match=r"sampling.*'n': 5.*'n': 4"):
+    records.check_config(run, {"task": "gsm8k", "sampling": {"n": 4}, "steps": [1, 2]})
+  records.check_config(run, {"task": "math"}, name="eval_math")  # another folder: fine
+
+
+def test_json_cache_round_trip(tmp_path):
+  run = str(tmp_path / "run")
+  assert records.read_json_cache(run, "c.json") == {}
+  records.write_json_cache(run, "c.json", {"2": 1.5})
+  assert records.read_json_cache(run, "c.json") == {"2": 1.5}
+
+
+# ----------------------------------------------------------------------------- evaluation.py
+
+
+def test_default_sampling_is_kang_per_task_with_overrides():
+  g = evaluation.default_sampling("gsm8k")
+  assert (g.temperature, g.top_p, g.max_new_tokens, g.n) == (0.8, 0.95, 512, 5)
+  m = evaluation.default_sampling("math", top_p=None, n=2)
+  assert (m.temperature, m.top_p, m.max_new_tokens, m.n) == (0.8, 1.0, 1024, 2)
+  assert evaluation.default_sampling("sft").max_new_tokens == 512  # falls back to GSM8K's
+  with pytest.raises(ValueError, match="top_p"):
+    evaluation.default_sampling("gsm8k", top_p=1.5)
+
+
+def test_subset_is_seeded_ordered_and_total_when_asked():
+  xs = [Example(str(i), "q", "t", "1") for i in range(20)]
+  a = evaluation.subset(xs, 5, seed=1)
+  assert a == evaluation.subset(xs, 5, seed=1) and len(a) == 5
+  assert [int(e.id) for e in a] == sorted(int(e.id) for e in a)
+  assert a != evaluation.subset(xs, 5, seed=2)
+  assert evaluation.subset(xs, 0) == xs and evaluation.subset(xs, 99) == xs
+
+
+def test_trained_examples_follow_examples_json(tmp_path):
+  task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
+  train = task.load("train")
+  assert evaluation.trained_examples(str(tmp_path), task) == train  # no listing: whole split
+  (tmp_path / "examples.json").write_text(json.dumps(
+      {"task": "synthetic_arith", "split": "train", "ids": [train[3].id, train[1].id]}))
+  assert evaluation.trained_examples(str(tmp_path), task) == [train[3], train[1]]
+  other = sa.SyntheticArithTask(seed=0, n_train=2, n_test=4, n_ood=4, max_steps=1)
+  (tmp_path / "examples.json").write_text(json.dumps(
+      {"task": "synthetic_arith", "split": "train", "ids": [train[5].id]}))
+  with pytest.raises(ValueError, match="not in task"):
+    evaluation.trained_examples(str(tmp_path), other)
+
+
+def test_example_record_round_trip_and_summary():
+  a = evaluation.ExampleRecord("e1", "test", 0.5, 2, 1, 1.5, 0.2, 3.0, answers=("4", None),
+                               greedy_correct=1.0, sampled_entropy=1.0)
+  b = evaluation.ExampleRecord("e2", "test", 1.0, 2, 0, 2.5, 0.4, 1.0, answers=("4", "4"))
+  row = dict(a.to_dict(), run="r", step=3)
+  back = evaluation.ExampleRecord.from_dict(json.loads(json.dumps(row)))
+  assert json.dumps(back.to_dict()) == json.dumps(a.to_dict())  # NaN != NaN: compare text
+  assert back.answers == ("4", None)
+  s = evaluation.summarize([a, b])
+  assert s["accuracy"] == 0.75 and s["perplexity"] == 2.0 and s["unparseable_rate"] == 0.25
+  assert s["greedy_correct"] == 1.0 and s["n_examples"] == 2  # NaN of b ignored
+  assert math.isnan(s["distinct_1"])  # never computed: NaN, no warning
+  with pytest.raises(ValueError, match="no records"):
+    evaluation.summarize([])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SCHEMA = {"run", "step", "split", "perturbation", "example_id", "accuracy", "n_samples",
+          "n_unparseable", "perplexity", "exact_memorization", "exact_memorization_full",
+          "mean_entropy", "target_sum_logprob", "n_target_tokens", "sampled_entropy",
+          "sampled_mean_logprob", "mean_sample_tokens", "distinct_1", "distinct_2",
+          "unique_answers", "unique_traces", "greedy_correct", "greedy_unparseable",
+          "greedy_sum_logprob", "greedy_mean_logprob", "greedy_n_tokens", "answers", "texts",
+          "greedy_text"}
+
+
+def test_cli_writes_every_unit_with_the_schema(evaluated_run):
+  run_dir, proc = evaluated_run
+  assert records.list_done(run_dir) == {(s, u, p) for s in (2, 4) for u, p in
+                                        [("train", None), ("test", None), ("perturbed", "First")]}
+  config = records.read_config(run_dir)
+  assert config["task"] == "synthetic_arith" and config["sampling"]["n"] == 2
+  assert config["sampling"]["temperature"] == 0.8 and config["sampling"]["top_p"] == 0.95
+  for (step, split, pert) in records.list_done(run_dir):
+    rows = records.read_jsonl(records.record_path(run_dir, step, split, pert))
+    assert len(rows) == 4
+    for r in rows:
+      assert set(r) == SCHEMA and r["run"] == "run_a" and r["step"] == step
+      assert r["n_samples"] == 2 and len(r["answers"]) == 2 and 0 <= r["accuracy"] <= 1
+      assert 0 < r["sampled_entropy"] and 1 <= r["mean_sample_tokens"] <= 8
+      assert 0 < r["distinct_1"] <= 1 and 1 <= r["unique_traces"] <= 2
+      if split == "perturbed":  # no greedy pass, no target scoring
+        assert math.isnan(r["perplexity"]) and math.isnan(r["greedy_sum_logprob"])
+      else:
+        assert r["perplexity"] > 1 and 0 <= r["exact_memorization"] <= 1
+        assert r["mean_entropy"] > 0 and r["n_target_tokens"] > 0
+        assert r["greedy_correct"] in (0.0, 1.0) and r["greedy_sum_logprob"] < 0
+        assert 1 <= r["greedy_n_tokens"] <= 8
+  train_ids = [r["example_id"] for r in records.read_jsonl(records.record_path(run_dir, 2,
+                                                                               "train"))]
+  assert train_ids == [r["example_id"] for r in records.read_jsonl(
+      records.record_path(run_dir, 2, "perturbed", "First"))]
+
+
+def test_cli_reuses_compiled_programs_across_checkpoints(evaluated_run):
+  _, proc = evaluated_run
+  times = {int(s): float(t) for s, t in
+           re.findall(r"step (\d+): restored in [\d.]+s, \d+ unit\(s\) evaluated in ([\d.]+)s",
+                      proc.stdout)}
+  assert set(times) == {2, 4}, proc.stdout
+  # Step 2 compiles every sampling/scoring program; step 4 only runs them.
+  assert times[4] < times[2] / 3, times
+
+
+def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
+  run_dir, _ = evaluated_run
+  from memdyn_jax import models
+  from conftest import EVAL_CLI_FLAGS
+  task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
+  tok = models.load_tokenizer(json.load(open(os.path.join(run_dir, "run.json")))["model"]["path"],
+                              padding_side="right")
+  params = evaluation.default_sampling("synthetic_arith", n=2, max_new_tokens=8)
+  unit = evaluation.EvalUnit("test", tuple(task.load("test")[:4]))
+  # Library level: everything done, so nothing is restored or evaluated.
+  assert evaluation.evaluate_run(run_dir, task, tok, [unit], params, batch_size=4,
+                                 progress=False) == []
+  with pytest.raises(ValueError, match="no checkpoint at step"):
+    evaluation.evaluate_run(run_dir, task, tok, [unit], params, steps=[3], progress=False)
+  # CLI level: only the removed unit is redone; seeded sampling reproduces it.
+  path = records.record_path(run_dir, 4, "test")
+  before = records.read_jsonl(path)
+  os.remove(path)
+  proc = run_cli(f"--run_dir={run_dir}", f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}",
+                 *EVAL_CLI_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "step 4: restored" in proc.stdout and "step 2:" not in proc.stdout
+  assert "1 unit(s)" in proc.stdout
+  after = records.read_jsonl(path)
+  assert [r["answers"] for r in after] == [r["answers"] for r in before]
+  for a, b in zip(after, before):
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize("args,needle", [
+    # Rejected before any model code is imported.
+    ([], "--run_dir is required"),
+    (["--run_dir=/nonexistent/run"], "--run_dir: /nonexistent/run"),
+    (["--run_dir={tmp}"], "--run_dir"),
+    (["--run_dir={run}", "--splits=train,bogus"], "--splits"),
+    (["--run_dir={run}", "--steps=x"], "--steps"),
+    (["--run_dir={run}", "--batch_size=abc"], "batch_size"),
+    (["--run_dir={run}", "--num_train=-1"], "--num_train"),
+    # Rejected after reading the run (these import JAX: a few seconds each).
+    (["--run_dir={run}", "--steps=3"], "--steps"),
+    (["--run_dir={run}", "--top_p=2"], "--top_p"),
+])
+def test_bad_input_gives_one_line_error(args, needle, evaluated_run, tmp_path):
+  run_dir, _ = evaluated_run
+  proc = run_cli(*[a.replace("{run}", run_dir).replace("{tmp}", str(tmp_path)) for a in args])
+  lines = [x for x in proc.stderr.splitlines() if x.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert lines[0].startswith("evaluate.py: error:") and needle in lines[0]
+
+
+def test_cli_run_without_checkpoints_is_an_error(tiny_run, tmp_path):
+  run_dir, _ = tiny_run
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  (empty / "run.json").write_text(open(os.path.join(run_dir, "run.json")).read())
+  proc = run_cli(f"--run_dir={empty}")
+  assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr.strip()

@@ -102,6 +102,9 @@ def run() -> int:
   from memdyn_jax.train import loop
 
   sharding.initialize_distributed()
+  from memdyn_jax import tasks
+  if FLAGS.task not in tasks.task_names():  # fail fast, before building or loading a model
+    raise UsageError(f"--task: unknown task {FLAGS.task!r}; known: {tasks.task_names()}")
   model_dir = resolve_model(FLAGS.model)
   data, ids = load_data(model_dir, cfg)
   try:
@@ -112,7 +115,8 @@ def run() -> int:
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     # Row i of the training arrays (= sampler index i) is example ids[i].
     with open(os.path.join(FLAGS.output_dir, "examples.json"), "w") as f:
-      json.dump({"task": FLAGS.task, "split": FLAGS.split, "ids": ids}, f)
+      json.dump({"task": FLAGS.task, "task_kwargs": json.loads(FLAGS.task_kwargs),
+                 "split": FLAGS.split, "ids": ids}, f)
   try:
     result = loop.train(cfg, data, FLAGS.model if FLAGS.model != "embedded" else model_dir,
                         FLAGS.output_dir, mesh=mesh, resume=FLAGS.resume,

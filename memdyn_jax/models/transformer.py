@@ -16,11 +16,13 @@ scanned alongside, so alternating local/global layers need no second code path.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from memdyn_jax.models import layers
 from memdyn_jax.models.config import ModelConfig, attn_scale
@@ -56,6 +58,24 @@ def _stack_blocks(make_block, n: int, rngs: nnx.Rngs):
     if isinstance(var, nnx.Param):
       var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
   return blocks
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins activations (B, ...) to batch sharding over the active mesh's data axes.
+
+  Without it GSPMD lets the `embed`-on-fsdp weight sharding win on an fsdp mesh: every
+  device computes the whole batch and all-reduces activations (measured by `plan_scale`:
+  130 GiB vs 7.8 GiB per chip for Llama-3-8B on 64 chips). A no-op without a mesh in scope
+  (`jax.set_mesh`) or when the batch does not divide over the data axes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  spec = P(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _remat(fn, policy: str):
@@ -156,11 +176,11 @@ class CausalLM(nnx.Module):
     valid = attention_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    h = self.embed_tokens(input_ids, positions)
+    h = constrain_batch(self.embed_tokens(input_ids, positions))
     slots = jnp.arange(t)
     h, _ = self._run_blocks(h, rope=self.rope_tables(positions), cache=None, q_slots=slots,
                             k_slots=slots, key_valid=valid)
-    return self.logits_from_hidden(h)
+    return constrain_batch(self.logits_from_hidden(h))
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     cfg = self.cfg
@@ -185,7 +205,7 @@ class CausalLM(nnx.Module):
     if positions is None:
       positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     key_valid = jax.lax.dynamic_update_slice_in_dim(cache.key_valid, valid, cache.index, axis=1)
-    h = self.embed_tokens(input_ids, positions)
+    h = constrain_batch(self.embed_tokens(input_ids, positions))
     h, (new_k, new_v) = self._run_blocks(
         h, rope=self.rope_tables(positions), cache=cache, q_slots=cache.index + jnp.arange(t),
         k_slots=jnp.arange(cache.max_len), key_valid=key_valid)

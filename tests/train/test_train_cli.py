@@ -26,8 +26,9 @@ def run_cli(*args, timeout=300):
       "--micro_batch_size=5"], "--micro_batch_size"),
     (["--global_batch_size=abc"], "global_batch_size"),
     (["--task=t", "--output_dir=o"], "--model"),
-    (["--model=embedded", "--task=t", "--output_dir=o"], "--model"),
-    (["--model=/nonexistent/dir", "--task=t", "--output_dir=o"], "--model"),
+    # the task is checked before the (slow, cached) embedded model is built
+    (["--model=embedded", "--task=no_such_task", "--output_dir=o"], "--task"),
+    (["--model=/nonexistent/dir", "--task=gsm8k", "--output_dir=o"], "--model"),
     (["--model=m", "--task=t", "--output_dir=o", "--preset=nope"], "--preset"),
 ])
 def test_bad_flags_give_one_line_error(args, needle):

@@ -1,0 +1,152 @@
+"""Architectures of the papers' base models, as their published HF `config.json` values.
+
+Only the architecture is here (no weights, nothing downloaded): enough to build an
+abstract model for memory planning (`memdyn_jax.plan`). Values are copied from each
+model's `config.json` on the Hugging Face hub; fields that do not change the computation
+(`architectures`, `torch_dtype`, `initializer_range`, dropout rates, ...) are left out.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from memdyn_jax.models.config import ModelConfig, from_hf_config
+
+# meta-llama/Meta-Llama-3-8B
+_LLAMA3_8B = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "pretraining_tp": 1,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+# google/gemma-2-9b
+_GEMMA2_9B = {
+    "model_type": "gemma2",
+    "vocab_size": 256000,
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 42,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+# deepseek-ai/deepseek-math-7b-base (a Llama architecture with multi-head attention)
+_DEEPSEEK_MATH_7B = {
+    "model_type": "llama",
+    "vocab_size": 102400,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "pretraining_tp": 1,
+    "tie_word_embeddings": False,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+}
+
+# Qwen/Qwen2.5-7B
+_QWEN25_7B = {
+    "model_type": "qwen2",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "use_sliding_window": False,
+    "max_window_layers": 28,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+
+# EleutherAI/gpt-neo-2.7B
+_GPT_NEO_27B = {
+    "model_type": "gpt_neo",
+    "vocab_size": 50257,
+    "hidden_size": 2560,
+    "intermediate_size": None,
+    "num_layers": 32,
+    "num_heads": 20,
+    "attention_types": [[["global", "local"], 16]],
+    "window_size": 256,
+    "activation_function": "gelu_new",
+    "max_position_embeddings": 2048,
+    "layer_norm_epsilon": 1e-05,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+
+HF_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama3-8b": _LLAMA3_8B,
+    "gemma2-9b": _GEMMA2_9B,
+    "deepseek-math-7b": _DEEPSEEK_MATH_7B,
+    "qwen2.5-7b": _QWEN25_7B,
+    "gpt-neo-2.7b": _GPT_NEO_27B,
+}
+
+# Parameter counts the model cards / HF `num_parameters()` report: a check on the values.
+PUBLISHED_NUM_PARAMS: dict[str, int] = {
+    "llama3-8b": 8_030_261_248,
+    "gemma2-9b": 9_241_705_984,
+    "deepseek-math-7b": 6_910_365_696,
+    "qwen2.5-7b": 7_615_616_512,
+    "gpt-neo-2.7b": 2_651_307_520,
+}
+
+
+def preset_names() -> list[str]:
+  """Names accepted by `preset_config` / `preset_hf_config`."""
+  return sorted(HF_CONFIGS)
+
+
+def preset_hf_config(name: str) -> dict[str, Any]:
+  """A fresh copy of preset `name`'s HF `config.json` dict."""
+  if name not in HF_CONFIGS:
+    raise ValueError(f"unknown model preset {name!r}; known: {preset_names()}")
+  return copy.deepcopy(HF_CONFIGS[name])
+
+
+def preset_config(name: str) -> ModelConfig:
+  """The `ModelConfig` of preset `name` (via `from_hf_config`, as a real checkpoint's is)."""
+  return from_hf_config(preset_hf_config(name))

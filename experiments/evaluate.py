@@ -22,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags
+
+from memdyn_jax import cli
+from memdyn_jax.cli import UsageError
 
 PROG = "evaluate.py"
 SPLITS = ("train", "test", "ood", "perturbed")
@@ -56,8 +58,6 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 FLAGS = flags.FLAGS
 
 
-class UsageError(Exception):
-  """A one-line user error."""
 
 
 def _ints(name: str, values) -> list[int]:
@@ -199,29 +199,5 @@ def run() -> int:
   return 0
 
 
-def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
-  try:
-    sys.exit(run())
-  except UsageError as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f"{PROG}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl parsing, with any flag error reported on one line."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run_binary(PROG, run)

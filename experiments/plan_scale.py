@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 from absl import app, flags
 
@@ -67,7 +66,7 @@ def main(argv):
         tensor_options=[int(x) for x in FLAGS.tensor_options], remats=FLAGS.remats,
         precisions=FLAGS.precisions, optimizer=FLAGS.optimizer,
         pin_activations=FLAGS.pin_activations, log=lambda s: print(s, flush=True))
-    print(f"| model | batch | accelerator | cheapest fitting configuration |")
+    print("| model | batch | accelerator | cheapest fitting configuration |")
     print("|---|---|---|---|")
     for acc, res in results.items():
       print(f"| {FLAGS.model} | {FLAGS.global_batch} x {FLAGS.seq_len} | {acc} | "

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags
+
+from memdyn_jax import cli
+from memdyn_jax.cli import UsageError
 
 from memdyn_jax.train import config as config_lib
 
@@ -44,8 +46,6 @@ for _name, _type in config_lib.field_types().items():
 FLAGS = flags.FLAGS
 
 
-class UsageError(Exception):
-  """A one-line user error."""
 
 
 def config_from_flags() -> config_lib.TrainConfig:
@@ -131,29 +131,5 @@ def run() -> int:
   return SIGTERM_EXIT if result.preempted else 0
 
 
-def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
-  try:
-    sys.exit(run())
-  except UsageError as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f"{PROG}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl parsing, with any flag error reported on one line."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run_binary(PROG, run)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 import tempfile
 
 from absl import app, flags
@@ -100,7 +99,7 @@ def main(argv):
   script = slurm_script(binary_args)
   if FLAGS.dry_run:
     print(script, end="")
-    print(f"sbatch <script above>")
+    print("sbatch <script above>")
     return 0
   with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
     f.write(script)

@@ -23,6 +23,8 @@ import time
 
 from absl import app, flags
 
+from memdyn_jax import testing
+
 flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_integer("seq_len", 256, "Sequence length.")
 flags.DEFINE_integer("num_layers", 30, "Decoder layers (30 = SmolLM2-135M).")
@@ -34,10 +36,7 @@ flags.DEFINE_integer("seed", 0, "Seed for weights and token ids.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 FLAGS = flags.FLAGS
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+SMOLLM2_135M = testing.SMOLLM2_135M_SHAPE
 
 
 def _median_seconds(runs: dict, warmup: int, iters: int) -> dict[str, float]:

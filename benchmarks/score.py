@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from memdyn_jax import testing
+
 flags.DEFINE_list("batch_sizes", ["16"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")
 flags.DEFINE_integer("target_len", 128, "Target (scored) tokens per row.")
@@ -34,10 +36,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and comp
 flags.DEFINE_integer("seed", 0, "Seed for weights and token ids.")
 FLAGS = flags.FLAGS
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+SMOLLM2_135M = testing.SMOLLM2_135M_SHAPE
 
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:

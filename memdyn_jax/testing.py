@@ -37,6 +37,13 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# SmolLM2-135M's published shape (Llama architecture): the benchmarks' model shape.
+SMOLLM2_135M_SHAPE: dict[str, Any] = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
 def hf_config(name: str, **overrides):
   import transformers
 
@@ -66,6 +73,17 @@ def save_tiny_hf_model(name: str, out_dir: str, seed: int = 0, **overrides) -> s
   os.makedirs(out_dir, exist_ok=True)
   model.save_pretrained(out_dir)
   return out_dir
+
+
+def hf_and_jax_model(name: str, out_dir: str, seed: int = 1):
+  """`(hf_model, our_model, config)`: a tiny HF model of `TINY_CONFIGS[name]`, saved to
+  `out_dir` and loaded back with `memdyn_jax.models.from_pretrained`."""
+  from memdyn_jax import models
+
+  hf = make_hf_model(hf_config(name), seed=seed)
+  hf.save_pretrained(out_dir)
+  model, cfg = models.from_pretrained(str(out_dir))
+  return hf, model, cfg
 
 
 def left_padded_batch(vocab_size: int, batch: int, length: int, pad_lengths, seed: int = 0):

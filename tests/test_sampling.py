@@ -30,11 +30,7 @@ PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
 
 @pytest.fixture(scope="module", params=["llama", "gemma2", "gpt_neo"])
 def family(request, tmp_path_factory):
-  hf = testing.make_hf_model(testing.hf_config(request.param), seed=1)
-  out = tmp_path_factory.mktemp(request.param)
-  hf.save_pretrained(out)
-  model, cfg = models.from_pretrained(str(out))
-  return hf, model, cfg
+  return testing.hf_and_jax_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _prompts(vocab: int):

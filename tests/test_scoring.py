@@ -31,11 +31,7 @@ TARGETS = [" There are 7 apples left.\nDone.", " 1", " Weng earns 12/60 = $0.2 p
 
 @pytest.fixture(scope="module", params=["llama", "gemma2", "gpt_neo"])
 def family(request, tmp_path_factory):
-  hf = testing.make_hf_model(testing.hf_config(request.param), seed=1)
-  out = tmp_path_factory.mktemp(request.param)
-  hf.save_pretrained(out)
-  model, cfg = models.from_pretrained(str(out))
-  return hf, model, cfg
+  return testing.hf_and_jax_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _mixed_batch(vocab: int):

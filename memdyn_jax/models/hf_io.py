@@ -278,18 +278,23 @@ def _index_tuple(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tupl
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None, mesh=None,
-                    rules=sharding_lib.DEFAULT_RULES, remat: str = "none"):
+                    rules=sharding_lib.DEFAULT_RULES, remat: str = "none",
+                    attention_impl: str = "reference"):
   """Loads an HF causal-LM checkpoint into our NNX model. Returns `(model, config)`.
 
   Args:
     path_or_hub_id: a local HF directory, a `.gguf` file, or a hub id.
     dtype: activation/compute dtype. param_dtype: parameter dtype (default = dtype).
     mesh: place parameters by the logical-axis `rules` on this mesh (default: first device).
+    remat: rematerialisation policy of the blocks (`transformer.REMAT_POLICIES`).
+    attention_impl: "reference" (exact einsum path) or a `jax.nn.dot_product_attention`
+      implementation ("auto", "xla", "cudnn"); see `layers.dot_attention`.
   """
   directory = resolve_checkpoint_dir(path_or_hub_id)
   cfg = load_config(directory)
   param_dtype = param_dtype or dtype
-  abstract = registry.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  abstract = registry.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                     attention_impl=attention_impl)
   graphdef, abs_state = nnx.split(abstract)
   reader = CheckpointReader(directory)
 

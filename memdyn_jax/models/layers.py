@@ -225,12 +225,25 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array,
   return allowed[None] & key_valid[:, None, :]
 
 
+ATTENTION_IMPLS = ("reference", "auto", "xla", "cudnn")
+
+
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
-                  softcap: float = 0.0) -> jax.Array:
+                  softcap: float = 0.0, impl: str = "reference") -> jax.Array:
   """Grouped-query attention. q (B,T,H,D), k/v (B,S,K,D), mask (B,T,S) -> (B,T,H,D).
 
-  Scores and softmax are float32 (as HF eager); heads share K/V groups without copies.
+  `impl="reference"`: explicit einsums, scores and softmax in float32 (as HF eager), heads
+  sharing K/V groups without copies. Otherwise `jax.nn.dot_product_attention` with that
+  implementation ("auto" lets JAX pick, e.g. cuDNN flash attention on NVIDIA GPUs). The
+  fused kernels cannot express logit soft-capping (Gemma 2), so a soft-capped model always
+  takes the reference path.
   """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl {impl!r} not in {ATTENTION_IMPLS}")
+  if impl != "reference" and not softcap:
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None, :, :], scale=scale,
+        implementation=None if impl == "auto" else impl).astype(q.dtype)
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
@@ -263,7 +276,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None,
                layer_cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array,
                q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array, window: jax.Array,
-               scale: float, softcap: float):
+               scale: float, softcap: float, impl: str = "reference"):
     """Returns (output, updated (k, v) cache or the fresh (k, v) when there is no cache)."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if rope is not None:
@@ -273,5 +286,6 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, axis=1)
     mask = attention_mask(q_slots, k_slots, key_valid, window)
-    out = dot_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale, softcap=softcap)
+    out = dot_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale, softcap=softcap,
+                        impl=impl)
     return self.o_proj(out), (k, v)

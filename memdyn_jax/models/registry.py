@@ -24,14 +24,14 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
 
 
 def build_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0,
-                remat: str = "none") -> CausalLM:
+                remat: str = "none", attention_impl: str = "reference") -> CausalLM:
   """A randomly initialised model (for pre-training from scratch and tests)."""
   return model_class(cfg)(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                          rngs=nnx.Rngs(seed))
+                          attention_impl=attention_impl, rngs=nnx.Rngs(seed))
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                   remat: str = "none") -> CausalLM:
+                   remat: str = "none", attention_impl: str = "reference") -> CausalLM:
   """The model with `ShapeDtypeStruct` leaves: shapes and logical axes, nothing allocated."""
   return nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, param_dtype=param_dtype,
-                                            remat=remat))
+                                            remat=remat, attention_impl=attention_impl))

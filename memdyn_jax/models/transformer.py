@@ -92,10 +92,14 @@ class CausalLM(nnx.Module):
   """Base class; a family implements `make_block`, `embed_tokens` and `final_norm`."""
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs | None = None):
+               remat: str = "none", attention_impl: str = "reference",
+               rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat policy {remat!r} not in {REMAT_POLICIES}")
+    if attention_impl not in layers.ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {attention_impl!r} not in {layers.ATTENTION_IMPLS}")
+    self.attention_impl = attention_impl
     self.cfg = cfg
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -151,7 +155,8 @@ class CausalLM(nnx.Module):
     cfg = self.cfg
     graphdef, block_state = nnx.split(self.blocks)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-    attn_kwargs = dict(scale=attn_scale(cfg), softcap=cfg.attn_logit_softcap)
+    attn_kwargs = dict(scale=attn_scale(cfg), softcap=cfg.attn_logit_softcap,
+                       impl=self.attention_impl)
     write_index = cache.index if cache is not None else jnp.int32(0)
 
     def body(h, xs):

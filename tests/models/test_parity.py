@@ -116,3 +116,28 @@ def test_bf16_forward_is_sane(case):
   assert np.abs(bf16 - f32)[real].max() <= 0.1 * scale + 0.05
   agree = (bf16.argmax(-1) == f32.argmax(-1))[real].mean()
   assert agree >= 0.8
+
+
+def test_dot_product_attention_impl_matches_reference(case):
+  """`jax.nn.dot_product_attention` (what selects cuDNN flash on GPUs; "xla" is the one the
+  CPU runs, and what "auto" picks here) gives the reference logits; soft-capped models
+  (Gemma 2) fall back to the reference path by design."""
+  impl = "xla"
+  name, hf, model, cfg = case
+  from flax import nnx
+  fused = models.build_model(cfg, attention_impl=impl)
+  nnx.update(fused, nnx.state(model))
+  ids, mask, _ = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
+  ref = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  out = np.asarray(fused(jnp.asarray(ids), jnp.asarray(mask)))
+  real = mask.astype(bool)
+  assert np.abs(out - ref)[real].max() <= 1e-5, name
+  cache = fused.init_cache(BATCH, LENGTH)
+  logits, _ = fused.forward_with_cache(jnp.asarray(ids), jnp.asarray(mask), cache)
+  assert np.abs(np.asarray(logits) - ref)[real].max() <= 1e-5, name
+
+
+def test_unknown_attention_impl_is_an_error(case):
+  _, _, _, cfg = case
+  with pytest.raises(ValueError, match="attention_impl"):
+    models.build_model(cfg, attention_impl="flash9000")

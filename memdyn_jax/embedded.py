@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -25,23 +26,41 @@ EMBEDDED_NAME = "embedded"
 class EmbeddedSpec:
   """Architecture, corpus and pre-training budget of the embedded model.
 
-  The defaults pre-train in about a minute on a 2-core CPU; `scaled(k)` gives a bigger
-  model and corpus for a real machine.
+  The defaults pre-train 304 steps of 32x128 tokens (~1.2M tokens; 612 s measured on a
+  2-core CPU shared at load ~3-10); `scaled(k)` gives a bigger model and corpus for a real
+  machine. The task fields pin the `synthetic_arith`
+  configuration the model is built for (`task()`): its splits are kept out of the corpus,
+  and its number bound sets what arithmetic the corpus teaches.
+
+  Attributes:
+    task_max_steps: events per train/test problem (1..task_max_steps).
+    task_max_value: bound on OOD values; train/test use 2/3 of it.
+    corpus_mix: relative weights of `synthetic_corpus.DOC_KINDS`.
+    task_format_fraction: share of corpus problems in the task's own prompt and trace
+      format (with a random valid trace, never the target); the rest use a format of
+      their own (`Problem: ... Work: a op b=c; ... Result: n`), so the base model half
+      knows the task's surface and fine-tuning has something to learn.
   """
 
-  hidden_size: int = 96
+  hidden_size: int = 128
   num_layers: int = 4
   num_heads: int = 4
-  num_kv_heads: int = 2
-  intermediate_size: int = 256
+  num_kv_heads: int = 4
+  intermediate_size: int = 384
   max_position_embeddings: int = 512
   rope_theta: float = 10000.0
   tokenizer_vocab_size: int = 512
-  corpus_docs: int = 6000
-  seq_len: int = 256
-  pretrain_epochs: float = 2.0
+  task_max_steps: int = 3
+  task_max_value: int = 30
+  corpus_docs: int = 16000
+  corpus_mix: tuple[tuple[str, float], ...] = (("facts", 0.4), ("numbers", 0.05),
+                                               ("sentences", 0.05), ("problems", 0.5))
+  task_format_fraction: float = 0.35
+  seq_len: int = 128
+  pretrain_epochs: float = 1.0
   batch_size: int = 32
   learning_rate: float = 3e-3
+  warmup_ratio: float = 0.05
   seed: int = 0
 
   def scaled(self, k: int) -> "EmbeddedSpec":
@@ -53,6 +72,16 @@ class EmbeddedSpec:
                                intermediate_size=self.intermediate_size * k,
                                num_layers=self.num_layers + 2 * (k - 1),
                                corpus_docs=self.corpus_docs * k)
+
+  def task(self, **kwargs):
+    """The `SyntheticArithTask` this model is built for (split sizes may be overridden).
+
+    Keep n_test/n_ood at their defaults: train problems are drawn after test and OOD, so
+    any n_train up to the default reuses problems the corpus already excludes.
+    """
+    from memdyn_jax.tasks import synthetic_arith
+    return synthetic_arith.SyntheticArithTask(seed=self.seed, max_steps=self.task_max_steps,
+                                              max_value=self.task_max_value, **kwargs)
 
   def key(self) -> str:
     blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -93,7 +122,46 @@ def model_dir(spec: EmbeddedSpec = EmbeddedSpec(), cache_dir: str | None = None,
   return final
 
 
-def pretraining_data(spec: EmbeddedSpec, tokenizer, task):
+_CALC_RE = re.compile(r"(\d+[-+*/]\d+)=<<[^>]*>>(\d+)")
+
+
+def work_format(question: str, trace: str) -> str:
+  """A worked problem in the corpus-only format: `Problem: q\nWork: a op b=c; ...\nResult: n`.
+
+  Same question and arithmetic as the task's trace, but none of its surface (no `Answer:`,
+  calculator annotations, connectors, names or `####`), so the task's format is learned in
+  fine-tuning, as a real model learns GSM8K's style from its SFT data.
+  """
+  calcs = [f"{expr}={c}" for expr, c in _CALC_RE.findall(trace)]
+  answer = trace.rsplit("####", 1)[-1].split()[0]  # drops the template's stop text
+  return f"Problem: {question}\nWork: {'; '.join(calcs)}\nResult: {answer}"
+
+
+def corpus_texts(spec: EmbeddedSpec, task=None) -> list[str]:
+  """The pre-training documents of `spec` (see `task_format_fraction`)."""
+  import random
+
+  from memdyn_jax.tasks import synthetic_corpus
+
+  if not 0.0 <= spec.task_format_fraction <= 1.0:
+    raise ValueError(f"task_format_fraction must be in [0, 1], got {spec.task_format_fraction}")
+  task = task or spec.task()
+  docs = synthetic_corpus.corpus_documents(spec.corpus_docs, seed=spec.seed, task=task,
+                                           mix=dict(spec.corpus_mix))
+  rng = random.Random(f"embedded/{spec.seed}/format")  # own stream: docs stay as generated
+  # Problem documents are format_prompt(question) + target(trace): split them back.
+  before, after = task.format_prompt("\x00").split("\x00")
+  out = []
+  for d in docs:
+    if d.kind == "problems" and rng.random() >= spec.task_format_fraction:
+      question, _, trace = d.text[len(before):].partition(after)
+      out.append(work_format(question, trace))
+    else:
+      out.append(d.text)
+  return out
+
+
+def pretraining_data(spec: EmbeddedSpec, tokenizer, task=None):
   """The pre-training corpus packed into rows of `seq_len` tokens (no padding waste).
 
   Documents are tokenized (BOS + text + EOS) and concatenated; every token after the first
@@ -101,12 +169,10 @@ def pretraining_data(spec: EmbeddedSpec, tokenizer, task):
   """
   import numpy as np
 
-  from memdyn_jax.tasks import synthetic_corpus
   from memdyn_jax.train.loop import TrainData
 
-  docs = synthetic_corpus.pretraining_corpus(spec.corpus_docs, seed=spec.seed, task=task)
   ids = []
-  for doc in docs:
+  for doc in corpus_texts(spec, task):
     ids.append(tokenizer.bos_token_id)
     ids.extend(tokenizer.encode(doc, add_special_tokens=False))
     ids.append(tokenizer.eos_token_id)
@@ -122,12 +188,12 @@ def pretraining_data(spec: EmbeddedSpec, tokenizer, task):
 def build(spec: EmbeddedSpec, work_dir: str, progress: bool = True) -> str:
   """Trains the tokenizer, pre-trains the model, exports it; returns the export dir."""
   from memdyn_jax import checkpoints, models
-  from memdyn_jax.tasks import synthetic_arith, synthetic_corpus
+  from memdyn_jax.tasks import synthetic_corpus
   from memdyn_jax.train.config import TrainConfig
   from memdyn_jax.train.loop import train
 
   start = time.time()
-  task = synthetic_arith.SyntheticArithTask()
+  task = spec.task()
   tok_dir = os.path.join(work_dir, "tokenizer")
   tokenizer = synthetic_corpus.build_tokenizer(tok_dir, seed=spec.seed,
                                                vocab_size=spec.tokenizer_vocab_size, task=task)
@@ -140,10 +206,12 @@ def build(spec: EmbeddedSpec, work_dir: str, progress: bool = True) -> str:
   train_cfg = TrainConfig(
       learning_rate=spec.learning_rate, num_epochs=spec.pretrain_epochs,
       global_batch_size=spec.batch_size, optimizer="adamw", weight_decay=0.01,
-      schedule="cosine", warmup_ratio=0.05, max_grad_norm=1.0, seed=spec.seed,
+      schedule="cosine", warmup_ratio=spec.warmup_ratio, max_grad_norm=1.0, seed=spec.seed,
       max_length=spec.seq_len, save_every_steps=0, save_every_epochs=0.0, log_every_steps=10)
   run_dir = os.path.join(work_dir, "pretrain")
+  train_start = time.time()
   result = train(train_cfg, data, init_dir, run_dir, progress=progress, async_checkpoints=False)
+  train_seconds = time.time() - train_start
   model, _ = checkpoints.restore(run_dir, step=result.step)
   out = os.path.join(work_dir, "export")
   models.save_pretrained(model, cfg, out)
@@ -151,7 +219,11 @@ def build(spec: EmbeddedSpec, work_dir: str, progress: bool = True) -> str:
   with open(os.path.join(out, "embedded.json"), "w") as f:
     json.dump({"spec": dataclasses.asdict(spec), "pretrain_steps": result.step,
                "final_loss": result.losses[-1] if result.losses else None,
-               "num_params": cfg.num_params, "seconds": round(time.time() - start, 1)}, f,
+               "num_params": cfg.num_params, "tokens": int(data.input_ids.size),
+               "pretrain_seconds": round(train_seconds, 1),
+               "tokens_per_s": round(result.step * spec.batch_size * spec.seq_len
+                                     / max(train_seconds, 1e-9)),
+               "seconds": round(time.time() - start, 1)}, f,
               indent=2)
   logging.info("embedded model: %d params, %d pre-training steps, final loss %.3f, %.0f s",
                cfg.num_params, result.step, result.losses[-1], time.time() - start)

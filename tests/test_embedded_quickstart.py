@@ -1,0 +1,95 @@
+"""A tiny embedded model and a tiny quickstart run end to end (CI's copy of the pipeline)."""
+import json
+import os
+import sys
+
+import pytest
+
+from memdyn_jax import embedded, models
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small enough to pre-train in seconds; the pipeline, not the numbers, is under test.
+TINY = embedded.EmbeddedSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                             intermediate_size=64, corpus_docs=200, seq_len=64, batch_size=8,
+                             pretrain_epochs=1.0)
+
+
+def test_work_format_keeps_arithmetic_drops_task_surface():
+  trace = ("The 2 bags hold 2*6=<<2*6=12>>12 pens.\nSo Max has 12+24=<<12+24=36>>36 pens.\n"
+           "#### 36\nDone.")
+  text = embedded.work_format("Max has 24 pens. How many?", trace)
+  assert text == "Problem: Max has 24 pens. How many?\nWork: 2*6=12; 12+24=36\nResult: 36"
+
+
+def test_corpus_texts_formats():
+  count = lambda texts: (sum(t.startswith("Problem: ") for t in texts),
+                         sum("\nAnswer:" in t for t in texts))
+  work = embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=80, task_format_fraction=0.0))
+  assert not any("<<" in t for t in work if t.startswith("Problem: "))
+  assert count(work)[0] > 10 and count(work)[1] == 0
+  task = embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=80, task_format_fraction=1.0))
+  assert count(task) == (0, count(work)[0])  # same problems, the other format
+  mixed = count(embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=80)))
+  assert mixed[0] > 0 and mixed[1] > 0
+  with pytest.raises(ValueError, match="task_format_fraction"):
+    embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=6, task_format_fraction=2.0))
+
+
+def test_spec_key_and_scaled():
+  assert TINY.key() != embedded.EmbeddedSpec().key()
+  assert TINY.scaled(1) is TINY
+  big = embedded.EmbeddedSpec().scaled(2)
+  assert big.hidden_size == 256 and big.num_layers == 6
+  with pytest.raises(ValueError):
+    TINY.scaled(0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """One cache for the module: the quickstart test reuses the tiny build."""
+  return tmp_path_factory.mktemp("memdyn_cache")
+
+
+def test_tiny_build_is_cached_and_loadable(cache_dir):
+  path = embedded.model_dir(TINY, cache_dir=str(cache_dir), progress=False)
+  with open(os.path.join(path, "embedded.json")) as f:
+    info = json.load(f)
+  assert info["pretrain_steps"] > 0 and info["final_loss"] < 7.0 and info["tokens_per_s"] > 0
+  tok = models.load_tokenizer(path)
+  cfg = models.load_config(path)
+  assert cfg.hidden_size == 32 and cfg.vocab_size == len(tok)
+  mtime = os.path.getmtime(os.path.join(path, "embedded.json"))
+  assert embedded.model_dir(TINY, cache_dir=str(cache_dir)) == path  # cache hit, no rebuild
+  assert os.path.getmtime(os.path.join(path, "embedded.json")) == mtime
+
+
+def _run_quickstart(quickstart, out):
+  # One LR x one epoch count + the half-data run: every stage runs, compiles stay few.
+  quickstart.FLAGS([
+      "quickstart", f"--output_dir={out}", "--n_train=16", "--learning_rates=3e-3",
+      "--epochs=1", "--half_data_epochs=1", "--evals_per_run=2", "--n_eval=4",
+      "--n_eval_extra=2", "--n_samples=1", "--batch_size=8", "--max_length=160"])
+  try:
+    return quickstart.run_study(spec=TINY)
+  finally:
+    quickstart.FLAGS.unparse_flags()
+
+
+def test_tiny_quickstart(tmp_path, monkeypatch, cache_dir):
+  monkeypatch.setenv("MEMDYN_CACHE", str(cache_dir))
+  sys.path.insert(0, os.path.join(_ROOT, "experiments"))
+  try:
+    import quickstart
+  finally:
+    sys.path.pop(0)
+  out = tmp_path / "qs"
+  text = open(_run_quickstart(quickstart, out)).read()
+  assert "PreMemAcc" in text and "| lr0.003_ep1 |" in text and "| lr0.003_ep1_half |" in text
+  for name in ("summary.csv", "runs.csv", "premem_vs_test.png", "dynamics.png", "stages.txt"):
+    assert (out / name).stat().st_size > 0, name
+  assert len((out / "runs.csv").read_text().splitlines()) == 1 + 2
+  # A re-run reuses every run and evaluation: records do not grow.
+  n_records = len((out / "records.jsonl").read_text().splitlines())
+  _run_quickstart(quickstart, out)
+  assert len((out / "records.jsonl").read_text().splitlines()) == n_records

@@ -14,6 +14,7 @@ from memdyn_jax.tasks.base import (
     ensure_nonempty,
     get_task,
     read_jsonl,
+    write_jsonl,
     register_task,
     resolve_split_path,
     task_names,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +124,14 @@ def ensure_nonempty(examples: Sequence[Example], source: str) -> None:
   """Raises DataError if a split loaded no examples; an empty split is always a mistake."""
   if not examples:
     raise DataError(f"{source}: empty split (no examples)")
+
+
+def write_jsonl(path, records: Iterable[Mapping[str, Any]]):
+  """Writes one JSON object per line (the inverse of `read_jsonl`); returns `path`."""
+  with open(path, "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  return path
 
 
 def read_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:

@@ -22,13 +22,13 @@ import bisect
 import dataclasses
 import hashlib
 import itertools
-import json
 import random
 import re
 from collections.abc import Sequence
 from typing import Any, Iterable, Mapping
 
-from memdyn_jax.tasks.base import DataError, Example, Task, read_jsonl, register_task
+from memdyn_jax.tasks.base import (DataError, Example, Task, read_jsonl, register_task,
+                                   write_jsonl)
 
 SPLITS = ("train", "test", "ood")
 
@@ -636,11 +636,8 @@ class SyntheticArithTask(Task):
 
   def save_jsonl(self, examples: Iterable[Example], path: str) -> None:
     """Writes examples as jsonl, readable by `load(split, path)`."""
-    with open(path, "w", encoding="utf-8") as f:
-      for e in examples:
-        rec = {"id": e.id, "question": e.question, "target": e.target, "answer": e.answer,
-               "meta": dict(e.meta)}
-        f.write(json.dumps(rec) + "\n")
+    write_jsonl(path, ({"id": e.id, "question": e.question, "target": e.target,
+                        "answer": e.answer, "meta": dict(e.meta)} for e in examples))
 
   def extract_answer(self, text: str) -> str | None:
     """Integer after the first `####` (else after "The answer is"); None if absent."""

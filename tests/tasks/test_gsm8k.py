@@ -17,13 +17,9 @@ from memdyn_jax.tasks import (
     expand_perturbations,
     format_prompt,
     get_task,
+    write_jsonl,
 )
 from memdyn_jax.tasks import gsm8k
-
-
-def _write_jsonl(path, records):
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  return path
 
 
 RECORD = {"question": "Q1?", "answer": "2 + 2 = <<2+2=4>>4 apples.\n#### 4"}
@@ -129,7 +125,7 @@ def test_helpers():
 
 
 def test_load_local_and_strip_calculator(tmp_path):
-  _write_jsonl(tmp_path / "train.jsonl", [RECORD, {**RECORD, "question": "Q2?"}])
+  write_jsonl(tmp_path / "train.jsonl", [RECORD, {**RECORD, "question": "Q2?"}])
   kept = get_task("gsm8k").load("train", str(tmp_path))
   assert [ex.id for ex in kept] == ["gsm8k/train/0", "gsm8k/train/1"]
   assert kept[0] == Example(id="gsm8k/train/0", question="Q1?", target=RECORD["answer"],
@@ -158,13 +154,13 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 
 def test_missing_field_is_named(tmp_path):
-  _write_jsonl(tmp_path / "test.jsonl", [RECORD, {"question": "Q?"}])
+  write_jsonl(tmp_path / "test.jsonl", [RECORD, {"question": "Q?"}])
   with pytest.raises(DataError, match=r"test\.jsonl:2.*'answer'"):
     get_task("gsm8k").load("test", str(tmp_path))
 
 
 def test_missing_final_answer_line(tmp_path):
-  _write_jsonl(tmp_path / "test.jsonl", [{"question": "Q?", "answer": "no final line"}])
+  write_jsonl(tmp_path / "test.jsonl", [{"question": "Q?", "answer": "no final line"}])
   with pytest.raises(DataError, match=r"test\.jsonl:1.*####"):
     get_task("gsm8k").load("test", str(tmp_path))
 
@@ -228,3 +224,12 @@ def test_hub_loading_path(monkeypatch):
       load_dataset=lambda *a, **k: [{"question": "Q?"}]))
   with pytest.raises(DataError, match=r"openai/gsm8k\[main/test\] record 0.*'answer'"):
     get_task("gsm8k").load("test")
+
+
+def test_write_jsonl_round_trips_through_read_jsonl(tmp_path):
+  from memdyn_jax.tasks import read_jsonl
+  records = [RECORD, {"question": "Q2 with \"quotes\"\nand a newline", "answer": "#### 5"}]
+  path = write_jsonl(tmp_path / "x.jsonl", records)
+  assert path == tmp_path / "x.jsonl"
+  assert list(read_jsonl(str(path), required=("question", "answer"))) == [(1, records[0]),
+                                                                          (2, records[1])]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from memdyn_jax.tasks import DataError, GradeResult, get_task
+from memdyn_jax.tasks import DataError, GradeResult, get_task, write_jsonl
 from memdyn_jax.tasks import math_task
 from memdyn_jax.tasks.math_task import (
     last_boxed,
@@ -18,11 +18,6 @@ from memdyn_jax.tasks.math_task import (
     parse_level,
     subject_from_type,
 )
-
-
-def _write_jsonl(path, records):
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  return path
 
 
 RECORD = {"unique_id": "test/algebra/1.json", "subject": "algebra", "problem": "1+1?",
@@ -194,7 +189,7 @@ def test_parse_level_and_subject():
 def test_load_local_derives_answer_subject_and_ids(tmp_path):
   bare = {"problem": "2+2?", "level": "Level 1", "type": "Counting & Probability",
           "solution": "It is \\boxed{4}. Not \\fbox{5}? Yes \\boxed{\\frac{8}{2}}."}
-  _write_jsonl(tmp_path / "train.jsonl", [RECORD, bare])
+  write_jsonl(tmp_path / "train.jsonl", [RECORD, bare])
   first, second = get_task("math").load("train", str(tmp_path))
   assert first.id == "math/test/algebra/1"
   assert (first.answer, first.meta["level"], first.meta["level_raw"]) == ("2", 3, "Level 3")
@@ -207,7 +202,7 @@ def test_load_local_derives_answer_subject_and_ids(tmp_path):
 
 
 def test_level_filter_leaving_nothing_is_an_error(tmp_path):
-  _write_jsonl(tmp_path / "train.jsonl", [RECORD])
+  write_jsonl(tmp_path / "train.jsonl", [RECORD])
   with pytest.raises(DataError, match="empty split"):
     get_task("math", levels=(5,)).load("train", str(tmp_path))
 
@@ -221,14 +216,14 @@ def test_malformed_json_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("field", ["problem", "solution", "level"])
 def test_missing_field_is_named(tmp_path, field):
   record = {k: v for k, v in RECORD.items() if k != field}
-  _write_jsonl(tmp_path / "test.jsonl", [RECORD, record])
+  write_jsonl(tmp_path / "test.jsonl", [RECORD, record])
   with pytest.raises(DataError, match=rf"test\.jsonl:2.*'{field}'"):
     get_task("math").load("test", str(tmp_path))
 
 
 def test_missing_subject_and_type(tmp_path):
   record = {k: v for k, v in RECORD.items() if k not in ("subject", "type")}
-  _write_jsonl(tmp_path / "test.jsonl", [record])
+  write_jsonl(tmp_path / "test.jsonl", [record])
   with pytest.raises(DataError, match=r"test\.jsonl:1.*subject"):
     get_task("math").load("test", str(tmp_path))
 

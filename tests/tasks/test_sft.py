@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 
-from memdyn_jax.tasks import ChatTemplate, DataError, GradeResult, get_task
+from memdyn_jax.tasks import ChatTemplate, DataError, GradeResult, get_task, write_jsonl
 from memdyn_jax.tasks.sft import render_history
 
 # A minimal Jinja chat template in the usual shape (roles as tags, generation prompt).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def _write_jsonl(path, records):
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  return path
 
 
 @pytest.fixture
@@ -28,7 +22,7 @@ def chat_tokenizer(tokenizer_no_bos):
 
 
 def test_prompt_response_records(tmp_path):
-  _write_jsonl(tmp_path / "train.jsonl", [
+  write_jsonl(tmp_path / "train.jsonl", [
       {"prompt": "Write a haiku.", "response": "Leaves fall.", "category": "poetry"},
       {"prompt": "Say hi.", "response": "Hi!"},
   ])
@@ -49,7 +43,7 @@ def test_messages_records_use_last_assistant_turn(tmp_path):
                         {"role": "assistant", "content": "b."},
                         {"role": "user", "content": "ignored trailing turn"}],
            "category": "chat"}
-  _write_jsonl(tmp_path / "train.jsonl", [single, multi])
+  write_jsonl(tmp_path / "train.jsonl", [single, multi])
   first, second = get_task("sft").load("train", str(tmp_path / "train.jsonl"))
   assert first.question == "Be brief.\n\nHi?" and first.target == "Hello."
   assert second.question == "User: A?\n\nAssistant: a.\n\nUser: B?"
@@ -59,7 +53,7 @@ def test_messages_records_use_last_assistant_turn(tmp_path):
 
 def test_sharegpt_conversations(tmp_path):
   record = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}
-  _write_jsonl(tmp_path / "test.jsonl", [record])
+  write_jsonl(tmp_path / "test.jsonl", [record])
   (ex,) = get_task("sft").load("test", str(tmp_path))
   assert (ex.question, ex.target) == ("Q?", "A.")
   assert ex.meta["messages"] == ({"role": "user", "content": "Q?"},)
@@ -73,7 +67,7 @@ def test_render_history():
 
 
 def test_response_only_false_marks_loss_on_prompt(tmp_path):
-  _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "response": "r"}])
+  write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "response": "r"}])
   (ex,) = get_task("sft", response_only=False).load("train", str(tmp_path))
   assert ex.meta["loss_on_prompt"] is True
 
@@ -111,7 +105,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
     ({"messages": "hello"}, r"train\.jsonl:1.*list"),
 ])
 def test_bad_records(tmp_path, record, match):
-  _write_jsonl(tmp_path / "train.jsonl", [record])
+  write_jsonl(tmp_path / "train.jsonl", [record])
   with pytest.raises(DataError, match=match):
     get_task("sft").load("train", str(tmp_path))
 
@@ -138,7 +132,7 @@ def test_chat_template_renders_with_generation_prompt(chat_tokenizer):
 
 
 def test_chat_template_as_task_template(chat_tokenizer, tmp_path):
-  _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Hi?", "response": "Hello."}])
+  write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Hi?", "response": "Hello."}])
   task = get_task("sft", template=ChatTemplate(tokenizer=chat_tokenizer))
   (ex,) = task.load("train", str(tmp_path))
   assert task.format_prompt(ex.question) == "<|user|>\nHi?\n<|assistant|>\n"

@@ -86,6 +86,15 @@ def hf_and_jax_model(name: str, out_dir: str, seed: int = 1):
   return hf, model, cfg
 
 
+def tiny_jax_models(name: str, out_dirs, **overrides) -> list:
+  """One tiny model of `TINY_CONFIGS[name]` per directory (seed = its index), saved as HF and
+  loaded with `memdyn_jax.models.from_pretrained`: checkpoints of one architecture."""
+  from memdyn_jax import models
+
+  return [models.from_pretrained(save_tiny_hf_model(name, str(d), seed=i, **overrides))[0]
+          for i, d in enumerate(out_dirs)]
+
+
 def left_padded_batch(vocab_size: int, batch: int, length: int, pad_lengths, seed: int = 0):
   """Random ids with left padding: row i has `pad_lengths[i]` pads. Returns (ids, mask, positions)."""
   import numpy as np

@@ -21,7 +21,7 @@ if __name__ != "__main__":  # the worker imports jax itself, after its flags are
   import torch
   from transformers.generation import logits_process as hf_lp
 
-  from memdyn_jax import models, sampling, testing
+  from memdyn_jax import sampling, testing
   from memdyn_jax.sampling import SamplingParams
 
 PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
@@ -234,12 +234,8 @@ def test_generate_errors_filler_rows_and_stop_fn(family):
 @pytest.fixture(scope="module")
 def text_models(tmp_path_factory, tokenizer_no_bos):
   """Two checkpoints of one tiny Llama whose vocabulary is the test tokenizer's."""
-  out = []
-  for seed in (0, 1):
-    path = tmp_path_factory.mktemp(f"text{seed}")
-    testing.save_tiny_hf_model("llama", str(path), seed=seed, vocab_size=len(tokenizer_no_bos))
-    out.append(models.from_pretrained(str(path))[0])
-  return out
+  dirs = [tmp_path_factory.mktemp(f"text{seed}") for seed in (0, 1)]
+  return testing.tiny_jax_models("llama", dirs, vocab_size=len(tokenizer_no_bos))
 
 
 def test_sample_is_reproducible_and_independent_of_batching(text_models, tokenizer_no_bos):

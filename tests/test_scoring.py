@@ -19,7 +19,7 @@ if __name__ != "__main__":  # the worker imports jax itself, after its flags are
   import jax.numpy as jnp
   import torch
 
-  from memdyn_jax import models, scoring, testing
+  from memdyn_jax import scoring, testing
   from memdyn_jax.tasks import DataError, encode_example
 
 PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
@@ -155,12 +155,8 @@ def test_host_helpers_without_a_mesh():
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory, tokenizer_bos):
   """Two checkpoints of one tiny Llama whose vocabulary is the test tokenizer's."""
-  out = []
-  for seed in (0, 1):
-    path = tmp_path_factory.mktemp(f"text{seed}")
-    testing.save_tiny_hf_model("llama", str(path), seed=seed, vocab_size=len(tokenizer_bos))
-    out.append(models.from_pretrained(str(path))[0])
-  return out
+  dirs = [tmp_path_factory.mktemp(f"text{seed}") for seed in (0, 1)]
+  return testing.tiny_jax_models("llama", dirs, vocab_size=len(tokenizer_bos))
 
 
 @pytest.mark.parametrize("tok_name", ["tokenizer_bos", "tokenizer_no_bos"])

@@ -360,7 +360,7 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
 
     arr = jax.make_array_from_callback(shape, target, read_shard)
     shard_cache.clear()
-    loaded.append((path, var.replace(arr) if hasattr(var, "replace") else arr))
+    loaded.append((path, var.replace(arr)))
   state = nnx.from_flat_state(loaded)
   model = nnx.merge(graphdef, state)
   return model, cfg

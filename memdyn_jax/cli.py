@@ -2,8 +2,13 @@
 bad input) is one line `PROG: error: ...` on stderr and exit status 2."""
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import json
 import sys
-from typing import Callable, NoReturn
+import types
+import typing
+from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 from absl import app, flags, logging
 
@@ -38,3 +43,152 @@ def run_binary(prog: str, run: Callable[[], int]) -> None:
       fail(prog, str(e))
 
   app.run(main, flags_parser=parse_flags)
+
+
+def define_train_config_flags() -> None:
+  """One flag per `TrainConfig` field, default None (= the chosen preset's value)."""
+  from memdyn_jax.train import config as config_lib
+
+  definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+              bool: flags.DEFINE_boolean, tuple: flags.DEFINE_list}
+  for name, type_ in config_lib.field_types().items():
+    definers[type_](name, None, f"TrainConfig.{name} (default: the preset's).")
+
+
+def train_config_from_flags(preset: str):
+  """The preset's TrainConfig with every TrainConfig flag that was given applied.
+
+  Raises:
+    UsageError: a bad value, naming its flag.
+  """
+  from memdyn_jax.train import config as config_lib
+
+  values = flags.FLAGS
+  overrides = {name: getattr(values, name) for name in config_lib.field_types()
+               if getattr(values, name) is not None}
+  try:
+    return config_lib.get_preset(preset, **overrides)
+  except config_lib.ConfigError as e:
+    raise UsageError(f"--{e.field}: {str(e).split(': ', 1)[1]}") from None
+
+
+def resolve_model(model: str, flag: str = "--model") -> str:
+  """A local HF directory for a model flag: a directory, `.gguf`, hub id or 'embedded'."""
+  if model == "embedded":
+    from memdyn_jax import embedded  # built and cached on first use
+    return embedded.model_dir()
+  from memdyn_jax.models import hf_io
+  try:
+    return hf_io.resolve_checkpoint_dir(model)
+  except Exception as e:  # missing dir, hub error: one line
+    raise UsageError(f"{flag}: {e}") from None
+
+
+# ------------------------------------------------------------------ flags from dataclasses
+
+
+def _flag_type(hint) -> type:
+  """The flag kind of a field type: int, float, str, bool, tuple (a list flag) or dict
+  (a JSON string); `X | None` is X."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType) and len(args) == 1:
+    return _flag_type(args[0])
+  if origin in (tuple, list) or hint in (tuple, list):
+    return tuple
+  if origin in (dict, collections.abc.Mapping) or hint in (dict, collections.abc.Mapping):
+    return dict
+  if hint in (int, float, str, bool):
+    return hint
+  raise TypeError(f"no flag type for {hint!r}")
+
+
+def define_dataclass_flags(cls, *, skip: Iterable[str] = (), rename: Mapping[str, str] | None = None,
+                           help_format: str = "{cls}.{field} (default {default!r}).",
+                           use_defaults: bool = True) -> dict[str, str]:
+  """Defines one flag per field of the dataclass `cls` (the flag is named like the field,
+  or `rename[field]`); lists are comma-separated, dicts are JSON.
+
+  Args:
+    cls: the dataclass.
+    skip: fields without a flag.
+    rename: field -> flag name.
+    help_format: help text, formatted with cls, field and default.
+    use_defaults: the flags default to the fields' defaults; else to None (unset).
+
+  Returns:
+    {field: flag name} for `dataclass_kwargs_from_flags`.
+  """
+  hints = typing.get_type_hints(cls)
+  rename = rename or {}
+  definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+              bool: flags.DEFINE_boolean, tuple: flags.DEFINE_list, dict: flags.DEFINE_string}
+  names = {}
+  for field in dataclasses.fields(cls):
+    if field.name in skip:
+      continue
+    kind = _flag_type(hints[field.name])
+    default = (field.default if field.default is not dataclasses.MISSING
+               else field.default_factory())
+    flag_default = None
+    if use_defaults:
+      flag_default = (json.dumps(default) if kind is dict
+                      else list(default) if kind is tuple else default)
+    name = rename.get(field.name, field.name)
+    definers[kind](name, flag_default, help_format.format(cls=cls.__name__, field=field.name,
+                                                          default=default))
+    names[field.name] = name
+  return names
+
+
+def dataclass_kwargs_from_flags(cls, names: Mapping[str, str], *, only_present: bool = False
+                                ) -> dict[str, Any]:
+  """Field values from the flags `define_dataclass_flags` defined (JSON parsed, lists as
+  tuples); unset (None) flags are left out, and with `only_present` so are flags not
+  given on the command line.
+
+  Raises:
+    UsageError: a JSON flag that does not parse to an object.
+  """
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for field, name in names.items():
+    value = flags.FLAGS[name].value
+    if value is None or (only_present and not flags.FLAGS[name].present):
+      continue
+    kind = _flag_type(hints[field])
+    if kind is dict:
+      try:
+        value = json.loads(value)
+      except json.JSONDecodeError as e:
+        raise UsageError(f"--{name}: not JSON ({e})") from None
+      if not isinstance(value, dict):
+        raise UsageError(f"--{name}: must be a JSON object, got {value!r}")
+    elif kind is tuple:
+      value = tuple(value)
+    out[field] = value
+  return out
+
+
+# ---------------------------------------------------------------------------- mesh flags
+
+
+def define_mesh_flags() -> None:
+  """--mesh_data/--mesh_fsdp/--mesh_tensor: the device mesh of a binary."""
+  flags.DEFINE_integer("mesh_data", -1, "Mesh 'data' axis size (-1 = remaining devices).")
+  flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' axis size.")
+  flags.DEFINE_integer("mesh_tensor", 1, "Mesh 'tensor' axis size.")
+
+
+def mesh_from_flags():
+  """The mesh of the --mesh_* flags (imports JAX).
+
+  Raises:
+    UsageError: the sizes do not fit the devices.
+  """
+  from memdyn_jax import sharding
+  try:
+    return sharding.make_mesh(flags.FLAGS.mesh_data, flags.FLAGS.mesh_fsdp,
+                              flags.FLAGS.mesh_tensor)
+  except ValueError as e:
+    raise UsageError(f"--mesh_data/--mesh_fsdp/--mesh_tensor: {e}") from None

@@ -1,0 +1,130 @@
+"""One fine-tuning run on a task, as experiments/train.py and the sweep run it.
+
+The task's split is loaded (optionally cut to its first `max_examples`), tokenized under
+the trainer/scorer convention, listed in `<run_dir>/examples.json` (row i of the training
+arrays = example `ids[i]`, which the evaluation reads back) and trained with `loop.train`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from memdyn_jax.train.config import TrainConfig
+
+
+class TaskRunError(ValueError):
+  """A bad task or model setting; `field` names it (and the CLI flag)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """The training data of a run.
+
+  Attributes:
+    name: task name (`memdyn_jax.tasks.get_task`).
+    kwargs: the task constructor's keyword arguments.
+    path: data file or directory (default: the task's own).
+    split: split trained on.
+    max_examples: use only the first N examples (0 = all).
+  """
+  name: str
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  path: str | None = None
+  split: str = "train"
+  max_examples: int = 0
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"name": self.name, "kwargs": dict(self.kwargs), "path": self.path,
+            "split": self.split, "max_examples": self.max_examples}
+
+
+def check_task_name(name: str) -> None:
+  """Fails fast (before any model is built) on an unknown task name."""
+  from memdyn_jax import tasks
+  if name not in tasks.task_names():
+    raise TaskRunError("task", f"unknown task {name!r}; known: {tasks.task_names()}")
+
+
+def resolve_model(model: str) -> str:
+  """A local HF directory for a model reference: a directory, hub id, `.gguf` file or
+  'embedded' (the project's base model, built and cached on first use)."""
+  if model == "embedded":
+    from memdyn_jax import embedded
+    return embedded.model_dir()
+  from memdyn_jax.models import hf_io
+  try:
+    return hf_io.resolve_checkpoint_dir(model)
+  except Exception as e:  # missing dir, hub error: one line
+    raise TaskRunError("model", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def load_examples(spec: TaskSpec):
+  """(task, examples) of the spec."""
+  from memdyn_jax import tasks
+  try:
+    task = tasks.get_task(spec.name, **dict(spec.kwargs))
+    examples = task.load(spec.split, spec.path)
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    raise TaskRunError("task", str(e)) from None
+  return task, (examples[:spec.max_examples] if spec.max_examples else examples)
+
+
+def load_train_data(model_dir: str, spec: TaskSpec, cfg: TrainConfig):
+  """The spec's examples tokenized with the model's tokenizer -> (TrainData, example ids)."""
+  from memdyn_jax import models
+  from memdyn_jax.train.loop import task_train_data
+  task, examples = load_examples(spec)
+  tokenizer = models.load_tokenizer(model_dir, padding_side="right")
+  try:
+    return task_train_data(tokenizer, task, examples, cfg)
+  except ValueError as e:
+    raise TaskRunError("max_length", str(e)) from None
+
+
+def write_examples_listing(run_dir: str, spec: TaskSpec, ids) -> None:
+  """`examples.json`: which example each training row is (read by the evaluation)."""
+  from memdyn_jax.evaluation import EXAMPLES_FILE
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, EXAMPLES_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"task": spec.name, "task_kwargs": dict(spec.kwargs), "split": spec.split,
+               "ids": list(ids)}, f)
+  os.replace(tmp, path)
+
+
+def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *, mesh=None,
+                  resume: bool = True, progress: bool = True, async_checkpoints: bool = True):
+  """Trains (or resumes) the run of `cfg` on the spec's data in `run_dir`.
+
+  Args:
+    cfg: the run configuration.
+    spec: the training data.
+    model: base model reference (see `resolve_model`); recorded in run.json as given,
+      except 'embedded', recorded as its cached directory.
+    run_dir: the run directory.
+    mesh, resume, progress, async_checkpoints: see `loop.train`.
+
+  Returns:
+    `loop.TrainResult`.
+
+  Raises:
+    TaskRunError: bad task, model or max_length.
+    checkpoints.RunMismatchError, loop.RunExistsError, loop.NonFiniteError: see `loop.train`.
+  """
+  import jax
+
+  from memdyn_jax.train import loop
+  check_task_name(spec.name)
+  model_dir = resolve_model(model)
+  data, ids = load_train_data(model_dir, spec, cfg)
+  if jax.process_index() == 0:
+    write_examples_listing(run_dir, spec, ids)
+  return loop.train(cfg, data, model if model != "embedded" else model_dir, run_dir, mesh=mesh,
+                    resume=resume, progress=progress, async_checkpoints=async_checkpoints)

@@ -35,26 +35,16 @@ flags.DEFINE_string("preset", "none", f"Preset: none or one of {sorted(config_li
 flags.DEFINE_bool("resume", True, "Resume from the latest complete checkpoint.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 cli.define_mesh_flags()
-_CONFIG_FLAGS = cli.define_dataclass_flags(
-    config_lib.TrainConfig, use_defaults=False,
-    help_format="TrainConfig.{field} (default: the preset's).")
+cli.define_train_config_flags()
 
 FLAGS = flags.FLAGS
-
-
-def config_from_flags() -> config_lib.TrainConfig:
-  overrides = cli.dataclass_kwargs_from_flags(config_lib.TrainConfig, _CONFIG_FLAGS)
-  try:
-    return config_lib.get_preset(FLAGS.preset, **overrides)
-  except config_lib.ConfigError as e:
-    raise UsageError(f"--{e.field}: {str(e).split(': ', 1)[1]}") from None
 
 
 def run() -> int:
   for name in ("model", "task", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
-  cfg = config_from_flags()
+  cfg = cli.train_config_from_flags(FLAGS.preset)
   try:
     task_kwargs = json.loads(FLAGS.task_kwargs)
   except json.JSONDecodeError as e:

@@ -45,45 +45,6 @@ def run_binary(prog: str, run: Callable[[], int]) -> None:
   app.run(main, flags_parser=parse_flags)
 
 
-def define_train_config_flags() -> None:
-  """One flag per `TrainConfig` field, default None (= the chosen preset's value)."""
-  from memdyn_jax.train import config as config_lib
-
-  definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
-              bool: flags.DEFINE_boolean, tuple: flags.DEFINE_list}
-  for name, type_ in config_lib.field_types().items():
-    definers[type_](name, None, f"TrainConfig.{name} (default: the preset's).")
-
-
-def train_config_from_flags(preset: str):
-  """The preset's TrainConfig with every TrainConfig flag that was given applied.
-
-  Raises:
-    UsageError: a bad value, naming its flag.
-  """
-  from memdyn_jax.train import config as config_lib
-
-  values = flags.FLAGS
-  overrides = {name: getattr(values, name) for name in config_lib.field_types()
-               if getattr(values, name) is not None}
-  try:
-    return config_lib.get_preset(preset, **overrides)
-  except config_lib.ConfigError as e:
-    raise UsageError(f"--{e.field}: {str(e).split(': ', 1)[1]}") from None
-
-
-def resolve_model(model: str, flag: str = "--model") -> str:
-  """A local HF directory for a model flag: a directory, `.gguf`, hub id or 'embedded'."""
-  if model == "embedded":
-    from memdyn_jax import embedded  # built and cached on first use
-    return embedded.model_dir()
-  from memdyn_jax.models import hf_io
-  try:
-    return hf_io.resolve_checkpoint_dir(model)
-  except Exception as e:  # missing dir, hub error: one line
-    raise UsageError(f"{flag}: {e}") from None
-
-
 # ------------------------------------------------------------------ flags from dataclasses
 
 
@@ -168,6 +129,41 @@ def dataclass_kwargs_from_flags(cls, names: Mapping[str, str], *, only_present: 
       value = tuple(value)
     out[field] = value
   return out
+
+
+# ------------------------------------------------------------------- training runs
+
+
+def define_train_config_flags() -> dict[str, str]:
+  """One flag per `TrainConfig` field, unset by default (= the chosen preset's value)."""
+  from memdyn_jax.train.config import TrainConfig
+  return define_dataclass_flags(TrainConfig, use_defaults=False,
+                                help_format="TrainConfig.{field} (default: the preset's).")
+
+
+def train_config_from_flags(preset: str):
+  """The preset's TrainConfig with every TrainConfig flag that was given applied.
+
+  Raises:
+    UsageError: a bad value, naming its flag.
+  """
+  from memdyn_jax.train import config as config_lib
+  names = {field: field for field in config_lib.field_types()}
+  overrides = dataclass_kwargs_from_flags(config_lib.TrainConfig, names)
+  try:
+    return config_lib.get_preset(preset, **overrides)
+  except config_lib.ConfigError as e:
+    raise UsageError(f"--{e.field}: {str(e).split(': ', 1)[1]}") from None
+
+
+def resolve_model(model: str, flag: str = "--model") -> str:
+  """A local HF directory for a model flag (`task_run.resolve_model`: a directory, `.gguf`,
+  hub id or 'embedded')."""
+  from memdyn_jax.train import task_run
+  try:
+    return task_run.resolve_model(model)
+  except task_run.TaskRunError as e:
+    raise UsageError(f"{flag}: {str(e).split(': ', 1)[1]}") from None
 
 
 # ---------------------------------------------------------------------------- mesh flags

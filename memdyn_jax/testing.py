@@ -107,3 +107,24 @@ def left_padded_batch(vocab_size: int, batch: int, length: int, pad_lengths, see
     ids[i, :n] = 0
   positions = np.maximum(mask.cumsum(1) - 1, 0)
   return ids, mask, positions
+
+
+def save_tiny_task_model(out_dir: str, task, *, hidden_size: int = 32, num_layers: int = 1,
+                         max_position_embeddings: int = 256, seed: int = 0) -> str:
+  """A tiny random Llama with the `synthetic_arith` tokenizer, saved as an HF dir (no torch).
+
+  The tokenizer is trained on a small pre-training corpus of `task`; the model is built by
+  memdyn_jax itself (seconds faster than `save_tiny_hf_model`). Returns `out_dir`.
+  """
+  from memdyn_jax import models
+  from memdyn_jax.tasks import synthetic_corpus
+
+  tok = synthetic_corpus.build_tokenizer(out_dir, vocab_size=256, n_docs=200,
+                                         lexicon_repeats=20, task=task)
+  cfg = models.from_hf_config(dict(
+      model_type="llama", vocab_size=len(tok), hidden_size=hidden_size,
+      intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+  models.save_pretrained(models.build_model(cfg, seed=seed), cfg, out_dir)
+  return out_dir

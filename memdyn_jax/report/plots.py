@@ -143,3 +143,27 @@ def per_checkpoint_lines(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.
   if title:
     fig.suptitle(title)
   return _save(fig, path)
+
+def sampling_frequency(counts: Mapping[str, np.ndarray], path: str) -> str:
+  """How often each training example was drawn, one series per sampler (Ge et al. Fig. 8).
+
+  Left: draws per example in training-row order; right: the distribution of those counts
+  (examples per draw count).
+
+  Args:
+    counts: sampler name -> (N,) draw counts indexed by training row.
+    path: output PNG.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  top = max((int(np.max(c)) for c in counts.values() if np.size(c)), default=0)
+  bins = np.arange(top + 2) - 0.5
+  for name, c in counts.items():
+    c = np.asarray(c)
+    axes[0].plot(np.arange(c.size), c, lw=0.8, marker=".", ms=3, label=name)
+    axes[1].hist(c, bins=bins, alpha=0.5, label=name)
+  axes[0].set(xlabel="training example", ylabel="times sampled",
+              title="Sampling frequency per example")
+  axes[1].set(xlabel="times sampled", ylabel="examples", title="Distribution of counts")
+  axes[0].legend(fontsize=8)
+  return _save(fig, path)
+

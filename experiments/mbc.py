@@ -1,0 +1,138 @@
+"""Sampler studies at an equal step budget: MBC (Ge et al.) or memorization reweighting (Ruan et al.).
+
+  python experiments/mbc.py --study=mbc --model=embedded --task=synthetic_arith \
+      --output_dir=/tmp/mbc_study --preset=ge_gptneo_sft --num_epochs=3 --mbc_refresh_steps=20
+  python experiments/mbc.py --study=reweight --model=embedded --task=synthetic_arith \
+      --output_dir=/tmp/reweight_study --reweight_p=2.0
+
+Trains the base model once per sampler (--samplers; default uniform + mbc, or uniform +
+memorization_reweight) with the same TrainConfig, hence the same steps and examples drawn;
+evaluates each run's last checkpoint on training examples, the held-out test split, and
+(per --study) OOD and perturbed test prompts; judges each sampler's held-out responses
+against --baseline's (--judge); writes results.csv, sampling_frequency.csv/.png,
+judge_*.csv, summary.json and report.md to --output_dir (`memdyn_jax.sampler_study`).
+Every TrainConfig field is a flag (default: --preset's). Re-running resumes: finished
+runs and records are kept. Exit status: 0 done, 2 bad flags or inputs.
+"""
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from memdyn_jax import cli
+from memdyn_jax.cli import UsageError
+
+PROG = "mbc.py"
+
+flags.DEFINE_enum("study", "mbc", ["mbc", "reweight"], "Study preset: its samplers, judge, "
+                  "OOD and perturbation defaults.")
+flags.DEFINE_list("samplers", None, "Samplers to compare (default: the study's).")
+flags.DEFINE_string("baseline", "uniform", "Sampler the others are judged against.")
+flags.DEFINE_string("model", None, "Base model: local HF directory, .gguf, hub id or 'embedded'.")
+flags.DEFINE_string("task", None, "Task name (memdyn_jax.tasks.get_task).")
+flags.DEFINE_string("task_path", None, "Data file or directory for the task (default: its own).")
+flags.DEFINE_string("task_kwargs", "{}", "JSON keyword arguments for the task constructor.")
+flags.DEFINE_string("output_dir", None, "Study directory.")
+flags.DEFINE_string("preset", "none", "TrainConfig preset (memdyn_jax.train.config.PRESETS).")
+flags.DEFINE_integer("max_train", 0, "Train on the first N training examples (0 = all).")
+flags.DEFINE_integer("n_eval", 200, "Held-out test examples evaluated (first N; 0 = all).")
+flags.DEFINE_integer("n_eval_train", 200, "Training examples evaluated (seeded subset; 0 = all).")
+flags.DEFINE_integer("n_ood", 200, "OOD examples evaluated (first N; 0 = all).")
+flags.DEFINE_bool("ood", None, "Evaluate the task's OOD split (default: the study's).")
+flags.DEFINE_list("perturbations", None, "Answer preambles of the robustness units "
+                  "(default: the study's; 'none' = no robustness units).")
+flags.DEFINE_float("temperature", 0.7, "Sampling temperature of held-out responses.")
+flags.DEFINE_float("top_p", 0.9, "Nucleus mass.")
+flags.DEFINE_integer("n_samples", 1, "Samples per prompt (accuracy; the judge sees the first).")
+flags.DEFINE_integer("max_new_tokens", 256, "Generation budget.")
+flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.")
+flags.DEFINE_enum("judge", None, ["auto", "reference", "local", "both", "none"],
+                  "Pairwise judge (default: the study's; auto = reference for tasks with "
+                  "short answers, the local model otherwise).")
+flags.DEFINE_string("judge_model", None, "Local judge's model (default: the base model).")
+flags.DEFINE_float("judge_tie_margin", 0.1, "Local judge: |log-odds| <= this is a tie.")
+flags.DEFINE_integer("judge_max_response_tokens", 256, "Local judge: tokens kept per response.")
+flags.DEFINE_float("confidence", 0.95, "Level of the win-rate intervals.")
+flags.DEFINE_integer("eval_batch_size", 16, "Prompts per compiled sampling/scoring program.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+cli.define_train_config_flags()
+FLAGS = flags.FLAGS
+
+
+# Known input errors of a study (message fragment -> the flag to change).
+_VALUE_ERROR_FLAGS = (("judge prompt", "judge_max_response_tokens"),
+                      ("max_new_tokens", "max_new_tokens"))
+
+
+def study_config():
+  train_cfg = cli.train_config_from_flags(FLAGS.preset)  # checked before importing jax
+  from memdyn_jax import sampler_study
+  from memdyn_jax.sampling import SamplingParams
+
+  try:
+    sampling = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                              n=FLAGS.n_samples, max_new_tokens=FLAGS.max_new_tokens,
+                              seed=FLAGS.sampling_seed)
+  except ValueError as e:
+    flag = {"n": "n_samples"}.get(str(e).split()[0], str(e).split()[0])
+    raise UsageError(f"--{flag}: {e}") from None
+  perturbations = FLAGS.perturbations
+  if perturbations is not None and [p.strip().lower() for p in perturbations] == ["none"]:
+    perturbations = []
+  try:
+    return sampler_study.study_config(
+        FLAGS.study, samplers=FLAGS.samplers, baseline=FLAGS.baseline, train=train_cfg,
+        sampling=sampling, n_eval=FLAGS.n_eval, n_eval_train=FLAGS.n_eval_train,
+        n_ood=FLAGS.n_ood, ood=FLAGS.ood,
+        perturbations=perturbations, judge=FLAGS.judge, judge_tie_margin=FLAGS.judge_tie_margin,
+        judge_max_response_tokens=FLAGS.judge_max_response_tokens, confidence=FLAGS.confidence,
+        eval_batch_size=FLAGS.eval_batch_size)
+  except ValueError as e:
+    field, _, message = str(e).partition(": ")
+    raise UsageError(f"--{field}: {message}") from None
+
+
+def run() -> int:
+  for name in ("model", "task", "output_dir"):
+    if not getattr(FLAGS, name):
+      raise UsageError(f"--{name} is required")
+  if FLAGS.max_train < 0:
+    raise UsageError("--max_train: must be >= 0")
+  cfg = study_config()
+  try:
+    task_kwargs = json.loads(FLAGS.task_kwargs)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"--task_kwargs: not JSON ({e})") from None
+  from memdyn_jax import checkpoints, sampler_study
+  from memdyn_jax.train import task_run
+
+  spec = task_run.TaskSpec(FLAGS.task, task_kwargs, FLAGS.task_path, "train", FLAGS.max_train)
+  judge_model = cli.resolve_model(FLAGS.judge_model, "--judge_model") if FLAGS.judge_model else None
+  try:
+    result = sampler_study.run_study(cfg, spec, FLAGS.model, FLAGS.output_dir,
+                                     judge_model=judge_model, progress=FLAGS.progress,
+                                     log=lambda m: print(f"{PROG}: {m}", flush=True))
+  except task_run.TaskRunError as e:
+    raise UsageError(f"--{e}") from None
+  except checkpoints.RunMismatchError as e:
+    raise UsageError(f"--output_dir: {str(e).splitlines()[0]}") from None
+  except ValueError as e:  # inputs that do not fit the model; anything else is a bug
+    message = str(e).splitlines()[0]
+    flag = next((f for key, f in _VALUE_ERROR_FLAGS if key in message), None)
+    if flag is None:
+      raise
+    raise UsageError(f"--{flag}: {message}") from None
+  for row in result.rows:
+    print(f"{PROG}: {row['sampler']}: test accuracy {row['test_accuracy']:.3f}, test "
+          f"perplexity {row['test_perplexity']:.3f}")
+  for name, by_sampler in result.judged.items():
+    for sampler, r in by_sampler.items():
+      print(f"{PROG}: {name} judge, {sampler} vs {cfg.baseline}: {r.wins}/{r.ties}/{r.losses} "
+            f"(W/T/L), win rate {r.win_rate:.3f} [{r.win_rate_low:.3f}, {r.win_rate_high:.3f}]")
+  print(f"{PROG}: report written to {result.report}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_binary(PROG, run)

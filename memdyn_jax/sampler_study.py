@@ -436,7 +436,8 @@ def write_report(cfg: StudyConfig, task: Task, rows: Sequence[Mapping[str, Any]]
     how = ("the task's grader: a correct response beats an incorrect one, equal grades tie"
            if name == "reference" else
            "log-odds of ' A' vs ' B' under the judge model, averaged over both presentation "
-           f"orders; |score| <= {cfg.judge_tie_margin:g} is a tie")
+           f"orders; |score| <= {cfg.judge_tie_margin:g} is a tie; judge_local.csv keeps each "
+           "order's score, whose mean is the judge's position bias")
     doc.paragraph(f"Each sampler's first held-out sample against the {cfg.baseline} run's "
                   f"({how}). Win rate counts ties as half; intervals are Wilson "
                   f"{100 * cfg.confidence:g}%; the sign test ignores ties.")

@@ -56,6 +56,18 @@ def _model():
     return from_hf_config(json.load(f))
 
 
+def _attention_line(model, accelerator: str, seq_len: int, prompt_len: int) -> str:
+  """What `attention_impl="auto"` runs on the chip (the plan compiles the reference path)."""
+  from memdyn_jax.models.layers import attention_choice_for_config
+  cfg = model_presets.preset_config(model) if isinstance(model, str) else model
+  backend = "gpu" if accelerator in ("h100", "h200") else "tpu"
+  runs = []
+  for phase, n in (("forward", seq_len), ("prefill", prompt_len), ("decode", seq_len)):
+    choice = attention_choice_for_config(cfg, "auto", backend=backend, seq_len=n, phase=phase)
+    runs.append(f"{phase} {choice.describe()}")
+  return f"attention_impl=auto on {accelerator}: " + "; ".join(runs)
+
+
 def main(argv):
   del argv
   if FLAGS.search:
@@ -83,6 +95,8 @@ def main(argv):
         pin_activations=FLAGS.pin_activations, sampling=FLAGS.sampling,
         prompt_len=FLAGS.prompt_len or None, max_new_tokens=FLAGS.max_new_tokens or None)
     print(report.summary())
+    print(_attention_line(_model(), FLAGS.accelerator, FLAGS.seq_len,
+                          FLAGS.prompt_len or FLAGS.seq_len // 2))
     payload = report.to_dict()
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

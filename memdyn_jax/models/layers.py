@@ -8,6 +8,8 @@ softmax in float32, attention scores accumulated in float32.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from typing import Callable, Sequence
 
@@ -15,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from memdyn_jax.models import splash
 
 Initializer = Callable[..., jax.Array]
 _NEG_INF = -1e30  # finite so fully-masked (padding) rows stay NaN-free
@@ -225,7 +229,109 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array,
   return allowed[None] & key_valid[:, None, :]
 
 
-ATTENTION_IMPLS = ("reference", "auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("reference", "auto", "xla", "cudnn", "splash")
+_DENSE_MASK_IMPLS = ("reference", "auto", "xla", "cudnn")
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_SOFTCAP_REASON = "logit soft-capping: jax.nn.dot_product_attention cannot cap logits"
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+  """The attention path `attention` runs for a requested impl on a backend.
+
+  impl: "reference", "xla", "cudnn", "auto" (`jax.nn.dot_product_attention` picks: cuDNN
+  flash attention on NVIDIA GPUs where it applies, else XLA) or "splash" (TPU Pallas kernel;
+  `interpret` when not on a TPU). reason: why this is not simply what was requested, or "".
+  """
+
+  requested: str
+  impl: str
+  reason: str = ""
+  interpret: bool = False
+
+  def describe(self) -> str:
+    return f"{self.impl} ({self.reason})" if self.reason else self.impl
+
+
+def choose_attention(impl: str, *, backend: str, q_len: int, kv_len: int, softcap: float,
+                     kv_cache: bool = False, windows_known: bool = True) -> AttentionChoice:
+  """Which attention path runs, and why. Pure: the backend is an argument.
+
+  "auto" takes the splash kernel on TPU where it can express the call, otherwise
+  `jax.nn.dot_product_attention` ("auto"; "xla" on CPU/TPU); "splash" falls back the same way.
+  Whatever cannot cap logits (`jax.nn.dot_product_attention`) falls back to "reference" on a
+  soft-capped model.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl {impl!r} not in {ATTENTION_IMPLS}")
+  if impl == "reference":
+    return AttentionChoice(impl, "reference")
+  reasons = []
+  if impl == "splash" or (impl == "auto" and backend == "tpu"):
+    why_not = splash.unsupported_reason(q_len=q_len, kv_len=kv_len, kv_cache=kv_cache,
+                                        windows_known=windows_known)
+    if why_not is None:
+      on_tpu = backend == "tpu"
+      return AttentionChoice(impl, "splash", "" if on_tpu else
+                             f"Pallas interpret mode on {backend}: slow, for tests",
+                             interpret=not on_tpu)
+    reasons.append(f"splash: {why_not}")
+  fused = impl if impl in ("xla", "cudnn") else "auto" if backend in _GPU_BACKENDS else "xla"
+  if softcap:
+    return AttentionChoice(impl, "reference", "; ".join(reasons + [_SOFTCAP_REASON]))
+  return AttentionChoice(impl, fused, "; ".join(reasons))
+
+
+ATTENTION_PHASES = ("forward", "prefill", "decode")
+
+
+def attention_choice_for_config(cfg, impl: str, *, backend: str, seq_len: int,
+                                phase: str = "forward") -> AttentionChoice:
+  """`choose_attention` for a `ModelConfig` (for plans and the README).
+
+  phase: "forward" (training, scoring: T = S = seq_len), "prefill" (T = S = seq_len into a
+  KV cache) or "decode" (one token against a cache of seq_len slots).
+  """
+  if phase not in ATTENTION_PHASES:
+    raise ValueError(f"phase {phase!r} not in {ATTENTION_PHASES}")
+  return choose_attention(impl, backend=backend, q_len=1 if phase == "decode" else seq_len,
+                          kv_len=seq_len, softcap=cfg.attn_logit_softcap,
+                          kv_cache=phase != "forward")
+
+
+_LOGGED_CHOICES: set[AttentionChoice] = set()
+
+
+def _log_once(choice: AttentionChoice) -> None:
+  if (choice.reason or choice.impl != choice.requested) and choice not in _LOGGED_CHOICES:
+    _LOGGED_CHOICES.add(choice)
+    level = logging.INFO if choice.requested == "auto" else logging.WARNING
+    log.log(level, "attention_impl=%r runs %s", choice.requested, choice.describe())
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
+              k_slots: jax.Array, key_valid: jax.Array, window: jax.Array | int, scale: float,
+              softcap: float = 0.0, impl: str = "reference", kv_cache: bool = False,
+              layer_windows: tuple[int, ...] | None = None) -> jax.Array:
+  """Masked grouped-query attention through the path `choose_attention` picks (logged once).
+
+  q (B,T,H,D), k/v (B,S,K,D) -> (B,T,H,D). The mask is `attention_mask(q_slots, k_slots,
+  key_valid, window)`. `layer_windows`: the static windows a traced `window` is one of (the
+  config's), which the splash kernel needs; `kv_cache`: k/v are a cache (slots offset).
+  """
+  if isinstance(window, (int, np.integer)) and layer_windows is None:
+    layer_windows = (int(window),)
+  choice = choose_attention(impl, backend=jax.default_backend(), q_len=q.shape[1],
+                            kv_len=k.shape[1], softcap=softcap, kv_cache=kv_cache,
+                            windows_known=layer_windows is not None)
+  _log_once(choice)
+  if choice.impl == "splash":
+    return splash.splash_attention(q, k, v, key_valid, window=window, layer_windows=layer_windows,
+                                   scale=scale, softcap=softcap, interpret=choice.interpret)
+  mask = attention_mask(q_slots, k_slots, key_valid, window)
+  return dot_attention(q, k, v, mask, scale=scale, softcap=softcap, impl=choice.impl)
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
@@ -236,10 +342,11 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, 
   sharing K/V groups without copies. Otherwise `jax.nn.dot_product_attention` with that
   implementation ("auto" lets JAX pick, e.g. cuDNN flash attention on NVIDIA GPUs). The
   fused kernels cannot express logit soft-capping (Gemma 2), so a soft-capped model always
-  takes the reference path.
+  takes the reference path. (The splash kernel takes the mask's parts, not a dense mask:
+  see `attention`.)
   """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention impl {impl!r} not in {ATTENTION_IMPLS}")
+  if impl not in _DENSE_MASK_IMPLS:
+    raise ValueError(f"attention impl {impl!r} with a dense mask not in {_DENSE_MASK_IMPLS}")
   if impl != "reference" and not softcap:
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask[:, None, :, :], scale=scale,
@@ -276,8 +383,12 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None,
                layer_cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array,
                q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array, window: jax.Array,
-               scale: float, softcap: float, impl: str = "reference"):
-    """Returns (output, updated (k, v) cache or the fresh (k, v) when there is no cache)."""
+               scale: float, softcap: float, impl: str = "reference",
+               layer_windows: tuple[int, ...] | None = None):
+    """Returns (output, updated (k, v) cache or the fresh (k, v) when there is no cache).
+
+    `window` is this layer's (traced) window, `layer_windows` the config's (see `attention`).
+    """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -285,7 +396,7 @@ class Attention(nnx.Module):
       cache_k, cache_v = layer_cache
       k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, axis=1)
-    mask = attention_mask(q_slots, k_slots, key_valid, window)
-    out = dot_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale, softcap=softcap,
-                        impl=impl)
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots=q_slots, k_slots=k_slots,
+                    key_valid=key_valid, window=window, scale=scale, softcap=softcap, impl=impl,
+                    kv_cache=layer_cache is not None, layer_windows=layer_windows)
     return self.o_proj(out), (k, v)

@@ -10,7 +10,7 @@ Conventions (those of HF `generate` with left padding):
   with left padding a row's real tokens are contiguous, so slot and position distances agree.
 
 Blocks are stored stacked (leading `layers` axis) and run with `lax.scan`: one compiled
-block regardless of depth (stacks of <= FULL_UNROLL_MAX_LAYERS are unrolled), and a per-layer attention window (`ModelConfig.layer_windows`)
+block regardless of depth, and a per-layer attention window (`ModelConfig.layer_windows`)
 scanned alongside, so alternating local/global layers need no second code path.
 """
 from __future__ import annotations
@@ -28,10 +28,6 @@ from memdyn_jax.models import layers
 from memdyn_jax.models.config import ModelConfig, attn_scale
 
 REMAT_POLICIES = ("none", "full", "dots")
-# Shallow stacks are unrolled: on CPU a scanned layer loop costs ~1.7x in the backward pass
-# (per-iteration slicing and stacking of residuals), and unrolling a few layers adds little
-# compile time. Deep stacks stay scanned: one compiled block, bounded compile time.
-FULL_UNROLL_MAX_LAYERS = 8
 
 
 @jax.tree_util.register_dataclass
@@ -173,8 +169,7 @@ class CausalLM(nnx.Module):
 
     body = _remat(body, self.remat)
     layer_caches = (cache.k, cache.v) if cache is not None else None
-    unroll = cfg.num_layers if cfg.num_layers <= FULL_UNROLL_MAX_LAYERS else 1
-    h, new_kv = jax.lax.scan(body, h, (block_state, windows, layer_caches), unroll=unroll)
+    h, new_kv = jax.lax.scan(body, h, (block_state, windows, layer_caches))
     return h, new_kv
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,

@@ -167,3 +167,14 @@ def sampling_frequency(counts: Mapping[str, np.ndarray], path: str) -> str:
   axes[0].legend(fontsize=8)
   return _save(fig, path)
 
+
+def sample_efficiency(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str,
+                      title: str = "") -> str:
+  """Test accuracy (y) vs training examples (x), one line per curation method
+  (Kang et al. Fig. 8): `curves[method] = (sizes, accuracies)`."""
+  fig, ax = plt.subplots(figsize=(5.5, 4.2))
+  for method, (x, y) in curves.items():
+    ax.plot(x, y, marker="o", ms=4, label=method)
+  ax.set(xlabel="training examples", ylabel="test accuracy", title=title or "Sample efficiency")
+  ax.legend(fontsize=8)
+  return _save(fig, path)

@@ -15,6 +15,8 @@ from memdyn_jax.metrics.baselines import (
     gradient_variance,
     minibatch_gradients,
     squared_distance_leaves,
+    variance_from_moments,
+    welford_update,
 )
 from memdyn_jax.metrics.data_maps import (
     EASY,

@@ -85,25 +85,39 @@ def gradient_variance(grads: Sequence[PyTree], ddof: int = 0) -> float:
   total_count = 0
   for j in range(len(leaves[0])):
     shape = np.shape(leaves[0][j])
-    mean = None
-    m2 = None
+    mean = m2 = 0.0
     for k in range(k_total):
       leaf = leaves[k][j]
       if np.shape(leaf) != shape:
         raise ValueError(f"grads[{k}] leaf {j} has shape {np.shape(leaf)}, expected {shape}")
       x = jnp.asarray(leaf, dtype=jnp.promote_types(jnp.asarray(leaf).dtype, jnp.float32))
-      if mean is None:
-        mean, m2 = x, jnp.zeros_like(x)
-        continue
-      # Welford: stable even when the gradient mean dwarfs its spread.
-      delta = x - mean
-      mean = mean + delta / (k + 1)
-      m2 = m2 + delta * (x - mean)
+      mean, m2 = welford_update(mean, m2, x, k)
     total_m2 += float(jnp.sum(m2))
     total_count += int(math.prod(shape))
   if total_count == 0:
     raise ValueError("grads hold no weight elements")
-  return total_m2 / (k_total - ddof) / total_count
+  return variance_from_moments(total_m2, total_count, k_total, ddof)
+
+
+def welford_update(mean, m2, x, count):
+  """One step of Welford's algorithm, element-wise: adds the `count`-th value (0-based).
+
+  mean' = mean + (x - mean) / (count + 1);  M2' = M2 + (x - mean)(x - mean').
+  Stable even when the mean dwarfs the spread. Works on numpy or jax arrays (and inside
+  `jax.jit` / `lax.scan`); start from mean = M2 = 0.
+
+  Returns:
+    (mean', M2'): the running mean and sum of squared deviations of the values so far.
+  """
+  delta = x - mean
+  mean = mean + delta / (count + 1)
+  return mean, m2 + delta * (x - mean)
+
+
+def variance_from_moments(total_m2: float, num_elements: int, num_gradients: int,
+                          ddof: int = 0) -> float:
+  """GV from Welford sums: Σ_d M2_d / (K - ddof) / D (see `gradient_variance`)."""
+  return float(total_m2) / (num_gradients - ddof) / num_elements
 
 
 def squared_distance_leaves(pairs: Iterable[tuple[Any, Any]]) -> float:

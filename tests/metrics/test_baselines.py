@@ -111,3 +111,19 @@ def test_atc_bad_inputs():
     baselines.atc_threshold([0.1, 0.2], 1.5)
   with pytest.raises(ValueError, match="scores"):
     baselines.atc_predicted_accuracy([0.1, np.nan], 0.5)
+
+
+def test_welford_update_gives_running_mean_and_squared_deviations():
+  import jax
+
+  xs = np.array([[1.0, 4.0], [3.0, 4.0], [8.0, 4.0], [-2.0, 4.0]])
+  mean = m2 = 0.0
+  for k, x in enumerate(xs):
+    mean, m2 = baselines.welford_update(mean, m2, x, k)
+    np.testing.assert_allclose(mean, xs[:k + 1].mean(0))
+    np.testing.assert_allclose(m2, ((xs[:k + 1] - xs[:k + 1].mean(0)) ** 2).sum(0))
+  jitted = jax.jit(baselines.welford_update)(np.float32(2.0), np.float32(0.0),
+                                             np.float32(4.0), 1)
+  np.testing.assert_allclose(jitted, (3.0, 2.0))
+  assert baselines.variance_from_moments(m2.sum(), 2, 4) == pytest.approx(xs.var(0).mean())
+  assert baselines.variance_from_moments(6.0, 2, 4, ddof=1) == 1.0

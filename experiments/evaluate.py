@@ -12,6 +12,11 @@ atomically; a re-run skips what is done. Sampling defaults are Kang et al.'s per
 (GSM8K: T=0.8, top-p 0.95, 512 new tokens, n=5; MATH: T=0.8, top-p 1, 1024 new tokens);
 every knob is a flag.
 
+Per checkpoint also the gradient variance (Kang et al. App. B.1: --grad_variance_minibatches
+minibatches of --grad_variance_batch_size examples drawn from the train subset, one
+compiled program reused across checkpoints), into `step_<step>/checkpoint.json`.
+--mesh_data/--mesh_fsdp/--mesh_tensor place the model and batches as in training.
+
 Splits: "train" (a seeded subset of the examples the run was trained on, --num_train),
 "test", "ood" (tasks that have one), "perturbed" (the train subset with each
 --perturbations preamble after the answer cue; no greedy pass, no target scoring).
@@ -55,6 +60,14 @@ flags.DEFINE_bool("keep_texts", False, "Store sample texts in the records.")
 flags.DEFINE_bool("include_base", False, "Also evaluate the base model as step 0.")
 flags.DEFINE_string("eval_name", "eval", "Records folder under --run_dir.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("grad_variance", True, "Gradient variance per checkpoint over train "
+                  "minibatches (Kang et al. App. B.1).")
+flags.DEFINE_integer("grad_variance_minibatches", 5, "Minibatches of the gradient variance.")
+flags.DEFINE_integer("grad_variance_batch_size", 8, "Train examples per gradient-variance "
+                     "minibatch (drawn from the --num_train subset with --subset_seed).")
+flags.DEFINE_integer("mesh_data", -1, "Mesh 'data' axis size (-1 = remaining devices).")
+flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' axis size.")
+flags.DEFINE_integer("mesh_tensor", 1, "Mesh 'tensor' axis size.")
 FLAGS = flags.FLAGS
 
 
@@ -87,6 +100,25 @@ def check_flags() -> None:
     raise UsageError("--perturbations: the 'perturbed' split needs at least one preamble")
   if not FLAGS.eval_name or os.sep in FLAGS.eval_name:
     raise UsageError(f"--eval_name: must be a plain folder name, got {FLAGS.eval_name!r}")
+  if FLAGS.grad_variance:
+    if FLAGS.grad_variance_minibatches < 2:
+      raise UsageError("--grad_variance_minibatches: must be >= 2")
+    if FLAGS.grad_variance_batch_size < 1:
+      raise UsageError("--grad_variance_batch_size: must be >= 1")
+
+
+def make_mesh():
+  """The --mesh_* mesh; --batch_size must split over its data shards."""
+  from memdyn_jax import scoring, sharding
+  try:
+    mesh = sharding.make_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
+  except ValueError as e:
+    raise UsageError(f"--mesh_data/--mesh_fsdp/--mesh_tensor: {e}") from None
+  shards = scoring.data_shards(mesh)
+  if FLAGS.batch_size % shards:
+    raise UsageError(f"--batch_size: {FLAGS.batch_size} is not a multiple of the mesh's "
+                     f"{shards} data shards (--mesh_data x --mesh_fsdp)")
+  return mesh
 
 
 def sampling_params(task_name: str):
@@ -121,11 +153,11 @@ def load_task(run_dir: str):
 
 
 def build_units(run_dir: str, task):
-  """The EvalUnits of --splits."""
+  """The EvalUnits of --splits, and the train subset (None when not needed)."""
   from memdyn_jax import evaluation
   units = []
   train = None
-  if {"train", "perturbed"} & set(FLAGS.splits):
+  if {"train", "perturbed"} & set(FLAGS.splits) or FLAGS.grad_variance:
     try:
       train = evaluation.trained_examples(run_dir, task, path=FLAGS.task_path)
     except (ValueError, FileNotFoundError) as e:
@@ -147,7 +179,17 @@ def build_units(run_dir: str, task):
       if FLAGS.max_eval:
         examples = examples[:FLAGS.max_eval]
       units.append(evaluation.EvalUnit(split, tuple(examples), greedy=FLAGS.greedy))
-  return units
+  return units, train
+
+
+def grad_variance_config():
+  """The --grad_variance_* settings, or None when off."""
+  if not FLAGS.grad_variance:
+    return None
+  from memdyn_jax.gradient_variance import GradientVarianceConfig
+  return GradientVarianceConfig(num_minibatches=FLAGS.grad_variance_minibatches,
+                                batch_size=FLAGS.grad_variance_batch_size,
+                                seed=FLAGS.subset_seed)
 
 
 def eval_config(task, params) -> dict:
@@ -172,7 +214,15 @@ def run() -> int:
       raise UsageError(f"--steps: no checkpoint at step(s) {bad}; steps: {available}")
   task = load_task(run_dir)
   params = sampling_params(task.name)
-  units = build_units(run_dir, task)
+  units, train = build_units(run_dir, task)
+  gv_config = grad_variance_config()
+  if gv_config is not None:
+    need = gv_config.num_minibatches * gv_config.batch_size
+    if len(train) < need:
+      raise UsageError(f"--grad_variance_batch_size: {gv_config.num_minibatches} minibatches of "
+                       f"{gv_config.batch_size} need {need} train examples, the --num_train "
+                       f"subset has {len(train)} (or --nograd_variance)")
+  mesh = make_mesh()
   info = checkpoints.read_run_info(run_dir)
   tok_path = FLAGS.tokenizer or info["model"]["path"]
   try:
@@ -187,8 +237,10 @@ def run() -> int:
   try:
     timings = evaluation.evaluate_run(
         run_dir, task, tokenizer, units, params, steps=steps, include_base=FLAGS.include_base,
-        batch_size=FLAGS.batch_size, keep_texts=FLAGS.keep_texts, progress=FLAGS.progress,
-        name=FLAGS.eval_name, log=lambda m: print(f"{PROG}: {m}", flush=True))
+        batch_size=FLAGS.batch_size, mesh=mesh, keep_texts=FLAGS.keep_texts,
+        progress=FLAGS.progress, name=FLAGS.eval_name,
+        log=lambda m: print(f"{PROG}: {m}", flush=True), grad_variance=gv_config,
+        grad_variance_examples=train)
   except ValueError as e:
     message = str(e).splitlines()[0]
     flag = "max_new_tokens" if "max_new_tokens" in message else "run_dir"

@@ -9,7 +9,11 @@ For each example (Kang et al. Sec. 3; Ge et al. Sec. 2; Ruan et al.):
     Kang et al. App. B.3);
   * the mean raw-model entropy at the sampled tokens (nucleus sampling) next to the
     teacher-forced entropy of the target (Ge et al. Table 1);
-  * diversity among the n samples: distinct-1/2, unique final answers, unique traces.
+  * diversity among the n samples: distinct-1/2, unique final answers, unique traces;
+  * the example's category metadata (`example_meta`), for per-category data maps (Ge et al.).
+
+Per checkpoint, optionally, the gradient variance over fixed train minibatches (Kang et al.
+App. B.1; `memdyn_jax.gradient_variance`), stored in `step_<n>/checkpoint.json`.
 
 Both primitives (`sampling.sample`, `scoring.score_texts`) compile per shape bucket and
 reuse programs across checkpoints of the same architecture, so evaluating a second
@@ -25,8 +29,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from memdyn_jax import gradient_variance as gv_lib
 from memdyn_jax import records as records_lib
 from memdyn_jax import sampling, scoring
+from memdyn_jax.gradient_variance import GradientVarianceConfig
 from memdyn_jax.metrics import diversity
 from memdyn_jax.tasks.base import Example, Task
 
@@ -65,6 +71,8 @@ class ExampleRecord:
     answers: parsed answer of each sample (None = unparseable).
     texts: sample texts (only when asked for).
     greedy_text: the greedy completion's text (only when texts are asked for).
+    category: the example's primary category, "key=value" (`example_category`).
+    meta: the example's category metadata (`example_meta`).
   """
 
   example_id: str
@@ -94,10 +102,13 @@ class ExampleRecord:
   answers: tuple[str | None, ...] = ()
   texts: tuple[str, ...] = ()
   greedy_text: str | None = None
+  category: str = ""
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["answers"], out["texts"] = list(self.answers), list(self.texts)
+    out["meta"] = dict(self.meta)
     return out
 
   @classmethod
@@ -111,6 +122,37 @@ class ExampleRecord:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExampleRecord))
+
+# Example.meta keys that name a category (Ge et al. summarize data maps per category):
+# sft "category", MATH "subject" and "level", synthetic_arith "level" (= reasoning steps)
+# and "n_lines" (trace lines). Order = precedence of the primary category.
+CATEGORY_KEYS = ("category", "subject", "level", "n_lines")
+_GSM8K_ANSWER_LINE = "####"
+
+
+def solution_lines(target: str) -> int:
+  """Non-empty lines of a solution trace, not counting a GSM8K "#### answer" line."""
+  return sum(1 for line in target.splitlines()
+             if line.strip() and not line.lstrip().startswith(_GSM8K_ANSWER_LINE))
+
+
+def example_meta(example: Example) -> dict[str, Any]:
+  """The compact category metadata of an example: its scalar `CATEGORY_KEYS` fields.
+
+  Tasks without any (GSM8K) get "n_lines", the number of solution lines, a proxy for the
+  number of reasoning steps.
+  """
+  meta = {k: example.meta[k] for k in CATEGORY_KEYS
+          if isinstance(example.meta.get(k), (str, int, float, bool)) and example.meta[k] != ""}
+  if not meta:
+    meta["n_lines"] = solution_lines(example.target)
+  return meta
+
+
+def example_category(meta: Mapping[str, Any]) -> str:
+  """The primary category "key=value" of `example_meta` output ("" when it is empty)."""
+  key = next((k for k in CATEGORY_KEYS if k in meta), None)
+  return "" if key is None else f"{key}={meta[key]}"
 
 
 def _mean_over_tokens(arrays: Sequence[np.ndarray]) -> float:
@@ -184,6 +226,7 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
     s = by_index.get(i)
     g = greedy_out[i]
     ggrade = task.grade_detailed(g.text, ex.answer) if g is not None else None
+    meta = example_meta(ex)
     records.append(ExampleRecord(
         example_id=ex.id, split=split,
         accuracy=float(np.mean([gr.correct for gr in grades])) if grades else _NAN,
@@ -207,7 +250,8 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
         greedy_n_tokens=len(g.token_ids) if g else 0,
         answers=answers,
         texts=tuple(texts) if keep_texts else (),
-        greedy_text=g.text if (g is not None and keep_texts) else None))
+        greedy_text=g.text if (g is not None and keep_texts) else None,
+        category=example_category(meta), meta=meta))
   return records
 
 
@@ -322,12 +366,14 @@ class EvalUnit:
 
 @dataclasses.dataclass(frozen=True)
 class StepTiming:
-  """Wall-clock seconds spent on one checkpoint: restoring it and evaluating its units."""
+  """Wall-clock seconds spent on one checkpoint: restoring it, evaluating its units and
+  measuring its gradient variance (0 when not measured)."""
 
   step: int
   load_s: float
   eval_s: float
   units: int
+  gradient_variance_s: float = 0.0
 
 
 def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
@@ -335,13 +381,16 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
                  include_base: bool = False, batch_size: int = 16,
                  max_length: int | None = None, append_eos: bool | None = None, mesh=None,
                  keep_texts: bool = False, progress: bool = True,
-                 name: str = records_lib.EVAL_DIR, log=None) -> list[StepTiming]:
+                 name: str = records_lib.EVAL_DIR, log=None,
+                 grad_variance: GradientVarianceConfig | None = None,
+                 grad_variance_examples: Sequence[Example] | None = None
+                 ) -> list[StepTiming]:
   """Evaluates every pending (checkpoint, unit) of a run and writes its records atomically.
 
   Units whose record files already exist are skipped, and a checkpoint with nothing
   pending is not even restored. Every checkpoint shares one architecture and the same
-  batch/bucket shapes, so the sampling and scoring programs compiled for the first one
-  are reused for the rest.
+  batch/bucket shapes, so the sampling, scoring and gradient programs compiled for the
+  first one are reused for the rest.
 
   Args:
     run_dir: the training run directory.
@@ -358,13 +407,18 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
     progress: tqdm bar over (checkpoint, unit) pairs.
     name: eval folder name under `run_dir`.
     log: optional `log(message)` called after each checkpoint.
+    grad_variance: also measure each checkpoint's gradient variance (Kang et al. App. B.1)
+      into `step_<n>/checkpoint.json`; a checkpoint whose stored value was measured with
+      the same settings is skipped, one with other settings is measured again.
+    grad_variance_examples: the train examples its minibatches are drawn from; default
+      the examples of the "train" unit.
 
   Returns:
     A StepTiming per checkpoint evaluated (skipped ones are absent).
 
   Raises:
     FileNotFoundError: not a run directory, or it has no checkpoint.
-    ValueError: a requested step is not a checkpoint.
+    ValueError: a requested step is not a checkpoint; too few gradient-variance examples.
   """
   import tqdm
 
@@ -385,14 +439,33 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
   append_eos = cfg.get("append_eos", False) if append_eos is None else append_eos
   pending = [(s, u) for s in sorted(set(wanted)) for u in units
              if not records_lib.is_done(run_dir, s, u.split, u.perturbation, name=name)]
+  gv_batches, gv_settings, gv_pending = None, None, set()
+  if grad_variance is not None:
+    if grad_variance_examples is None:
+      grad_variance_examples = next((u.examples for u in units if u.split == "train"), ())
+    gv_batches = gv_lib.make_minibatches(tokenizer, task, grad_variance_examples,
+                                         grad_variance, max_length=max_length,
+                                         append_eos=append_eos)
+    gv_settings = gv_lib.settings(grad_variance, gv_batches)
+    gv_pending = {s for s in set(wanted) if records_lib.read_checkpoint_stats(
+        run_dir, s, name=name).get(records_lib.GRADIENT_VARIANCE_SETTINGS) != gv_settings}
   timings = []
   bar = tqdm.tqdm(total=len(pending), disable=not progress, desc=os.path.basename(run_dir),
                   unit="unit")
   try:
-    for step in sorted({s for s, _ in pending}):
+    for step in sorted({s for s, _ in pending} | gv_pending):
       t0 = time.perf_counter()
       model = _load_step(run_dir, step, info, mesh)
       load_s = time.perf_counter() - t0
+      gv_s = 0.0
+      if step in gv_pending:
+        t1 = time.perf_counter()
+        value = gv_lib.checkpoint_gradient_variance(model, gv_batches, mesh=mesh,
+                                                    ddof=grad_variance.ddof)
+        records_lib.update_checkpoint_stats(
+            run_dir, step, {records_lib.GRADIENT_VARIANCE: value,
+                            records_lib.GRADIENT_VARIANCE_SETTINGS: gv_settings}, name=name)
+        gv_s = time.perf_counter() - t1
       todo = [u for s, u in pending if s == step]
       t1 = time.perf_counter()
       for unit in todo:
@@ -404,13 +477,14 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
             mesh=mesh, append_eos=append_eos, greedy=unit.greedy,
             score_targets=unit.score_targets, keep_texts=keep_texts)
         records_lib.write_records(run_dir, step, unit.split, [r.to_dict() for r in recs],
-                              unit.perturbation, name=name)
+                                  unit.perturbation, name=name)
         bar.update(1)
-      timing = StepTiming(step, load_s, time.perf_counter() - t1, len(todo))
+      timing = StepTiming(step, load_s, time.perf_counter() - t1, len(todo), gv_s)
       timings.append(timing)
       if log is not None:
         log(f"step {step}: restored in {timing.load_s:.1f}s, {timing.units} unit(s) "
-            f"evaluated in {timing.eval_s:.1f}s")
+            f"evaluated in {timing.eval_s:.1f}s"
+            + (f", gradient variance in {gv_s:.1f}s" if step in gv_pending else ""))
       del model
   finally:
     bar.close()

@@ -6,6 +6,8 @@ Layout under a run directory:
                                            compared on every re-run.
     eval/step_00000012/train.jsonl         one JSON object per example
     eval/step_00000012/perturbed@First.jsonl
+    eval/step_00000012/checkpoint.json     per-checkpoint (not per-example) values, e.g.
+                                           the gradient variance and its settings
     eval/distance_from_init.json           cached parameter distances (analysis)
 
 A record file is written to a temporary name and renamed into place, so it exists only
@@ -24,6 +26,11 @@ from typing import Any, Iterable, Mapping
 
 EVAL_DIR = "eval"
 CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.json"
+# Keys of checkpoint.json: the gradient variance (Kang et al. App. B.1) and what it was
+# measured with (memdyn_jax.gradient_variance.settings).
+GRADIENT_VARIANCE = "gradient_variance"
+GRADIENT_VARIANCE_SETTINGS = "gradient_variance_settings"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _SUFFIX = ".jsonl"
 
@@ -199,3 +206,47 @@ def write_json_cache(run_dir: str, filename: str, data: Mapping[str, Any], *,
   path = os.path.join(eval_dir(run_dir, name), filename)
   atomic_write_text(path, json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
   return path
+
+
+def checkpoint_stats_path(run_dir: str, step: int, *, name: str = EVAL_DIR) -> str:
+  """Where the per-checkpoint values of `step` live."""
+  return os.path.join(eval_dir(run_dir, name), f"step_{int(step):08d}", CHECKPOINT_FILE)
+
+
+def read_checkpoint_stats(run_dir: str, step: int, *, name: str = EVAL_DIR) -> dict[str, Any]:
+  """The per-checkpoint values of `step` ({} when none were written)."""
+  path = checkpoint_stats_path(run_dir, step, name=name)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+
+
+def update_checkpoint_stats(run_dir: str, step: int, values: Mapping[str, Any], *,
+                            name: str = EVAL_DIR) -> str:
+  """Adds `values` to the per-checkpoint values of `step` (same keys replaced), atomically.
+
+  Returns:
+    The path written.
+  """
+  stats = read_checkpoint_stats(run_dir, step, name=name)
+  stats.update(values)
+  path = checkpoint_stats_path(run_dir, step, name=name)
+  atomic_write_text(path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+  return path
+
+
+def load_checkpoint_stats(run_dir: str, *, name: str = EVAL_DIR) -> dict[int, dict[str, Any]]:
+  """step -> per-checkpoint values, for every step that has some."""
+  root = eval_dir(run_dir, name)
+  out = {}
+  if not os.path.isdir(root):
+    return out
+  for entry in sorted(os.listdir(root)):
+    m = _STEP_RE.match(entry)
+    if m and os.path.exists(os.path.join(root, entry, CHECKPOINT_FILE)):
+      out[int(m.group(1))] = read_checkpoint_stats(run_dir, int(m.group(1)), name=name)
+  return out

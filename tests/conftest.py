@@ -132,7 +132,8 @@ def tiny_run(tmp_path_factory):
 
 EVAL_CLI_FLAGS = ("--splits=train,test,perturbed", "--num_train=4", "--max_eval=4",
                   "--perturbations=First", "--max_new_tokens=8", "--n_samples=2",
-                  "--batch_size=4", "--noprogress")
+                  "--batch_size=4", "--grad_variance_minibatches=2",
+                  "--grad_variance_batch_size=2", "--noprogress")
 
 
 @pytest.fixture(scope="session")

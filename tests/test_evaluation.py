@@ -103,6 +103,23 @@ def test_json_cache_round_trip(tmp_path):
   assert records.read_json_cache(run, "c.json") == {"2": 1.5}
 
 
+def test_checkpoint_stats_merge_keys_and_are_not_units(tmp_path):
+  run = str(tmp_path / "run")
+  assert records.read_checkpoint_stats(run, 3) == {} and records.load_checkpoint_stats(run) == {}
+  records.write_records(run, 3, "train", [{"example_id": "a", "accuracy": 1.0}])
+  path = records.update_checkpoint_stats(run, 3, {"gradient_variance": 0.5, "x": 1})
+  records.update_checkpoint_stats(run, 3, {"gradient_variance": 0.25})
+  records.update_checkpoint_stats(run, 7, {"gradient_variance": 1.0})
+  assert path == os.path.join(records.eval_dir(run), "step_00000003", "checkpoint.json")
+  assert records.read_checkpoint_stats(run, 3) == {"gradient_variance": 0.25, "x": 1}
+  assert records.load_checkpoint_stats(run) == {3: {"gradient_variance": 0.25, "x": 1},
+                                                7: {"gradient_variance": 1.0}}
+  assert records.list_done(run) == {(3, "train", None)}  # a stats file is no record unit
+  open(path, "w").write("{bad")
+  with pytest.raises(ValueError, match="checkpoint.json: malformed"):
+    records.read_checkpoint_stats(run, 3)
+
+
 # ----------------------------------------------------------------------------- evaluation.py
 
 
@@ -139,14 +156,35 @@ def test_trained_examples_follow_examples_json(tmp_path):
     evaluation.trained_examples(str(tmp_path), other)
 
 
+def test_example_meta_names_categories_of_every_task():
+  synth = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS).load("train")[0]
+  meta = evaluation.example_meta(synth)
+  assert meta == {"level": synth.meta["level"], "n_lines": synth.meta["n_lines"]}
+  assert evaluation.example_category(meta) == f"level={synth.meta['level']}"
+  math_ex = Example("m", "q", "t", "1", meta={"level": 3, "level_raw": "Level 3",
+                                              "subject": "algebra", "type": "Algebra"})
+  meta = evaluation.example_meta(math_ex)
+  assert meta == {"subject": "algebra", "level": 3}
+  assert evaluation.example_category(meta) == "subject=algebra"
+  # GSM8K has no meta: the solution's lines, not counting the "#### answer" line.
+  gsm = Example("g", "q", "Natalia sold 24.\n\nShe sold 72.\n#### 72", "72")
+  assert evaluation.example_meta(gsm) == {"n_lines": 2}
+  sft = Example("s", "q", "r", "r", meta={"category": "", "messages": ({"role": "user"},)})
+  assert evaluation.example_meta(sft) == {"n_lines": 1}  # an empty category is no category
+  sft = Example("s", "q", "r", "r", meta={"category": "coding"})
+  assert evaluation.example_category(evaluation.example_meta(sft)) == "category=coding"
+  assert evaluation.example_category({}) == ""
+
+
 def test_example_record_round_trip_and_summary():
   a = evaluation.ExampleRecord("e1", "test", 0.5, 2, 1, 1.5, 0.2, 3.0, answers=("4", None),
-                               greedy_correct=1.0, sampled_entropy=1.0)
+                               greedy_correct=1.0, sampled_entropy=1.0, category="level=2",
+                               meta={"level": 2})
   b = evaluation.ExampleRecord("e2", "test", 1.0, 2, 0, 2.5, 0.4, 1.0, answers=("4", "4"))
   row = dict(a.to_dict(), run="r", step=3)
   back = evaluation.ExampleRecord.from_dict(json.loads(json.dumps(row)))
   assert json.dumps(back.to_dict()) == json.dumps(a.to_dict())  # NaN != NaN: compare text
-  assert back.answers == ("4", None)
+  assert back.answers == ("4", None) and back.meta == {"level": 2}
   s = evaluation.summarize([a, b])
   assert s["accuracy"] == 0.75 and s["perplexity"] == 2.0 and s["unparseable_rate"] == 0.25
   assert s["greedy_correct"] == 1.0 and s["n_examples"] == 2  # NaN of b ignored
@@ -163,7 +201,7 @@ SCHEMA = {"run", "step", "split", "perturbation", "example_id", "accuracy", "n_s
           "sampled_mean_logprob", "mean_sample_tokens", "distinct_1", "distinct_2",
           "unique_answers", "unique_traces", "greedy_correct", "greedy_unparseable",
           "greedy_sum_logprob", "greedy_mean_logprob", "greedy_n_tokens", "answers", "texts",
-          "greedy_text"}
+          "greedy_text", "category", "meta"}
 
 
 def test_cli_writes_every_unit_with_the_schema(evaluated_run):
@@ -188,6 +226,16 @@ def test_cli_writes_every_unit_with_the_schema(evaluated_run):
         assert r["mean_entropy"] > 0 and r["n_target_tokens"] > 0
         assert r["greedy_correct"] in (0.0, 1.0) and r["greedy_sum_logprob"] < 0
         assert 1 <= r["greedy_n_tokens"] <= 8
+      assert r["category"] == f"level={r['meta']['level']}"
+      assert set(r["meta"]) == {"level", "n_lines"} and r["meta"]["n_lines"] >= 1
+  # Gradient variance per checkpoint, with what it was measured on.
+  for step in (2, 4):
+    stats = records.read_checkpoint_stats(run_dir, step)
+    assert stats["gradient_variance"] > 0
+    assert stats["gradient_variance_settings"]["num_minibatches"] == 2
+    assert stats["gradient_variance_settings"]["batch_size"] == 2
+  assert (records.read_checkpoint_stats(run_dir, 2)["gradient_variance"]
+          != records.read_checkpoint_stats(run_dir, 4)["gradient_variance"])
   train_ids = [r["example_id"] for r in records.read_jsonl(records.record_path(run_dir, 2,
                                                                                "train"))]
   assert train_ids == [r["example_id"] for r in records.read_jsonl(
@@ -204,14 +252,19 @@ def test_cli_reuses_compiled_programs_across_checkpoints(evaluated_run):
   assert times[4] < times[2] / 3, times
 
 
-def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
-  run_dir, _ = evaluated_run
+def _library_inputs(run_dir: str):
+  """(task, tokenizer, sampling params) of the evaluated run, as evaluate.py builds them."""
   from memdyn_jax import models
-  from conftest import EVAL_CLI_FLAGS
   task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
   tok = models.load_tokenizer(json.load(open(os.path.join(run_dir, "run.json")))["model"]["path"],
                               padding_side="right")
-  params = evaluation.default_sampling("synthetic_arith", n=2, max_new_tokens=8)
+  return task, tok, evaluation.default_sampling("synthetic_arith", n=2, max_new_tokens=8)
+
+
+def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
+  run_dir, _ = evaluated_run
+  from conftest import EVAL_CLI_FLAGS
+  task, tok, params = _library_inputs(run_dir)
   unit = evaluation.EvalUnit("test", tuple(task.load("test")[:4]))
   # Library level: everything done, so nothing is restored or evaluated.
   assert evaluation.evaluate_run(run_dir, task, tok, [unit], params, batch_size=4,
@@ -226,11 +279,69 @@ def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
                  *EVAL_CLI_FLAGS)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "step 4: restored" in proc.stdout and "step 2:" not in proc.stdout
-  assert "1 unit(s)" in proc.stdout
+  assert "1 unit(s)" in proc.stdout and "gradient variance" not in proc.stdout  # stored
   after = records.read_jsonl(path)
   assert [r["answers"] for r in after] == [r["answers"] for r in before]
   for a, b in zip(after, before):
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+
+
+def test_gradient_variance_only_skips_done_and_redoes_changed_settings(evaluated_run):
+  from memdyn_jax.gradient_variance import GradientVarianceConfig
+
+  run_dir, _ = evaluated_run
+  task, tok, params = _library_inputs(run_dir)
+  train = evaluation.trained_examples(run_dir, task)
+  kwargs = dict(steps=[4], progress=False, name="eval_gv", grad_variance_examples=train)
+  cfg = GradientVarianceConfig(num_minibatches=2, batch_size=2)
+  # No units: only the gradient variance is measured.
+  done = evaluation.evaluate_run(run_dir, task, tok, [], params, grad_variance=cfg, **kwargs)
+  assert [(t.step, t.units) for t in done] == [(4, 0)] and done[0].gradient_variance_s > 0
+  first = records.read_checkpoint_stats(run_dir, 4, name="eval_gv")["gradient_variance"]
+  assert evaluation.evaluate_run(run_dir, task, tok, [], params, grad_variance=cfg,
+                                 **kwargs) == []
+  other = GradientVarianceConfig(num_minibatches=3, batch_size=2)
+  assert len(evaluation.evaluate_run(run_dir, task, tok, [], params, grad_variance=other,
+                                     **kwargs)) == 1
+  stats = records.read_checkpoint_stats(run_dir, 4, name="eval_gv")
+  assert stats["gradient_variance_settings"]["num_minibatches"] == 3
+  assert stats["gradient_variance"] != first
+  with pytest.raises(ValueError, match="needs 3 minibatches of 8"):
+    evaluation.evaluate_run(run_dir, task, tok, [], params,
+                            grad_variance=GradientVarianceConfig(3, 8), **kwargs)
+
+
+def test_sharded_evaluation_matches_one_device(evaluated_run):
+  """A 2x2x2 mesh over 8 forced host devices gives the 1-device records and gradient
+  variance of the same checkpoint."""
+  from conftest import EVAL_CLI_FLAGS
+  run_dir, _ = evaluated_run
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, EVALUATE, f"--run_dir={run_dir}",
+       f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS, "--steps=4",
+       "--eval_name=eval_mesh", "--mesh_data=2", "--mesh_fsdp=2", "--mesh_tensor=2"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=400, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  done = records.list_done(run_dir, name="eval_mesh")
+  assert done == {(4, u, p) for u, p in [("train", None), ("test", None), ("perturbed", "First")]}
+  for _, split, pert in done:
+    ref = records.read_jsonl(records.record_path(run_dir, 4, split, pert))
+    got = records.read_jsonl(records.record_path(run_dir, 4, split, pert, name="eval_mesh"))
+    assert [r["example_id"] for r in got] == [r["example_id"] for r in ref]
+    for a, b in zip(got, ref):
+      assert a["answers"] == b["answers"] and a["accuracy"] == b["accuracy"]
+      assert a["greedy_n_tokens"] == b["greedy_n_tokens"] and a["meta"] == b["meta"]
+      for key in ("perplexity", "exact_memorization", "mean_entropy", "sampled_entropy",
+                  "greedy_sum_logprob", "target_sum_logprob"):
+        if isinstance(b[key], float) and math.isnan(b[key]):
+          assert math.isnan(a[key]), key
+        else:
+          assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+  got = records.read_checkpoint_stats(run_dir, 4, name="eval_mesh")["gradient_variance"]
+  assert got == pytest.approx(records.read_checkpoint_stats(run_dir, 4)["gradient_variance"],
+                              rel=1e-3)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -245,6 +356,11 @@ def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
     # Rejected after reading the run (these import JAX: a few seconds each).
     (["--run_dir={run}", "--steps=3"], "--steps"),
     (["--run_dir={run}", "--top_p=2"], "--top_p"),
+    (["--run_dir={run}", "--num_train=4", "--grad_variance_batch_size=4"],
+     "--grad_variance_batch_size: 5 minibatches of 4 need 20 train examples"),
+    (["--run_dir={run}", "--grad_variance_minibatches=1"], "--grad_variance_minibatches"),
+    (["--run_dir={run}", "--nograd_variance", "--mesh_data=3"],
+     "--mesh_data/--mesh_fsdp/--mesh_tensor"),
 ])
 def test_bad_input_gives_one_line_error(args, needle, evaluated_run, tmp_path):
   run_dir, _ = evaluated_run

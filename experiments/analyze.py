@@ -7,15 +7,22 @@ experiments/evaluate.py. Written to --output_dir:
   report.md                 every table below, with the figures
   checkpoints.csv           per (run, checkpoint): accuracies, perplexities, train PreMemAcc,
                             exact memorization, entropies, diversity, OOD / perturbed
-                            accuracy, ATC prediction, distance from init
+                            accuracy, ATC prediction, distance from init, gradient variance
   calibration.csv, calibration_curve.png, premem_scatter.png
                             R² of test accuracy on train PreMemAcc per threshold (Kang et al.)
   baselines.csv             correlation with test accuracy of PreMemAcc and the baselines
   overmemorization.csv, overmemorization.png
-                            stages and checkpoint selection (Ruan et al.)
+                            stages and checkpoint selection (Ruan et al.); merged models
+                            starred on their source trajectory's curves
+  merges.csv                merged models (run.json "merge") vs their source trajectory's
+                            last, best-test-accuracy and over-memorization-selected
+                            checkpoints
   robustness.csv, robustness_violins.png
                             perturbed accuracy by PreMemAcc bin (Kang et al. Fig. 7)
-  data_maps.csv, data_maps.png, entropy.csv, diversity_ood.png   (Ge et al.; Ruan et al.)
+  data_maps.csv, data_maps_by_category.csv, data_maps.png, entropy.csv, diversity_ood.png
+                            (Ge et al.; Ruan et al.)
+Merged models appear in checkpoints.csv (kind "merged") and merges.csv only: calibration,
+fits, robustness, data maps and entropy use the training trajectories.
 Exit status: 0 done, 2 bad flags or inputs (one-line error naming the flag or path).
 """
 from __future__ import annotations
@@ -92,7 +99,7 @@ def run() -> int:
   import numpy as np
 
   from memdyn_jax import metrics, records
-  from memdyn_jax.report import analysis, collect, markdown, plots
+  from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
   name = FLAGS.eval_name
   try:
@@ -103,17 +110,23 @@ def run() -> int:
     runs = [collect.load_run(d, name=name) for d in run_dirs]
   except ValueError as e:  # a malformed record file: names path:line
     raise UsageError(f"--sweep_dir: {e}") from None
+  trajs, merged = merges.split_runs(runs)
+  try:
+    merge_info = [merges.merge_sources(m, trajs) for m in merged]
+  except ValueError as e:
+    raise UsageError(f"--sweep_dir: {e}") from None
   out = os.path.abspath(FLAGS.output_dir or os.path.join(FLAGS.sweep_dir, "analysis"))
   os.makedirs(out, exist_ok=True)
   task = (records.read_config(run_dirs[0], name=name) or {}).get("task")
-  report = markdown.Report(f"Memorization dynamics: {len(runs)} run(s) in "
-                           f"{os.path.abspath(FLAGS.sweep_dir)}")
+  report = markdown.Report(f"Memorization dynamics: {len(trajs)} run(s) "
+                           + (f"and {len(merged)} merged model(s) " if merged else "")
+                           + f"in {os.path.abspath(FLAGS.sweep_dir)}")
   written = []
 
   # -- threshold calibration (Kang et al. App. A.1) --------------------------------------
   cal, cal_note = None, ""
   if FLAGS.calibrate or threshold_flag == "calibrated":
-    cal_runs = analysis.calibration_runs(runs)
+    cal_runs = analysis.calibration_runs(trajs)  # merged models are not trajectories
     try:
       cal = metrics.calibrate_threshold(cal_runs, analysis.default_candidates())
     except ValueError as e:
@@ -134,25 +147,26 @@ def run() -> int:
     raise UsageError(f"--atc_reference: {e}") from None
   distances = {}
   if FLAGS.distance_from_init:
-    for r in runs:
+    for r in trajs:
       distances[r.name] = analysis.distances_from_init(r.run_dir, r.steps().tolist(), name=name)
 
   # -- per-checkpoint table -----------------------------------------------------------
   rows = []
   for r in runs:
     rows += analysis.checkpoint_rows(r, threshold, atc.get(r.name), distances.get(r.name))
+  traj_rows = [row for row in rows if row["kind"] == "trajectory"]
   written.append(markdown.write_csv(os.path.join(out, "checkpoints.csv"), rows))
   report.paragraph(f"PreMemAcc threshold: perplexity {threshold:.4f} "
                    f"(log log = {np.log(np.log(threshold)):.2f}; {FLAGS.threshold}).")
   report.heading("Per checkpoint")
-  report.table(rows, ["run", "learning_rate", "step", "train_accuracy", "train_premem",
-                      "train_perplexity", "test_accuracy", "test_perplexity",
+  report.table(rows, ["run", "kind", "learning_rate", "step", "train_accuracy",
+                      "train_premem", "train_perplexity", "test_accuracy", "test_perplexity",
                       "test_exact_memorization", "ood_accuracy"])
 
   # -- PreMemAcc vs test accuracy ------------------------------------------------------
   report.heading("Test accuracy vs train pre-memorization accuracy (Kang et al.)")
   points = {}
-  for r in runs:
+  for r in trajs:
     pts = analysis.premem_points(r, threshold)
     if pts is not None:
       points[r.name] = (pts[1], pts[2])
@@ -185,26 +199,33 @@ def run() -> int:
   # -- baselines --------------------------------------------------------------------------
   report.heading("PreMemAcc vs baselines (Kang et al. Fig. 5, App. B)")
   predictors = ["train_premem", "train_accuracy", "train_perplexity", "atc_predicted_accuracy",
-                "distance_from_init"]
-  base_rows = analysis.correlation_table(rows, predictors)
+                "distance_from_init", records.GRADIENT_VARIANCE]
+  base_rows = analysis.correlation_table(traj_rows, predictors)
   written.append(markdown.write_csv(os.path.join(out, "baselines.csv"), base_rows))
   report.table(base_rows)
+  has_gv = any(np.isfinite(row.get(records.GRADIENT_VARIANCE, np.nan)) for row in traj_rows)
   report.paragraph(f"ATC reference: {atc_note}. Distance from init: "
                    + ("computed." if FLAGS.distance_from_init else
                       "not computed (--distance_from_init).")
-                   + " Gradient variance: not computed (needs per-checkpoint minibatch "
-                   "gradients; see memdyn_jax.metrics.gradient_variance).")
+                   + " Gradient variance: " + (
+                       "measured by evaluate.py over train minibatches (Kang et al. App. B.1)."
+                       if has_gv else "not measured (evaluate.py --grad_variance)."))
+  report.table(traj_rows, ["run", "step", "test_accuracy", "train_premem",
+                           "atc_predicted_accuracy", "distance_from_init",
+                           records.GRADIENT_VARIANCE])
 
   # -- over-memorization --------------------------------------------------------------------
   report.heading("Over-memorization (Ruan et al.)")
   config = metrics.OverMemorizationConfig(
       min_ppl_rise=FLAGS.overmem_ppl_rise, max_acc_drop=FLAGS.overmem_acc_drop,
       reference=FLAGS.overmem_reference, min_stage_len=FLAGS.overmem_min_stage_len)
-  om_rows, om_curves = [], []
-  for r in runs:
+  om_rows, om_curves, selected = [], [], {}
+  markers = merges.plot_markers(merged, trajs, rows)
+  for r in trajs:
     om = analysis.overmemorization(r, config, threshold)
     if om is None:
       continue
+    selected[om.run] = om.pre_stage_best
     om_rows.append({"run": om.run, "stages (steps)": "; ".join(
         f"{a}-{b}" for a, b in om.detection.stage_steps) or "none",
                     "onset_step": (int(om.steps[om.detection.onset])
@@ -215,7 +236,8 @@ def run() -> int:
                     "best_test_accuracy": float(om.test_accuracy.max()),
                     "min_test_perplexity": float(om.test_perplexity.min())})
     om_curves.append(dict(name=om.run, steps=om.steps, test_perplexity=om.test_perplexity,
-                          test_accuracy=om.test_accuracy, stage_steps=om.detection.stage_steps))
+                          test_accuracy=om.test_accuracy, stage_steps=om.detection.stage_steps,
+                          merged=markers.get(om.run, [])))
   written.append(markdown.write_csv(os.path.join(out, "overmemorization.csv"), om_rows))
   report.paragraph(f"Stage: test perplexity >= (1 + {config.min_ppl_rise}) x its "
                    f"{config.reference} minimum while test accuracy >= its {config.reference} "
@@ -226,9 +248,24 @@ def run() -> int:
                                                  os.path.join(out, "overmemorization.png")))
     report.image(written[-1], "over-memorization curves", out)
 
+  # -- merged models ----------------------------------------------------------------------
+  if merged:
+    report.heading("Merged models vs their trajectories (Ruan et al.)")
+    merge_rows = merges.comparison_rows(merged, trajs, rows, selected)
+    written.append(markdown.write_csv(os.path.join(out, "merges.csv"), merge_rows))
+    report.paragraph("Each merged model beside its source trajectory's last checkpoint, its "
+                     "best-test-accuracy checkpoint and the checkpoint the over-memorization "
+                     "rule selects (best test accuracy before the first stage). Perturbed "
+                     "accuracy is the mean over the perturbed prompts.")
+    report.table(merge_rows, ["merged_run", "method", "source_run", "source_steps", "model",
+                              "step", *merges.COMPARED])
+    missing = [f"{m.run}: {', '.join(m.unmatched)}" for m in merge_info if m.unmatched]
+    if missing:
+      report.paragraph("Merge sources not in this sweep: " + "; ".join(missing) + ".")
+
   # -- robustness -----------------------------------------------------------------------------
   report.heading("Robustness to prompt perturbations by PreMemAcc (Kang et al. Fig. 7)")
-  rob = analysis.robustness(runs, threshold)
+  rob = analysis.robustness(trajs, threshold)
   if rob is None:
     report.paragraph("No perturbed records (evaluate with --splits=...,perturbed).")
   else:
@@ -241,10 +278,16 @@ def run() -> int:
 
   # -- data maps ------------------------------------------------------------------------------
   report.heading("Data maps of train exact memorization (Ge et al.)")
-  maps = analysis.data_maps(runs)
+  maps = analysis.data_maps(trajs)
   map_rows = analysis.data_map_rows(maps)
   written.append(markdown.write_csv(os.path.join(out, "data_maps.csv"), map_rows))
   report.table(map_rows)
+  cat_rows = analysis.data_map_category_rows(maps)
+  written.append(markdown.write_csv(os.path.join(out, "data_maps_by_category.csv"), cat_rows))
+  report.paragraph("Per example category (Ge et al. Fig. 7): exact memorization at the first "
+                   "and last checkpoints, mean and variance across checkpoints, and the share "
+                   "of easy- and hard-to-memorize examples.")
+  report.table(cat_rows)
   if maps:
     written.append(plots.data_maps([(m.run, m.dmap.mean, m.dmap.variance, m.labels)
                                     for m in maps], os.path.join(out, "data_maps.png")))
@@ -254,7 +297,7 @@ def run() -> int:
 
   # -- entropy ------------------------------------------------------------------------------
   report.heading("Entropy: nucleus sampling vs teacher forcing, test split (Ge et al. Table 1)")
-  ent_rows = analysis.entropy_rows(runs)
+  ent_rows = analysis.entropy_rows(trajs)
   written.append(markdown.write_csv(os.path.join(out, "entropy.csv"), ent_rows))
   report.table(ent_rows)
 
@@ -263,14 +306,14 @@ def run() -> int:
   series = {}
   for col in ("test_distinct_2", "test_unique_answers", "test_unique_traces", "ood_accuracy"):
     by_run = {}
-    for r in runs:
+    for r in trajs:
       pts = [(row["step"], row.get(col, np.nan)) for row in rows if row["run"] == r.name]
       pts = [(s, v) for s, v in pts if np.isfinite(v)]
       if pts:
         by_run[r.name] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
     if by_run:
       series[col] = by_run
-  report.table(rows, ["run", "step", "test_distinct_1", "test_distinct_2",
+  report.table(traj_rows, ["run", "step", "test_distinct_1", "test_distinct_2",
                       "test_unique_answers", "test_unique_traces", "test_sampled_entropy",
                       "ood_accuracy"])
   if series:

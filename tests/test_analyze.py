@@ -3,6 +3,7 @@ baselines, robustness, data maps, Markdown/CSV/PNG outputs and experiments/analy
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from memdyn_jax import evaluation, metrics, records
-from memdyn_jax.report import analysis, collect, markdown, plots
+from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
 from conftest import REPO_ROOT
 
@@ -55,8 +56,10 @@ def _planted_run(run_dir: str, k: int, test_ppl) -> np.ndarray:
     train = [_rec(f"tr{i}", "train", acc[m, i], perplexity=ppl[m, i],
                   exact_memorization=em[m, i], greedy_sum_logprob=-1.0 - i - m,
                   greedy_correct=float(i % 2), target_sum_logprob=-np.log(ppl[m, i]) * 10,
-                  n_target_tokens=10) for i in range(N_TRAIN)]
+                  n_target_tokens=10, meta={"level": 1 + i % 2}, category=f"level={1 + i % 2}")
+             for i in range(N_TRAIN)]
     records.write_records(run_dir, step, "train", train)
+    records.update_checkpoint_stats(run_dir, step, {"gradient_variance": _gv(k, m)})
     # Two test examples, both at the planted accuracy; token-level perplexity test_ppl[m].
     test = [_rec(f"te{j}", "test", premem[m], target_sum_logprob=-np.log(test_ppl[m]) * 10,
                  n_target_tokens=10, greedy_sum_logprob=-2.0 - j, greedy_correct=1.0,
@@ -72,6 +75,33 @@ def _planted_run(run_dir: str, k: int, test_ppl) -> np.ndarray:
   return premem
 
 
+def _gv(k: int, m: int) -> float:
+  return 0.01 * (k + 1) * (m + 1)
+
+
+def _merged_run(run_dir: str, sources) -> None:
+  """A merged model's run directory (as experiments/merge.py writes it), evaluated at step
+  40: train accuracy 1 (PreMemAcc 1) but test accuracy 0.1, far off every trajectory's
+  line, so it would spoil the R² = 1 calibration if it were taken for a trajectory."""
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, "run.json"), "w") as f:
+    json.dump({"config": {"learning_rate": 1e-5}, "model": {"path": "none"},
+               "merge": {"method": "linear", "sources": sources, "step": 40}}, f)
+  records.check_config(run_dir, {"task": "gsm8k"})
+  records.write_records(run_dir, 40, "train", [
+      _rec(f"tr{i}", "train", 1.0, perplexity=2.0, target_sum_logprob=-np.log(2.0) * 10,
+           n_target_tokens=10, greedy_sum_logprob=-1.0) for i in range(N_TRAIN)])
+  records.write_records(run_dir, 40, "test", [
+      _rec(f"te{j}", "test", 0.1, target_sum_logprob=-np.log(1.4) * 10, n_target_tokens=10,
+           greedy_sum_logprob=-2.0, distinct_2=0.9, unique_answers=1, unique_traces=2)
+      for j in range(2)])
+  records.write_records(run_dir, 40, "ood", [_rec("o0", "ood", 0.75)])
+  for pert, acc in (("We know that", 0.5), ("First", 0.25)):
+    records.write_records(run_dir, 40, "perturbed", [
+        _rec(f"tr{i}", "perturbed", acc, perplexity=float("nan")) for i in range(N_TRAIN)],
+        pert)
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
   """A 3-run sweep: run_0's test perplexity dips then rises (an over-memorization stage at
@@ -82,6 +112,19 @@ def sweep(tmp_path_factory):
     premem[f"run_{k}"] = _planted_run(os.path.join(root, f"run_{k}"), k, ppl)
   os.makedirs(os.path.join(root, "not_a_run"))
   return root, premem
+
+
+@pytest.fixture(scope="module")
+def merged_sweep(tmp_path_factory):
+  """The sweep's three runs plus "merged", a linear merge of run_0's steps 30 (absolute
+  path) and 40 (path relative to the sweep) and of a run outside the sweep."""
+  root = str(tmp_path_factory.mktemp("merged_sweep"))
+  for k, ppl in enumerate([(2.0, 1.5, 1.8, 2.0), (2.0, 1.8, 1.6, 1.5), (2.2, 2.0, 1.9, 1.8)]):
+    _planted_run(os.path.join(root, f"run_{k}"), k, ppl)
+  _merged_run(os.path.join(root, "merged"), [
+      {"run_dir": os.path.join(root, "run_0"), "step": 30}, {"run_dir": "run_0", "step": 40},
+      {"run_dir": "/elsewhere/run_9", "step": 5}])
+  return root
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +174,8 @@ def test_checkpoint_rows_carry_planted_quantities(sweep, runs):
   assert math.isnan(rows[0]["perturbed_accuracy[We know that]"])
   assert rows[3]["atc_predicted_accuracy"] == 0.3 and math.isnan(rows[0]["atc_predicted_accuracy"])
   assert rows[0]["distance_from_init"] == 1.0 and rows[0]["test_sampled_entropy"] == 0.5
+  assert [r["gradient_variance"] for r in rows] == [_gv(0, m) for m in range(4)]
+  assert {r["kind"] for r in rows} == {"trajectory"}
   steps, x, y = analysis.premem_points(runs[0], PLANTED)
   assert steps.tolist() == list(STEPS)
   np.testing.assert_allclose(x, y)
@@ -147,8 +192,13 @@ def test_calibration_recovers_planted_threshold(runs):
 
 def test_correlation_table(runs):
   rows = [row for r in runs for row in analysis.checkpoint_rows(r, PLANTED)]
-  table = {t["predictor"]: t for t in analysis.correlation_table(rows, ["train_premem", "nope"])}
+  table = {t["predictor"]: t for t in analysis.correlation_table(
+      rows, ["train_premem", "gradient_variance", "nope"])}
   assert table["train_premem"]["n"] == 12 and table["train_premem"]["r2"] == pytest.approx(1.0)
+  gv = [(r["gradient_variance"], r["test_accuracy"]) for r in rows]
+  want = metrics.fit_r2(np.array([g for g, _ in gv]), np.array([a for _, a in gv]))
+  assert table["gradient_variance"]["n"] == 12
+  assert table["gradient_variance"]["r2"] == pytest.approx(want.r2)
   assert table["nope"]["n"] == 0 and math.isnan(table["nope"]["r2"])
 
 
@@ -196,10 +246,75 @@ def test_data_maps_and_entropy(runs):
   rows = analysis.data_map_rows(maps)
   assert rows[0]["n"] == N_TRAIN and rows[0]["n_easy"] + rows[0]["n_hard"] + rows[0][
       "n_other"] == N_TRAIN
+  # Per category (train examples alternate level 1 and 2).
+  cats = [r for r in analysis.data_map_category_rows(maps) if r["run"] == "run_0"]
+  assert [(r["key"], r["category"], r["n"]) for r in cats] == [("level", 1, 5), ("level", 2, 5)]
+  for r, cols in zip(cats, (slice(0, None, 2), slice(1, None, 2))):
+    assert r["first_exact_memorization"] == pytest.approx(em[0, cols].mean())
+    assert r["last_exact_memorization"] == pytest.approx(em[-1, cols].mean())
+    assert r["mean_exact_memorization"] == pytest.approx(em[:, cols].mean())
+    assert r["mean_variance"] == pytest.approx(em[:, cols].var(0).mean())
+    assert r["share_easy"] == pytest.approx(np.mean(maps[0].labels[cols] == "easy"))
+    assert r["share_hard"] == pytest.approx(np.mean(maps[0].labels[cols] == "hard"))
   ent = analysis.entropy_rows(runs)
   assert [(e["checkpoint"], e["step"]) for e in ent[:2]] == [("first", 10), ("last", 40)]
   assert ent[0]["sampled_entropy"] == 0.5 and ent[0]["teacher_forced_entropy"] == 1.5
   assert analysis.learning_rate(runs[2]) == pytest.approx(3e-5)
+
+
+# ----------------------------------------------------------------------------- merged runs
+
+
+def test_merged_run_is_resolved_to_its_source_trajectory(merged_sweep):
+  runs = [collect.load_run(d) for d in collect.find_runs(merged_sweep)]
+  trajs, merged = merges.split_runs(runs)
+  assert [r.name for r in trajs] == ["run_0", "run_1", "run_2"]
+  assert [r.name for r in merged] == ["merged"] and analysis.is_merged(merged[0])
+  src = merges.merge_sources(merged[0], trajs)
+  assert src.method == "linear" and src.sources == {"run_0": (30, 40)}
+  assert src.unmatched == ("/elsewhere/run_9",)
+  bad = dataclasses.replace(merged[0], info={"merge": {"method": "x"}})
+  with pytest.raises(ValueError, match="'sources' list"):
+    merges.merge_sources(bad, trajs)
+  # Merged models are no trajectory: calibration, ATC's default reference and the fits skip them.
+  assert len(analysis.calibration_runs(trajs)) == 3
+  assert analysis.atc_predictions(merged + trajs)[1].startswith("run_0 step 40")
+
+
+def test_merge_table_against_the_trajectory_checkpoints(merged_sweep):
+  runs = [collect.load_run(d) for d in collect.find_runs(merged_sweep)]
+  trajs, merged = merges.split_runs(runs)
+  rows = [row for r in runs for row in analysis.checkpoint_rows(r, PLANTED)]
+  assert [r["kind"] for r in rows if r["run"] == "merged"] == ["merged"]
+  run0 = {r["step"]: r for r in rows if r["run"] == "run_0"}
+  om = analysis.overmemorization(trajs[0], metrics.OverMemorizationConfig(), PLANTED)
+  table = merges.comparison_rows(merged, trajs, rows, {"run_0": om.pre_stage_best})
+  assert [(t["source_run"], t["model"]) for t in table] == [
+      ("run_0", "merged"), ("run_0", "last"), ("run_0", "best_test_accuracy"),
+      ("run_0", "overmem_selected")]
+  assert all(t["merged_run"] == "merged" and t["method"] == "linear" for t in table)
+  assert table[0]["source_steps"] == "30 40" and table[0]["step"] == 40
+  m = table[0]
+  assert m["test_accuracy"] == pytest.approx(0.1) and m["test_perplexity"] == pytest.approx(1.4)
+  assert m["perturbed_accuracy"] == pytest.approx(0.375)  # mean of the two prompts
+  assert m["ood_accuracy"] == 0.75 and m["test_distinct_2"] == pytest.approx(0.9)
+  best = max(run0, key=lambda s: (run0[s]["test_accuracy"], -s))
+  assert [t["step"] for t in table[1:]] == [40, best, om.pre_stage_best]
+  for t in table[1:]:
+    ref = run0[t["step"]]
+    assert t["test_accuracy"] == ref["test_accuracy"]
+    assert t["test_perplexity"] == ref["test_perplexity"]
+    assert t["test_unique_traces"] == ref["test_unique_traces"]
+    np.testing.assert_equal(t["perturbed_accuracy"], merges.perturbed_accuracy(ref))
+  assert table[1]["perturbed_accuracy"] == pytest.approx(
+      run0[40]["perturbed_accuracy[We know that]"])
+  # No over-memorization selection: that row is left out.
+  assert [t["model"] for t in merges.comparison_rows(merged, trajs, rows, {})][-1] == \
+      "best_test_accuracy"
+  markers = merges.plot_markers(merged, trajs, rows)
+  assert markers == {"run_0": [dict(label="merged (linear)", step=40,
+                                    test_perplexity=pytest.approx(1.4),
+                                    test_accuracy=pytest.approx(0.1))]}
 
 
 # ----------------------------------------------------------------------------- markdown, plots
@@ -245,6 +360,14 @@ def test_every_plot_writes_a_png(tmp_path, runs):
                                            test_perplexity=[2, 1.5, 1.9],
                                            test_accuracy=[0.2, 0.5, 0.5],
                                            stage_steps=((3, 3),))], str(tmp_path / "d.png")))
+  curves = dict(name="r", steps=[1, 2, 3], test_perplexity=[2, 1.5, 1.9],
+                test_accuracy=[0.2, 0.5, 0.5], stage_steps=(),
+                merged=[dict(label="m (linear)", step=3, test_perplexity=1.6,
+                             test_accuracy=0.6)])
+  plain = plots.overmemorization_curves([dict(curves, merged=[])], str(tmp_path / "d0.png"))
+  starred = plots.overmemorization_curves([curves], str(tmp_path / "d1.png"))
+  _png(starred)
+  assert open(starred, "rb").read() != open(plain, "rb").read()  # the markers are drawn
   m = analysis.data_maps(runs)[0]
   _png(plots.data_maps([(m.run, m.dmap.mean, m.dmap.variance, m.labels)],
                        str(tmp_path / "e.png")))
@@ -274,6 +397,39 @@ def test_cli_writes_tables_report_and_plots(sweep, tmp_path):
   assert om[0]["run"] == "run_0" and om[0]["stages (steps)"] == "30-40"
   rows = list(csv.DictReader(open(os.path.join(out, "checkpoints.csv"))))
   assert len(rows) == 12 and all(0 <= float(r["atc_predicted_accuracy"]) <= 1 for r in rows)
+  assert [float(r["gradient_variance"]) for r in rows[:4]] == [_gv(0, m) for m in range(4)]
+  base = {r["predictor"]: r for r in csv.DictReader(open(os.path.join(out, "baselines.csv")))}
+  assert base["gradient_variance"]["n"] == "12" and base["gradient_variance"]["r2"] != ""
+  cats = list(csv.DictReader(open(os.path.join(out, "data_maps_by_category.csv"))))
+  assert [(c["run"], c["key"], c["category"]) for c in cats[:2]] == [("run_0", "level", "1"),
+                                                                     ("run_0", "level", "2")]
+  assert "measured by evaluate.py" in report and "| level | 1 | 5 |" in report
+  assert not os.path.exists(os.path.join(out, "merges.csv"))  # no merged run in this sweep
+
+
+def test_cli_merged_run_beside_its_trajectory(merged_sweep, sweep, tmp_path):
+  out = str(tmp_path / "out")
+  proc = run_cli(f"--sweep_dir={merged_sweep}", f"--output_dir={out}", "--threshold=calibrated")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = open(os.path.join(out, "report.md")).read()
+  # The merged model (PreMemAcc 1, test accuracy 0.1) is kept out of calibration and fits.
+  assert "12 checkpoints: R² = 1.000" in report and "3 run(s) and 1 merged model(s)" in report
+  cal = list(csv.DictReader(open(os.path.join(out, "calibration.csv"))))
+  assert max(float(c["r2"]) for c in cal if c["r2"]) == pytest.approx(1.0)
+  base = {r["predictor"]: r for r in csv.DictReader(open(os.path.join(out, "baselines.csv")))}
+  assert base["train_premem"]["n"] == "12"
+  rows = list(csv.DictReader(open(os.path.join(out, "checkpoints.csv"))))
+  assert [(r["run"], r["kind"]) for r in rows if r["kind"] == "merged"] == [("merged", "merged")]
+  table = list(csv.DictReader(open(os.path.join(out, "merges.csv"))))
+  assert [t["model"] for t in table] == ["merged", "last", "best_test_accuracy",
+                                         "overmem_selected"]
+  assert table[0]["test_accuracy"] == "0.1" and table[0]["perturbed_accuracy"] == "0.375"
+  assert table[3]["step"] == list(csv.DictReader(open(
+      os.path.join(out, "overmemorization.csv"))))[0]["select_pre_stage_best_acc"]
+  assert "Merged models vs their trajectories" in report and "/elsewhere/run_9" in report
+  om = list(csv.DictReader(open(os.path.join(out, "overmemorization.csv"))))
+  assert [r["run"] for r in om] == ["run_0", "run_1", "run_2"]
+  _png(os.path.join(out, "overmemorization.png"))
 
 
 def test_cli_on_evaluated_run_with_distance_from_init(evaluated_run, tmp_path, monkeypatch):
@@ -287,6 +443,10 @@ def test_cli_on_evaluated_run_with_distance_from_init(evaluated_run, tmp_path, m
   d2, d4 = (float(r["distance_from_init"]) for r in rows)
   assert 0 < d2 < d4  # the weights keep moving away from the base model
   assert rows[0]["perturbed_accuracy[First]"] != "" and rows[0]["train_premem"] != ""
+  assert 0 < float(rows[0]["gradient_variance"]) and rows[0]["kind"] == "trajectory"
+  cats = list(csv.DictReader(open(os.path.join(out, "data_maps_by_category.csv"))))
+  assert {c["key"] for c in cats} == {"level", "n_lines"}
+  assert sum(int(c["n"]) for c in cats if c["key"] == "level") == 4  # the 4 train examples
   # Cached: a second call restores nothing.
   from memdyn_jax import checkpoints
   monkeypatch.setattr(checkpoints, "restore", lambda *a, **k: pytest.fail("restored"))

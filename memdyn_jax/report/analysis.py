@@ -6,7 +6,9 @@ All metrics come from `memdyn_jax.metrics`; this module only lines records up:
     (Ruan et al.), OOD and perturbed accuracy, ATC prediction (Kang et al. App. B.3);
   * per sweep: threshold calibration and R² of test accuracy on train PreMemAcc, baseline
     correlations, over-memorization stages and checkpoint selection, robustness by
-    PreMemAcc bin, data maps.
+    PreMemAcc bin, data maps (overall and per example category).
+Merged checkpoints (runs whose run.json has "merge") are compared with their source
+trajectories in `memdyn_jax.report.merges`; only trajectories enter the sweep-level fits.
 """
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ from memdyn_jax.report.collect import RunRecords, SplitMatrix
 
 TRAIN, TEST, OOD = "train", "test", "ood"
 DISTANCE_CACHE = "distance_from_init.json"
+MERGE_KEY = "merge"  # run.json key of a merged model (experiments/merge.py)
+
+
+def is_merged(run: RunRecords) -> bool:
+  """Whether the run is a merged model (run.json has "merge"), not a trajectory."""
+  return bool(run.info.get(MERGE_KEY))
 
 
 def learning_rate(run: RunRecords) -> float:
@@ -57,6 +65,8 @@ def checkpoint_rows(run: RunRecords, threshold: float,
   """
   cols: dict[str, dict[int, float]] = {}
   train, test, ood = (run.units.get(u) for u in (TRAIN, TEST, OOD))
+  gv = {s: float(v[records_lib.GRADIENT_VARIANCE]) for s, v in run.checkpoint_stats.items()
+        if v.get(records_lib.GRADIENT_VARIANCE) is not None}
   pm = train_premem(run, threshold)
   if pm is not None:
     cols["train_premem"] = _by_step(train, pm[1].mean(axis=1))
@@ -84,10 +94,13 @@ def checkpoint_rows(run: RunRecords, threshold: float,
     cols["atc_predicted_accuracy"] = dict(atc)
   if distance:
     cols["distance_from_init"] = {int(k): float(v) for k, v in distance.items()}
+  if gv:
+    cols[records_lib.GRADIENT_VARIANCE] = gv
   lr = learning_rate(run)
+  kind = "merged" if is_merged(run) else "trajectory"
   rows = []
   for step in run.steps():
-    row = {"run": run.name, "learning_rate": lr, "step": int(step)}
+    row = {"run": run.name, "kind": kind, "learning_rate": lr, "step": int(step)}
     row.update({c: values.get(int(step), math.nan) for c, values in cols.items()})
     rows.append(row)
   return rows
@@ -142,8 +155,8 @@ def atc_predictions(runs: Sequence[RunRecords], reference: tuple[str, int] | Non
 
   Args:
     runs: the sweep.
-    reference: (run name, step); default the last checkpoint of the first run that has
-      test greedy scores.
+    reference: (run name, step); default the last checkpoint of the first trajectory (not
+      a merged model) that has test greedy scores.
 
   Returns:
     ({run: {step: prediction}}, description of the reference or of why none was made).
@@ -162,7 +175,7 @@ def atc_predictions(runs: Sequence[RunRecords], reference: tuple[str, int] | Non
                        "scores")
     ref_step = int(reference[1])
   else:
-    ref_run = next((r for r in runs if has_scores(r)), None)
+    ref_run = next((r for r in runs if has_scores(r) and not is_merged(r)), None)
     if ref_run is None:
       return {}, "no test greedy scores (evaluate with --greedy)"
     ref_step = int(ref_run.units[TEST].steps[-1])
@@ -308,16 +321,28 @@ def robustness_table(premem: np.ndarray, accs: Mapping[str, np.ndarray],
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunDataMap:
-  """Ge et al. data map of one run's train examples."""
+  """Ge et al. data map of one run's train examples.
+
+  Attributes:
+    run: run name.
+    dmap: per-example mean and variance of exact memorization.
+    labels: per-example region (easy / hard / other).
+    thresholds: the region cut-offs.
+    memorization: (C, N) exact memorization it was computed from.
+    meta: per example, its category metadata (may be empty dicts).
+  """
 
   run: str
   dmap: metrics.DataMap
   labels: np.ndarray
   thresholds: metrics.DataMapThresholds
+  memorization: np.ndarray | None = None
+  meta: tuple[Mapping[str, Any], ...] = ()
 
 
 def data_maps(runs: Sequence[RunRecords]) -> list[RunDataMap]:
-  """Data maps of train exact memorization across checkpoints, with quantile regions."""
+  """Data maps of train exact memorization across checkpoints, with quantile regions
+  (pass trajectories: a merged model has no checkpoints to vary over)."""
   out = []
   for run in runs:
     train = run.units.get(TRAIN)
@@ -329,7 +354,8 @@ def data_maps(runs: Sequence[RunRecords]) -> list[RunDataMap]:
       continue
     dmap = metrics.data_map(em[:, keep])
     th = metrics.quantile_thresholds(dmap)
-    out.append(RunDataMap(run.name, dmap, metrics.partition(dmap, th), th))
+    meta = tuple(m for m, k in zip(train.meta, keep) if k) if train.meta else ()
+    out.append(RunDataMap(run.name, dmap, metrics.partition(dmap, th), th, em[:, keep], meta))
   return out
 
 
@@ -344,6 +370,34 @@ def data_map_rows(maps: Sequence[RunDataMap]) -> list[dict[str, Any]]:
       row[f"mean_{lab}"] = float(m.dmap.mean[sel].mean()) if sel.any() else math.nan
     row["mean_variance"] = float(m.dmap.variance.mean())
     rows.append(row)
+  return rows
+
+
+def data_map_category_rows(maps: Sequence[RunDataMap]) -> list[dict[str, Any]]:
+  """Ge et al. per-category summaries of each run's data map.
+
+  For every metadata key that all of a run's examples carry (`evaluation.example_meta`:
+  MATH subject and level, synthetic_arith level and trace lines, GSM8K solution lines, sft
+  category), one row per value: count, mean exact memorization at the first and last
+  checkpoints, mean over the category's examples of their mean and variance across
+  checkpoints, and the share of easy- and hard-to-memorize examples.
+  """
+  rows = []
+  for m in maps:
+    if m.memorization is None or not m.meta:
+      continue
+    for key in m.meta[0]:
+      values = [meta.get(key) for meta in m.meta]
+      if any(v is None for v in values):
+        continue
+      if len({type(v) for v in values}) > 1:  # sortable within one type only
+        values = [str(v) for v in values]
+      summary = metrics.summarize_by_category(m.memorization, values, m.labels)
+      for value, c in summary.items():
+        rows.append({"run": m.run, "key": key, "category": value, "n": c.count,
+                     "first_exact_memorization": c.first, "last_exact_memorization": c.last,
+                     "mean_exact_memorization": c.mean, "mean_variance": c.variance,
+                     "share_easy": c.frac_easy, "share_hard": c.frac_hard})
   return rows
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,18 +20,21 @@ class SplitMatrix:
     steps: (C,) checkpoint steps, ascending.
     example_ids: the N examples present at every one of those checkpoints, in file order.
     fields: numeric field name -> (C, N) float64 array.
+    meta: per example, its category metadata (`evaluation.example_meta`; {} in records
+      written before it existed).
   """
 
   steps: np.ndarray
   example_ids: tuple[str, ...]
   fields: dict[str, np.ndarray]
+  meta: tuple[Mapping[str, Any], ...] = ()
 
   def at(self, steps: Sequence[int]) -> "SplitMatrix":
     """The rows of the given steps (each must be present)."""
     index = {int(s): i for i, s in enumerate(self.steps)}
     rows = [index[int(s)] for s in steps]
     return SplitMatrix(np.asarray(steps, np.int64), self.example_ids,
-                       {k: v[rows] for k, v in self.fields.items()})
+                       {k: v[rows] for k, v in self.fields.items()}, self.meta)
 
   def mean(self, field: str) -> np.ndarray:
     """(C,) mean over examples, ignoring NaN (NaN where every value is NaN)."""
@@ -62,12 +65,14 @@ class RunRecords:
     run_dir: its absolute path.
     info: run.json.
     units: unit name ("train", "test", "perturbed@First", ...) -> SplitMatrix.
+    checkpoint_stats: step -> per-checkpoint values (e.g. "gradient_variance").
   """
 
   name: str
   run_dir: str
   info: dict[str, Any]
   units: dict[str, SplitMatrix]
+  checkpoint_stats: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   def steps(self) -> np.ndarray:
     """Every step with any records, ascending."""
@@ -120,7 +125,8 @@ def _matrix(rows: list[dict[str, Any]]) -> SplitMatrix:
   numeric += [k for k, v in sample.items() if isinstance(v, bool)]
   fields = {k: np.asarray([[float(by_step[s][i].get(k, np.nan)) for i in ids] for s in steps],
                           np.float64).reshape(len(steps), len(ids)) for k in numeric}
-  return SplitMatrix(np.asarray(steps, np.int64), tuple(ids), fields)
+  meta = tuple(dict(by_step[steps[0]][i].get("meta") or {}) for i in ids) if steps else ()
+  return SplitMatrix(np.asarray(steps, np.int64), tuple(ids), fields, meta)
 
 
 def load_run(run_dir: str, *, name: str = records_lib.EVAL_DIR) -> RunRecords:
@@ -140,4 +146,4 @@ def load_run(run_dir: str, *, name: str = records_lib.EVAL_DIR) -> RunRecords:
     by_unit.setdefault(records_lib.unit_name(r["split"], r.get("perturbation")), []).append(r)
   units = {u: _matrix(rows) for u, rows in sorted(by_unit.items())}
   return RunRecords(os.path.basename(os.path.abspath(run_dir)), os.path.abspath(run_dir),
-                    info, units)
+                    info, units, records_lib.load_checkpoint_stats(run_dir, name=name))

@@ -88,11 +88,13 @@ def robustness_violins(premem: np.ndarray, accs: Mapping[str, np.ndarray], num_b
 
 
 def overmemorization_curves(runs: Sequence[dict], path: str) -> str:
-  """Test perplexity and test accuracy vs step per run, over-memorization stages shaded.
+  """Test perplexity and test accuracy vs step per run, over-memorization stages shaded,
+  merged models marked with stars (perplexity red, accuracy blue) at their merge step.
 
   Args:
-    runs: dicts with name, steps, test_perplexity, test_accuracy and stage_steps
-      ((first, last) step pairs).
+    runs: dicts with name, steps, test_perplexity, test_accuracy, stage_steps
+      ((first, last) step pairs) and optionally merged (dicts with label, step,
+      test_perplexity, test_accuracy).
     path: output PNG.
   """
   n = max(len(runs), 1)
@@ -106,6 +108,13 @@ def overmemorization_curves(runs: Sequence[dict], path: str) -> str:
     twin.set_ylim(-0.02, 1.02)
     for first, last in run["stage_steps"]:
       ax.axvspan(first, last if last > first else first + 0.5, color="orange", alpha=0.25)
+    for m in run.get("merged", ()):
+      ax.scatter([m["step"]], [m["test_perplexity"]], marker="*", s=160, c="tab:red",
+                 edgecolors="k", zorder=5)
+      twin.scatter([m["step"]], [m["test_accuracy"]], marker="*", s=160, c="tab:blue",
+                   edgecolors="k", zorder=5, label=f"merged: {m['label']}")
+    if run.get("merged"):
+      twin.legend(fontsize=7, loc="upper left")
     ax.set(title=f"{run['name']}: over-memorization stages shaded", xlabel="step")
   return _save(fig, path)
 
@@ -143,6 +152,7 @@ def per_checkpoint_lines(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.
   if title:
     fig.suptitle(title)
   return _save(fig, path)
+
 
 def sampling_frequency(counts: Mapping[str, np.ndarray], path: str) -> str:
   """How often each training example was drawn, one series per sampler (Ge et al. Fig. 8).

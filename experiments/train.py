@@ -62,7 +62,7 @@ def run() -> int:
     result = task_run.train_on_task(cfg, spec, FLAGS.model, FLAGS.output_dir, mesh=mesh,
                                     resume=FLAGS.resume, progress=FLAGS.progress)
   except task_run.TaskRunError as e:
-    raise UsageError(f"--{e}") from None
+    raise cli.usage_error(e) from None
   except (loop.RunExistsError, ValueError) as e:
     if isinstance(e, loop.NonFiniteError):
       raise

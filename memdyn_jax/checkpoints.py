@@ -76,7 +76,7 @@ def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
   path = os.path.join(run_dir, RUN_INFO)
   if os.path.exists(path):
     old = read_run_info(run_dir)
-    diffs = _diff(old, dict(info))
+    diffs = differences(old, dict(info))
     if diffs:
       raise RunMismatchError(
           f"{run_dir} holds a run with a different configuration; refusing to resume it "
@@ -92,11 +92,12 @@ def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
   os.replace(tmp, path)  # atomic: a run.json is always complete
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """"key.path: old -> new" for every leaf where two JSON-like dicts differ."""
   if isinstance(old, Mapping) and isinstance(new, Mapping):
     out = []
     for k in sorted(set(old) | set(new)):
-      out += _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+      out += differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
     return out
   return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
@@ -205,7 +206,6 @@ def restore(run_dir: str, step: int | None = None, mesh: Mesh | None = None, *,
     raise ValueError(f"{run_dir} has no checkpoint at step {step}; steps: {steps}")
   if mesh is None:
     mesh = sharding_lib.make_mesh(devices=jax.local_devices()[:1])
-  dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
   if cfg.lora:
     from memdyn_jax.train import lora as lora_lib
     from memdyn_jax.models import hf_io
@@ -214,9 +214,7 @@ def restore(run_dir: str, step: int | None = None, mesh: Mesh | None = None, *,
     sharding_lib.shard_model(model, mesh, rules)
     wrt = lora_lib.LoraParam
   else:
-    with open(os.path.join(run_dir, MODEL_CONFIG)) as f:
-      model_cfg = models.from_hf_config(json.load(f))
-    model = models.abstract_model(model_cfg, dtype=dtype, param_dtype=param_dtype)
+    model = _abstract_run_model(run_dir, cfg)
     wrt = nnx.Param
   graphdef, params, *rest = nnx.split(model, wrt, ...)
   if not cfg.lora and any(jax.tree.leaves(r) for r in rest):
@@ -234,6 +232,38 @@ def restore(run_dir: str, step: int | None = None, mesh: Mesh | None = None, *,
   meta = dict(restored["meta"])
   meta.update(run=info, step=step)
   return model, meta
+
+
+def _abstract_run_model(run_dir: str, cfg: TrainConfig) -> nnx.Module:
+  with open(os.path.join(run_dir, MODEL_CONFIG)) as f:
+    model_cfg = models.from_hf_config(json.load(f))
+  return models.abstract_model(model_cfg, dtype=jnp.dtype(cfg.compute_dtype),
+                               param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def abstract_params(run_dir: str, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES):
+  """The model of a full fine-tuning run without allocating it.
+
+  Returns:
+    (graphdef, params, rest): `params` is the nnx State of the parameters as
+    ShapeDtypeStructs placed on `mesh` by `rules` (a restore or merge target); `rest` the
+    other states, for `nnx.merge(graphdef, params, *rest)`.
+  """
+  cfg = TrainConfig.from_dict(read_run_info(run_dir)["config"])
+  graphdef, params, *rest = nnx.split(_abstract_run_model(run_dir, cfg), nnx.Param, ...)
+  return graphdef, _abstract_like(params, mesh, rules), rest
+
+
+def save_params(run_dir: str, step: int, params, meta: Mapping[str, Any]) -> None:
+  """Writes (synchronously) a checkpoint holding only parameters and metadata, e.g. a merged
+  model's, which has no optimizer state; `restore` reads it like a training checkpoint."""
+  mngr = make_manager(run_dir, async_save=False)
+  try:
+    mngr.save(step, force=True, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                         meta=ocp.args.JsonSave(dict(meta))))
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
 
 
 def load_base_model(model_dir: str, cfg: TrainConfig, mesh: Mesh,

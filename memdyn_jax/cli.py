@@ -17,6 +17,12 @@ class UsageError(Exception):
   """A one-line user error."""
 
 
+def usage_error(error, flag_names: Mapping[str, str] | None = None) -> UsageError:
+  """The one-line `--<flag>: <message>` of a `memdyn_jax.errors.FieldError`; `flag_names`
+  maps fields to flags where their names differ."""
+  return UsageError(f"--{(flag_names or {}).get(error.field, error.field)}: {error.message}")
+
+
 def fail(prog: str, message: str) -> NoReturn:
   print(f"{prog}: error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -90,6 +96,7 @@ def define_dataclass_flags(cls, *, skip: Iterable[str] = (), rename: Mapping[str
       continue
     kind = _flag_type(hints[field.name])
     default = (field.default if field.default is not dataclasses.MISSING
+               else None if field.default_factory is dataclasses.MISSING
                else field.default_factory())
     flag_default = None
     if use_defaults:
@@ -131,6 +138,27 @@ def dataclass_kwargs_from_flags(cls, names: Mapping[str, str], *, only_present: 
   return out
 
 
+def dataclass_flag_args(obj, names: Mapping[str, str]) -> list[str]:
+  """The command-line flags that give `obj`'s field values (inverse of
+  `dataclass_kwargs_from_flags`); None values are left out."""
+  hints = typing.get_type_hints(type(obj))
+  args = []
+  for field, name in names.items():
+    value = getattr(obj, field)
+    if value is None:
+      continue
+    kind = _flag_type(hints[field])
+    if kind is bool:
+      args.append(f"--{name}" if value else f"--no{name}")
+    elif kind is tuple:
+      args.append(f"--{name}=" + ",".join(str(v) for v in value))
+    elif kind is dict:
+      args.append(f"--{name}=" + json.dumps(dict(value), sort_keys=True))
+    else:
+      args.append(f"--{name}={value}")
+  return args
+
+
 # ------------------------------------------------------------------- training runs
 
 
@@ -153,7 +181,7 @@ def train_config_from_flags(preset: str):
   try:
     return config_lib.get_preset(preset, **overrides)
   except config_lib.ConfigError as e:
-    raise UsageError(f"--{e.field}: {str(e).split(': ', 1)[1]}") from None
+    raise usage_error(e) from None
 
 
 def resolve_model(model: str, flag: str = "--model") -> str:
@@ -163,7 +191,7 @@ def resolve_model(model: str, flag: str = "--model") -> str:
   try:
     return task_run.resolve_model(model)
   except task_run.TaskRunError as e:
-    raise UsageError(f"{flag}: {str(e).split(': ', 1)[1]}") from None
+    raise UsageError(f"{flag}: {e.message}") from None
 
 
 # ---------------------------------------------------------------------------- mesh flags

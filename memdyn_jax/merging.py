@@ -54,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memdyn_jax.errors import FieldError
+
 Path = tuple[Hashable, ...]
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
@@ -66,12 +68,8 @@ SLERP_DOT_THRESHOLD = 0.9995
 _EPS = 1e-8
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(FieldError):
   """A bad merge setting; `field` names the offending `MergeConfig` field."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field}: {message}")
-    self.field = field
 
 
 def path_str(path: Path) -> str:
@@ -347,7 +345,11 @@ class OrbaxCheckpointSource:
       raise ValueError(f"checkpoint {step} of {run_dir} has no item {item!r}")
     self._sharding = sharding
     self._handler = ocp.PyTreeCheckpointHandler()
-    meta_tree = self._handler.metadata(self.directory).tree
+    try:
+      meta_tree = self._handler.metadata(self.directory).tree
+    except BaseException:
+      self._handler.close()  # else its event loop is torn down at exit, noisily
+      raise
     flat, _ = jax.tree_util.tree_flatten_with_path(meta_tree)
     stored = [(tuple(_key_name(k) for k in keys), meta) for keys, meta in flat]
     for keys, meta in stored:
@@ -360,6 +362,10 @@ class OrbaxCheckpointSource:
 
   def paths(self) -> Sequence[Path]:
     return self._paths
+
+  def shape(self, path: Path) -> tuple[int, ...]:
+    """A tensor's shape, from the checkpoint's metadata (no array is read)."""
+    return tuple(self._index[path_str(path)][1].shape)
 
   def get(self, path: Path) -> jax.Array:
     keys, meta = self._index[path_str(path)]

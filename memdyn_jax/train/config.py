@@ -15,6 +15,8 @@ import math
 import typing
 from typing import Any, Mapping
 
+from memdyn_jax.errors import FieldError
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -23,12 +25,8 @@ REMAT = ("none", "full", "dots")
 OVERLENGTH = ("drop", "truncate", "error")
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
   """A bad `TrainConfig` value; `field` names the offending field (and CLI flag)."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field}: {message}")
-    self.field = field
 
 
 @dataclasses.dataclass(frozen=True)

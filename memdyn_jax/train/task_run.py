@@ -11,15 +11,12 @@ import json
 import os
 from typing import Any, Mapping
 
+from memdyn_jax.errors import FieldError
 from memdyn_jax.train.config import TrainConfig
 
 
-class TaskRunError(ValueError):
+class TaskRunError(FieldError):
   """A bad task or model setting; `field` names it (and the CLI flag)."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field}: {message}")
-    self.field = field
 
 
 @dataclasses.dataclass(frozen=True)

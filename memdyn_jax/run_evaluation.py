@@ -1,0 +1,257 @@
+"""Evaluating a run directory as experiments/evaluate.py does, from a frozen settings object.
+
+`EvalSettings` holds evaluate.py's evaluation flags (same names, same defaults), so other
+binaries (the sweep, merge.py --evaluate) evaluate their run directories in-process and
+write the same records under the same `eval/config.json`: a later evaluate.py run with the
+same flags finds everything done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+from memdyn_jax.errors import FieldError
+
+SPLITS = ("train", "test", "ood", "perturbed")
+
+
+class EvalSettingsError(FieldError):
+  """A bad evaluation setting or input; `field` names it (and the evaluate.py flag)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What to evaluate at every checkpoint of a run (experiments/evaluate.py's flags).
+
+  Attributes:
+    splits: any of `SPLITS`.
+    task: task name (default: the run's examples.json).
+    task_kwargs: the task constructor's keyword arguments (must match training).
+    task_path: data file or directory of the task.
+    tokenizer: tokenizer directory (default: the run's base model).
+    num_train: train examples evaluated (a seeded subset; 0 = all).
+    max_eval: cap on test/OOD examples (first N; 0 = all).
+    subset_seed: seed of the train subset.
+    perturbations: answer preambles of the 'perturbed' split.
+    temperature, top_p, max_new_tokens, n_samples: sampling (default: the task's).
+    seed: sampling seed.
+    batch_size: prompts per compiled program.
+    greedy: greedy completion + likelihood (ATC) on train/test/ood.
+    keep_texts: store sample texts in the records.
+    include_base: also evaluate the base model as step 0.
+    eval_name: records folder under the run directory.
+    grad_variance: also measure each checkpoint's gradient variance over train minibatches
+      (Kang et al. App. B.1), drawn from the `num_train` subset with `subset_seed`.
+    grad_variance_minibatches, grad_variance_batch_size: its minibatches.
+  """
+  splits: tuple[str, ...] = ("train", "test")
+  task: str | None = None
+  task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  task_path: str | None = None
+  tokenizer: str | None = None
+  num_train: int = 256
+  max_eval: int = 0
+  subset_seed: int = 0
+  perturbations: tuple[str, ...] = ("First", "We know that")
+  temperature: float | None = None
+  top_p: float | None = None
+  max_new_tokens: int | None = None
+  n_samples: int | None = None
+  seed: int = 0
+  batch_size: int = 16
+  greedy: bool = True
+  keep_texts: bool = False
+  include_base: bool = False
+  eval_name: str = "eval"
+  grad_variance: bool = True
+  grad_variance_minibatches: int = 5
+  grad_variance_batch_size: int = 8
+
+  def __post_init__(self):
+    object.__setattr__(self, "splits", tuple(self.splits))
+    object.__setattr__(self, "perturbations", tuple(self.perturbations))
+    object.__setattr__(self, "task_kwargs", dict(self.task_kwargs))
+    bad = [s for s in self.splits if s not in SPLITS]
+    if bad or not self.splits:
+      raise EvalSettingsError("splits", f"unknown split(s) {bad}; choose from {list(SPLITS)}")
+    for name in ("num_train", "max_eval"):
+      if getattr(self, name) < 0:
+        raise EvalSettingsError(name, "must be >= 0")
+    if self.batch_size < 1:
+      raise EvalSettingsError("batch_size", "must be >= 1")
+    if "perturbed" in self.splits and not self.preambles:
+      raise EvalSettingsError("perturbations",
+                              "the 'perturbed' split needs at least one preamble")
+    if not self.eval_name or os.sep in self.eval_name:
+      raise EvalSettingsError("eval_name", f"must be a plain folder name, got {self.eval_name!r}")
+    if self.grad_variance:
+      if self.grad_variance_minibatches < 2:
+        raise EvalSettingsError("grad_variance_minibatches", "must be >= 2")
+      if self.grad_variance_batch_size < 1:
+        raise EvalSettingsError("grad_variance_batch_size", "must be >= 1")
+
+  @property
+  def preambles(self) -> tuple[str, ...]:
+    """The non-empty perturbations, stripped."""
+    return tuple(p.strip() for p in self.perturbations if p.strip())
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.update(splits=list(self.splits), perturbations=list(self.perturbations))
+    return d
+
+  def grad_variance_config(self):
+    """The `GradientVarianceConfig` of the settings, or None when off."""
+    if not self.grad_variance:
+      return None
+    from memdyn_jax.gradient_variance import GradientVarianceConfig
+    return GradientVarianceConfig(num_minibatches=self.grad_variance_minibatches,
+                                  batch_size=self.grad_variance_batch_size,
+                                  seed=self.subset_seed)
+
+  def unit_keys(self) -> list[tuple[str, str | None]]:
+    """(split, perturbation) of every unit evaluated at each checkpoint."""
+    keys = []
+    for split in self.splits:
+      keys += ([("perturbed", p) for p in self.preambles] if split == "perturbed"
+               else [(split, None)])
+    return keys
+
+
+def sampling_params(task_name: str, settings: EvalSettings):
+  """The task's default sampling with the settings' overrides."""
+  from memdyn_jax import evaluation
+  try:
+    return evaluation.default_sampling(
+        task_name, temperature=settings.temperature, top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens, n=settings.n_samples, seed=settings.seed)
+  except ValueError as e:
+    field = str(e).split()[0]
+    raise EvalSettingsError({"n": "n_samples"}.get(field, field), str(e)) from None
+
+
+def load_task(run_dir: str, settings: EvalSettings):
+  """The task of the settings, or of the run's examples.json."""
+  from memdyn_jax import evaluation, tasks
+  listing = {}
+  path = os.path.join(run_dir, evaluation.EXAMPLES_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      listing = json.load(f)
+  name = settings.task or listing.get("task")
+  if not name:
+    raise EvalSettingsError("task", f"is required ({run_dir} has no examples.json naming it)")
+  try:
+    return tasks.get_task(name, **settings.task_kwargs)
+  except (ValueError, TypeError) as e:
+    raise EvalSettingsError("task", f"{e} (task_kwargs {settings.task_kwargs})") from None
+
+
+def build_units(run_dir: str, task, settings: EvalSettings):
+  """(the `evaluation.EvalUnit`s of the settings' splits, the train subset or None when no
+  unit nor the gradient variance needs it)."""
+  from memdyn_jax import evaluation
+  train = None
+  if {"train", "perturbed"} & set(settings.splits) or settings.grad_variance:
+    try:
+      train = evaluation.trained_examples(run_dir, task, path=settings.task_path)
+    except (ValueError, FileNotFoundError) as e:
+      raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from None
+    train = tuple(evaluation.subset(train, settings.num_train, settings.subset_seed))
+  units = []
+  for split, perturbation in settings.unit_keys():
+    if split == "train":
+      units.append(evaluation.EvalUnit("train", train, greedy=settings.greedy))
+    elif split == "perturbed":
+      units.append(evaluation.EvalUnit("perturbed", train, perturbation=perturbation,
+                                       greedy=False, score_targets=False))
+    else:
+      try:
+        examples = task.load(split, settings.task_path)
+      except (ValueError, FileNotFoundError) as e:
+        raise EvalSettingsError("splits", f"task {task.name!r} cannot load split {split!r}: "
+                                f"{str(e).splitlines()[0]}") from None
+      if settings.max_eval:
+        examples = examples[:settings.max_eval]
+      units.append(evaluation.EvalUnit(split, tuple(examples), greedy=settings.greedy))
+  return units, train
+
+
+def eval_config(task, params, settings: EvalSettings) -> dict[str, Any]:
+  """What the records depend on (`records.check_config` refuses another on a re-run)."""
+  return {"task": task.name, "task_kwargs": dict(settings.task_kwargs),
+          "task_path": settings.task_path, "sampling": dataclasses.asdict(params),
+          "num_train": settings.num_train, "max_eval": settings.max_eval,
+          "subset_seed": settings.subset_seed, "greedy": settings.greedy}
+
+
+def pending_steps(run_dir: str, settings: EvalSettings) -> list[int]:
+  """Checkpoint steps with a unit (or the gradient variance) not yet evaluated; nothing is
+  loaded (`evaluation.evaluate_run` also redoes a gradient variance of other settings)."""
+  from memdyn_jax import checkpoints, records
+  steps = checkpoints.list_steps(run_dir)
+  if settings.include_base and 0 not in steps:
+    steps = [0] + steps
+  name = settings.eval_name
+
+  def done(step):
+    if settings.grad_variance and records.GRADIENT_VARIANCE not in records.read_checkpoint_stats(
+        run_dir, step, name=name):
+      return False
+    return all(records.is_done(run_dir, step, split, p, name=name)
+               for split, p in settings.unit_keys())
+
+  return [s for s in steps if not done(s)]
+
+
+def evaluate(run_dir: str, settings: EvalSettings, *, mesh=None, progress: bool = True,
+             log: Callable[[str], None] | None = None):
+  """Evaluates every pending checkpoint of `run_dir` (see `evaluation.evaluate_run`).
+
+  Returns:
+    The `evaluation.StepTiming` of each checkpoint evaluated ([] when all was done).
+
+  Raises:
+    EvalSettingsError: bad settings for this run (task, splits, tokenizer, sampling) or a
+      records folder made with other settings (field "eval_name").
+    FileNotFoundError: not a run directory, or it has no checkpoint.
+  """
+  from memdyn_jax import checkpoints, evaluation, models, records, scoring
+  if not pending_steps(run_dir, settings):
+    return []
+  task = load_task(run_dir, settings)
+  params = sampling_params(task.name, settings)
+  units, train = build_units(run_dir, task, settings)
+  gv_config = settings.grad_variance_config()
+  if gv_config is not None and len(train) < gv_config.num_minibatches * gv_config.batch_size:
+    raise EvalSettingsError(
+        "grad_variance_batch_size", f"{gv_config.num_minibatches} minibatches of "
+        f"{gv_config.batch_size} need {gv_config.num_minibatches * gv_config.batch_size} train "
+        f"examples, the num_train subset has {len(train)} (or turn grad_variance off)")
+  if mesh is not None and settings.batch_size % scoring.data_shards(mesh):
+    raise EvalSettingsError("batch_size", f"{settings.batch_size} is not a multiple of the "
+                            f"mesh's {scoring.data_shards(mesh)} data shards")
+  tok_path = settings.tokenizer or checkpoints.read_run_info(run_dir)["model"]["path"]
+  try:
+    tokenizer = models.load_tokenizer(tok_path, padding_side="right")
+  except Exception as e:  # missing dir, no tokenizer files: one line
+    raise EvalSettingsError("tokenizer", f"cannot load a tokenizer from {tok_path}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            ) from None
+  try:
+    records.check_config(run_dir, eval_config(task, params, settings),
+                         name=settings.eval_name)
+  except records.EvalConfigMismatchError as e:
+    raise EvalSettingsError("eval_name", str(e)) from None
+  try:
+    return evaluation.evaluate_run(
+        run_dir, task, tokenizer, units, params, include_base=settings.include_base,
+        batch_size=settings.batch_size, mesh=mesh, keep_texts=settings.keep_texts,
+        progress=progress, name=settings.eval_name, log=log, grad_variance=gv_config,
+        grad_variance_examples=train)
+  except ValueError as e:
+    message = str(e).splitlines()[0]
+    raise EvalSettingsError("max_new_tokens" if "max_new_tokens" in message else "run_dir",
+                            message) from None

@@ -1,0 +1,342 @@
+"""Sweeps: a grid of fine-tuning runs, one run directory per cell, each trained then
+evaluated, resumable cell by cell.
+
+The grid is learning rate x epochs x data fraction x base preset (`Grid`), or exactly the
+runs a paper reports (`Grid.paper_grid`, e.g. Kang et al.'s "kang_llama3_gsm8k": the
+`train.config.PRESETS` grids). Layout of a sweep directory:
+
+    sweep.json      the sweep: model, task, grid, evaluation settings and every cell (name,
+                    run directory, TrainConfig); a re-run is compared against it.
+    <cell name>/    the cell's run directory (`memdyn_jax.checkpoints`) with its eval/ records
+    analysis/       experiments/analyze.py's tables and plots over the sweep
+
+A cell whose final checkpoint exists is not trained again, one whose every checkpoint and
+evaluation unit has records is not evaluated again; a cell interrupted mid-training resumes
+from its latest checkpoint (`loop.train`), mid-evaluation from its missing record files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from memdyn_jax.errors import FieldError
+from memdyn_jax.run_evaluation import EvalSettings
+from memdyn_jax.train import config as config_lib
+from memdyn_jax.train.config import TrainConfig
+from memdyn_jax.train.task_run import TaskSpec
+
+SWEEP_FILE = "sweep.json"
+ANALYSIS_DIR = "analysis"
+FORMAT_VERSION = 1
+# Grid axis -> the TrainConfig field it sets.
+AXES = {"learning_rates": "learning_rate", "epochs": "num_epochs",
+        "data_fractions": "data_fraction"}
+
+
+class SweepError(FieldError):
+  """A bad sweep setting; `field` names it (and the sweep binary's flag)."""
+
+
+def _floats(field: str, values) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    raise SweepError(field, f"not numbers: {list(values)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """The cells of a sweep.
+
+  Attributes:
+    presets: base configurations (`config.PRESETS` names or "none"), an axis of the grid.
+    learning_rates, epochs, data_fractions: axes; empty = the preset's single value.
+    paper_grid: a preset whose paper grid gives the cells instead of the axes (every run
+      the paper reports, in its order).
+    overrides: TrainConfig fields set in every cell (not the axes' fields).
+  """
+  presets: tuple[str, ...] = ("none",)
+  learning_rates: tuple[float, ...] = ()
+  epochs: tuple[float, ...] = ()
+  data_fractions: tuple[float, ...] = ()
+  paper_grid: str = ""
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    object.__setattr__(self, "presets", tuple(self.presets))
+    for axis in AXES:
+      object.__setattr__(self, axis, _floats(axis, getattr(self, axis)))
+    object.__setattr__(self, "overrides", dict(self.overrides))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(self.overrides) - known)
+    if unknown:
+      raise SweepError("overrides", f"no such TrainConfig field(s) {unknown}")
+    if self.paper_grid:
+      if self.paper_grid not in config_lib.PRESETS:
+        raise SweepError("paper_grid", f"{self.paper_grid!r} is not one of "
+                         f"{sorted(config_lib.PRESETS)}")
+      if self.presets != ("none",) or any(getattr(self, a) for a in AXES):
+        raise SweepError("paper_grid", "gives the whole grid: drop --presets, "
+                         "--learning_rates, --epochs and --data_fractions")
+      set_by_grid = {k for run in config_lib.PRESETS[self.paper_grid].grid for k, _ in run}
+      clash = sorted(set_by_grid & set(self.overrides))
+      if clash:
+        raise SweepError("overrides", f"sets {clash}, which the paper grid varies")
+    else:
+      if not self.presets:
+        raise SweepError("presets", "needs at least one preset (or 'none')")
+      bad = [p for p in self.presets if p not in ("none", *config_lib.PRESETS)]
+      if bad:
+        raise SweepError("presets", f"unknown {bad}; choose from none, "
+                         f"{sorted(config_lib.PRESETS)}")
+      for axis, field in AXES.items():
+        if getattr(self, axis) and field in self.overrides:
+          raise SweepError("overrides", f"sets {field}, which --{axis} varies")
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"presets": list(self.presets), "paper_grid": self.paper_grid,
+            "overrides": dict(self.overrides),
+            **{axis: list(getattr(self, axis)) for axis in AXES}}
+
+  def configs(self) -> list[tuple[str, TrainConfig]]:
+    """(preset, TrainConfig) of every cell, in grid order."""
+    try:
+      if self.paper_grid:
+        preset = config_lib.PRESETS[self.paper_grid]
+        return [(self.paper_grid, preset.config(**{**self.overrides, **dict(run)}))
+                for run in preset.grid]
+      out = []
+      for preset in self.presets:
+        for lr in self.learning_rates or (None,):
+          for epochs in self.epochs or (None,):
+            for fraction in self.data_fractions or (None,):
+              axes = {"learning_rate": lr, "num_epochs": epochs, "data_fraction": fraction}
+              values = {**self.overrides, **{k: v for k, v in axes.items() if v is not None}}
+              out.append((preset, config_lib.get_preset(preset, **values)))
+      return out
+    except config_lib.ConfigError as e:
+      axis = {field: axis for axis, field in AXES.items()}.get(e.field, "overrides")
+      raise SweepError(axis, str(e)) from None
+
+
+def cell_name(cfg: TrainConfig, preset: str | None = None) -> str:
+  """The run directory name of a cell, from its values: 'lr2e-05_ep3_frac0.5', prefixed
+  by the preset when the grid has several; '_steps3ep' marks a run trained for the steps of
+  3 full epochs (Kang et al.'s half/quarter runs)."""
+  name = f"lr{cfg.learning_rate:g}_ep{cfg.num_epochs:g}_frac{cfg.data_fraction:g}"
+  if cfg.train_steps_as_full_epochs:
+    name += f"_steps{cfg.train_steps_as_full_epochs:g}ep"
+  return f"{preset}_{name}" if preset else name
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One run of the sweep."""
+  name: str
+  run_dir: str
+  preset: str
+  config: TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A sweep: what every cell trains on, its grid, and how each run is evaluated.
+
+  Attributes:
+    sweep_dir: the sweep directory (absolute).
+    model: base model reference (HF directory, hub id, .gguf or 'embedded').
+    task: the training data.
+    grid: the cells.
+    evaluation: evaluation settings (their task fields are the training task's).
+    cells: the cells, in grid order.
+  """
+  sweep_dir: str
+  model: str
+  task: TaskSpec
+  grid: Grid
+  evaluation: EvalSettings
+  cells: tuple[Cell, ...]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "model": self.model, "task": self.task.to_dict(),
+            "grid": self.grid.to_dict(), "evaluation": self.evaluation.to_dict(),
+            "cells": [{"name": c.name, "run_dir": c.run_dir, "preset": c.preset,
+                       "config": c.config.to_dict()} for c in self.cells]}
+
+  def select(self, names: Sequence[str]) -> list[Cell]:
+    """The named cells (all when `names` is empty), in grid order."""
+    if not names:
+      return list(self.cells)
+    unknown = sorted(set(names) - {c.name for c in self.cells})
+    if unknown:
+      raise SweepError("cells", f"no such cell(s) {unknown}; cells: "
+                       f"{[c.name for c in self.cells]}")
+    return [c for c in self.cells if c.name in names]
+
+
+def make_sweep(sweep_dir: str, model: str, task: TaskSpec, grid: Grid,
+               evaluation: EvalSettings) -> Sweep:
+  """The sweep of `grid` in `sweep_dir`; the evaluation reads the training task.
+
+  Raises:
+    SweepError: a bad grid, or two cells with the same name.
+  """
+  sweep_dir = os.path.abspath(sweep_dir)
+  configs = grid.configs()
+  show_preset = len(grid.presets) > 1
+  cells, seen = [], {}
+  for preset, cfg in configs:
+    name = cell_name(cfg, preset if show_preset else None)
+    if name in seen:
+      raise SweepError("overrides" if grid.paper_grid else "presets",
+                       f"two cells are both {name!r} (they differ only in fields the name "
+                       f"does not show: {sorted(cfg.diff(seen[name]))})")
+    seen[name] = cfg
+    cells.append(Cell(name, os.path.join(sweep_dir, name), preset, cfg))
+  evaluation = dataclasses.replace(evaluation, task=task.name, task_kwargs=dict(task.kwargs),
+                                   task_path=task.path)
+  return Sweep(sweep_dir, model, task, grid, evaluation, tuple(cells))
+
+
+def sweep_file(sweep_dir: str) -> str:
+  return os.path.join(os.path.abspath(sweep_dir), SWEEP_FILE)
+
+
+def read_sweep_json(sweep_dir: str) -> dict[str, Any] | None:
+  """The stored sweep.json, or None."""
+  path = sweep_file(sweep_dir)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def sweep_from_json(sweep_dir: str, stored: Mapping[str, Any]) -> Sweep:
+  """Rebuilds the sweep of a sweep.json (cells recomputed, then checked against it)."""
+  task = stored["task"]
+  ev = {k: v for k, v in stored["evaluation"].items() if k not in ("task", "task_kwargs",
+                                                                  "task_path")}
+  sweep = make_sweep(sweep_dir, stored["model"],
+                     TaskSpec(task["name"], task["kwargs"], task["path"], task["split"],
+                              task["max_examples"]),
+                     Grid(**stored["grid"]), EvalSettings(**ev))
+  check_same(sweep, stored)
+  return sweep
+
+
+def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> None:
+  """Raises SweepError (field "sweep_dir") naming every difference from a stored sweep.json;
+  run directories are derived from the sweep directory, so a moved sweep still matches."""
+  from memdyn_jax.checkpoints import differences
+
+  def comparable(d):
+    d = json.loads(json.dumps(d))
+    for cell in d.get("cells", []):
+      cell.pop("run_dir", None)
+    return d
+
+  diffs = differences(comparable(stored), comparable(sweep.to_json()))
+  if diffs:
+    raise SweepError("sweep_dir", f"{sweep_file(sweep.sweep_dir)} holds a different sweep "
+                     f"(saved -> now: {'; '.join(diffs[:6])}); use a new --sweep_dir")
+
+
+def write_sweep(sweep: Sweep) -> None:
+  """Writes sweep.json, or checks that the stored one describes the same sweep."""
+  from memdyn_jax.records import atomic_write_text
+  stored = read_sweep_json(sweep.sweep_dir)
+  if stored is not None:
+    check_same(sweep, stored)
+    return
+  atomic_write_text(sweep_file(sweep.sweep_dir),
+                    json.dumps(sweep.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------- progress
+
+
+def _check_run_dir(cell: Cell) -> dict[str, Any] | None:
+  from memdyn_jax import checkpoints
+  if not os.path.exists(os.path.join(cell.run_dir, checkpoints.RUN_INFO)):
+    return None
+  info = checkpoints.read_run_info(cell.run_dir)
+  diffs = checkpoints.differences(info.get("config", {}), cell.config.to_dict())
+  if diffs:
+    raise SweepError("sweep_dir", f"{cell.run_dir} holds another run than cell {cell.name} "
+                     f"(saved -> now: {'; '.join(diffs[:6])})")
+  return info
+
+
+def training_done(cell: Cell) -> bool:
+  """Whether the cell's final checkpoint exists."""
+  from memdyn_jax import checkpoints
+  info = _check_run_dir(cell)
+  if info is None:
+    return False
+  steps = checkpoints.list_steps(cell.run_dir)
+  return bool(steps) and steps[-1] >= cell.config.total_steps(info["data"]["num_examples"])
+
+
+def evaluation_done(cell: Cell, settings: EvalSettings) -> bool:
+  """Whether the cell is trained and every checkpoint has all its records."""
+  from memdyn_jax import run_evaluation
+  return training_done(cell) and not run_evaluation.pending_steps(cell.run_dir, settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellOutcome:
+  """What `run_cell` did.
+
+  Attributes:
+    name: the cell.
+    trained_steps: optimizer steps run by this call (0: training was already done).
+    evaluated: checkpoints evaluated by this call.
+    error: why the cell stopped (non-finite training), or None.
+  """
+  name: str
+  trained_steps: int = 0
+  evaluated: int = 0
+  error: str | None = None
+
+
+def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
+             log: Callable[[str], None] = print) -> CellOutcome:
+  """Trains (or resumes) then evaluates one cell, skipping what is done.
+
+  A run whose training becomes non-finite (a too-high learning rate of the grid) is
+  reported in the outcome, not raised: the other cells go on.
+  """
+  from memdyn_jax import run_evaluation
+  from memdyn_jax.train import loop, task_run
+  trained = 0
+  if training_done(cell):
+    log(f"{cell.name}: trained (final checkpoint present)")
+  else:
+    try:
+      result = task_run.train_on_task(cell.config, sweep.task, sweep.model, cell.run_dir,
+                                      mesh=mesh, progress=progress)
+    except loop.NonFiniteError as e:
+      log(f"{cell.name}: training failed: {e}")
+      return CellOutcome(cell.name, error=str(e))
+    trained = len(result.losses)
+    if result.preempted:
+      return CellOutcome(cell.name, trained, error="stopped by SIGTERM after a checkpoint")
+    log(f"{cell.name}: trained {trained} step(s), now at {result.step}/{result.total_steps}")
+    del result
+  timings = run_evaluation.evaluate(cell.run_dir, sweep.evaluation, mesh=mesh,
+                                    progress=progress, log=lambda m: log(f"{cell.name}: {m}"))
+  log(f"{cell.name}: evaluated {len(timings)} checkpoint(s)"
+      + ("" if timings else " (all records present)"))
+  return CellOutcome(cell.name, trained, len(timings))
+
+
+def run_local(sweep: Sweep, cells: Sequence[Cell], **kwargs) -> list[CellOutcome]:
+  """`run_cell` on each cell in turn (in this process: compiled evaluation programs are
+  reused across cells of one architecture)."""
+  return [run_cell(sweep, cell, **kwargs) for cell in cells]
+
+
+def analysis_dir(sweep: Sweep) -> str:
+  return os.path.join(sweep.sweep_dir, ANALYSIS_DIR)

@@ -1,0 +1,210 @@
+"""experiments/merge.py and memdyn_jax/merged_run.py on two tiny checkpoints: the merged
+run directory restores with checkpoints.restore (linear = the numpy mean), its HF export
+loads with the same logits, --evaluate writes records, a re-run skips; base-relative
+methods, greedy soup, checkpoint selectors and one-line errors for bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from memdyn_jax import checkpoints, merged_run, merging, models, records
+from memdyn_jax.merging import MergeConfig
+
+from conftest import EVAL_TASK_KWARGS, REPO_ROOT
+
+MERGE = str(REPO_ROOT / "experiments" / "merge.py")
+EVAL_FLAGS = (f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", "--num_train=4", "--max_eval=4", "--n_samples=1", "--max_new_tokens=8",
+              "--batch_size=4", "--grad_variance_minibatches=2", "--grad_variance_batch_size=2",
+              "--noprogress")
+
+
+def run_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, MERGE, *args], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def params_of(model):
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+@pytest.fixture(scope="module")
+def linear_merge(tiny_run, tmp_path_factory):
+  """(run_dir, merged dir, completed process): uniform soup of steps 2 and 4, evaluated."""
+  run_dir, _ = tiny_run
+  out = str(tmp_path_factory.mktemp("merge") / "soup")
+  proc = run_cli(f"--checkpoints={run_dir}:2-4", f"--output_dir={out}", "--evaluate",
+                 *EVAL_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run_dir, out, proc
+
+
+def test_linear_merge_restores_to_the_mean_and_records_its_sources(linear_merge):
+  run_dir, out, _ = linear_merge
+  merged, meta = checkpoints.restore(out)
+  a, _ = checkpoints.restore(run_dir, 2)
+  b, _ = checkpoints.restore(run_dir, 4)
+  for got, x, y in zip(params_of(merged), params_of(a), params_of(b)):
+    np.testing.assert_allclose(got, (x + y) / 2, rtol=1e-6, atol=1e-7)
+  info = merged_run.read_merge_info(out)
+  assert info["method"] == "linear" and info["step"] == meta["step"] == 4
+  assert info["sources"] == [{"run_dir": run_dir, "step": 2}, {"run_dir": run_dir, "step": 4}]
+  assert info["base"] is None and info["weights"] is None
+  assert meta["merge"] == info and meta["epoch"] == checkpoints.read_meta(run_dir, 4)["epoch"]
+  run_info = checkpoints.read_run_info(out)
+  source_info = checkpoints.read_run_info(run_dir)
+  assert run_info["model"] == source_info["model"] and run_info["config"] == source_info["config"]
+  assert json.load(open(os.path.join(out, "examples.json"))) == json.load(
+      open(os.path.join(run_dir, "examples.json")))
+  assert not os.path.exists(out + ".partial")
+
+
+def test_hf_export_loads_with_the_same_logits(linear_merge):
+  _, out, _ = linear_merge
+  merged, _ = checkpoints.restore(out)
+  exported, _ = models.from_pretrained(os.path.join(out, merged_run.HF_DIR))
+  tok = models.load_tokenizer(os.path.join(out, merged_run.HF_DIR))
+  ids = np.asarray([tok("Question: 3 + 4 =")["input_ids"]])
+  mask = np.ones_like(ids)
+  np.testing.assert_allclose(np.asarray(exported(ids, mask)), np.asarray(merged(ids, mask)),
+                             atol=1e-5)
+
+
+def test_evaluate_writes_records_and_a_rerun_skips(linear_merge):
+  run_dir, out, proc = linear_merge
+  assert records.list_done(out) == {(4, "train", None), (4, "test", None)}
+  rows = records.read_jsonl(records.record_path(out, 4, "test"))
+  assert len(rows) == 4 and all(r["perplexity"] > 1 for r in rows)
+  config = records.read_config(out)
+  assert config["task"] == "synthetic_arith" and config["task_kwargs"] == EVAL_TASK_KWARGS
+  before = os.stat(os.path.join(out, "run.json")).st_mtime_ns
+  again = run_cli(f"--checkpoints={run_dir}:2-4", f"--output_dir={out}", "--evaluate",
+                  *EVAL_FLAGS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already holds this merge" in again.stdout
+  assert "all records already present" in again.stdout
+  assert os.stat(os.path.join(out, "run.json")).st_mtime_ns == before
+  # The same directory asked for another merge: refused, naming the flag.
+  other = run_cli(f"--checkpoints={run_dir}:4,{run_dir}:2", f"--output_dir={out}")
+  assert other.returncode == 2 and "--output_dir" in other.stderr and "holds another merge" \
+      in other.stderr
+
+
+# ------------------------------------------------------------------------------ library
+
+
+def test_selectors(tiny_run):
+  run_dir, _ = tiny_run
+  parse = merged_run.parse_checkpoints
+  assert [r.step for r in parse([f"{run_dir}:all"])] == [2, 4]
+  assert [r.step for r in parse([f"{run_dir}:last", f"{run_dir}:3-9"])] == [4]
+  epochs = {s: checkpoints.read_meta(run_dir, s)["epoch"] for s in (2, 4)}
+  assert [r.step for r in parse([f"{run_dir}:epochs={epochs[2]}-{epochs[4]}"])] == [2, 4]
+  assert [r.step for r in parse([f"{run_dir}:epochs={epochs[4]}"])] == [4]
+  for bad, needle in [(f"{run_dir}:3", "no checkpoint at step 3"), (run_dir, "RUN_DIR:STEP"),
+                      (f"{run_dir}:epochs=99", "no checkpoint at epochs"),
+                      ("/nonexistent:1", "not a training run")]:
+    with pytest.raises(merged_run.MergeInputError, match=needle):
+      parse([bad])
+
+
+def test_task_arithmetic_defaults_to_the_runs_base_and_matches_merge_pytrees(tiny_run, tmp_path):
+  run_dir, base_dir = tiny_run
+  refs = merged_run.parse_checkpoints([f"{run_dir}:all"])
+  config = MergeConfig("task_arithmetic", lambda_=0.5, weights=(1.0, 2.0))
+  outcome = merged_run.merge_to_run_dir(str(tmp_path / "ta"), "task_arithmetic", refs,
+                                        config=config, log=lambda m: None)
+  assert outcome.info["base"] == {"hf_dir": base_dir} and not outcome.skipped
+  assert outcome.info["lambda"] == 0.5 and outcome.info["weights"] == [1.0, 2.0]
+  base, _ = models.from_pretrained(base_dir)
+  inputs = [nnx.state(checkpoints.restore(run_dir, s)[0], nnx.Param) for s in (2, 4)]
+  want = merging.merge_pytrees(config, nnx.state(base, nnx.Param), inputs)
+  got, _ = checkpoints.restore(str(tmp_path / "ta"))
+  for x, y in zip(params_of(got), [np.asarray(v) for v in jax.tree.leaves(want)]):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_greedy_soup_keeps_a_candidate_only_if_the_score_rises(tiny_run, tmp_path):
+  run_dir, _ = tiny_run
+  refs = merged_run.parse_checkpoints([f"{run_dir}:all"])
+  fingerprint = lambda model: sum(float(np.sum(x)) for x in params_of(model))
+  own = {fingerprint(checkpoints.restore(run_dir, s)[0]): score for s, score in ((2, 0.5),
+                                                                                 (4, 1.0))}
+
+  def score(model):  # each step alone scores as set above, any average 0.7
+    return next((v for k, v in own.items() if np.isclose(k, fingerprint(model), rtol=1e-9)),
+                0.7)
+
+  outcome = merged_run.merge_to_run_dir(str(tmp_path / "soup"), "greedy_soup", refs,
+                                        soup_score=score, soup_validation={"split": "test"},
+                                        log=lambda m: None)
+  info = outcome.info
+  assert info["sources"] == [{"run_dir": run_dir, "step": 4}] and info["step"] == 4
+  assert len(info["candidates"]) == 2 and info["validation"]["split"] == "test"
+  assert info["validation"]["candidate_scores"] == [0.5, 1.0]
+  assert info["validation"]["history"] == [[0, 0.7, False]]
+  got, _ = checkpoints.restore(str(tmp_path / "soup"))
+  for x, y in zip(params_of(got), params_of(checkpoints.restore(run_dir, 4)[0])):
+    np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tiny_run, tmp_path_factory):
+  """(corrupt run dir, run dir with one tensor of another shape), both with a step 4."""
+  run_dir, _ = tiny_run
+  root = tmp_path_factory.mktemp("bad")
+  corrupt = str(root / "corrupt")
+  shutil.copytree(run_dir, corrupt, ignore=shutil.ignore_patterns("eval"))
+  params = os.path.join(corrupt, "checkpoints", "4", "params")
+  for d, _, files in os.walk(params):
+    for f in files:
+      if "/d" in d[len(params):]:  # the array data files (ocdbt): truncated
+        open(os.path.join(d, f), "wb").close()
+  other = str(root / "other")
+  os.makedirs(other)
+  for name in ("run.json", "model_config.json"):
+    shutil.copy(os.path.join(run_dir, name), other)
+  state = nnx.state(checkpoints.restore(run_dir, 4)[0], nnx.Param)
+  flat = nnx.to_flat_state(state)
+  path, var = list(flat)[0]
+  changed = nnx.from_flat_state([(p, v.replace(np.zeros((3,) + v.shape, np.float32)))
+                                 if p == path else (p, v) for p, v in flat])
+  checkpoints.save_params(other, 4, changed, {"step": 4})
+  return corrupt, other, ".".join(map(str, path))
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "--checkpoints is required"),
+    (["--checkpoints={run}:4"], "--output_dir is required"),
+    (["--checkpoints={run}:3", "--output_dir={tmp}/o"], "--checkpoints: "),
+    (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--method=ties"], "--density"),
+    (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--weights=1,2,3"], "--weights"),
+    (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--method=slerp", "--t=2"], "--t"),
+    (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--method=greedy_soup"],
+     "--validation_split"),
+    (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--base=/nonexistent"], "--base"),
+    (["--checkpoints={run}:4,{corrupt}:4", "--output_dir={tmp}/o"], "--checkpoints: "),
+    (["--checkpoints={run}:4,{other}:4", "--output_dir={tmp}/o"], "has shape"),
+    (["--checkpoints={run}:4", "--output_dir={run}"], "--output_dir"),
+])
+def test_bad_inputs_give_one_line_error(args, needle, tiny_run, bad_runs, tmp_path):
+  run_dir, _ = tiny_run
+  corrupt, other, _ = bad_runs
+  subst = {"{run}": run_dir, "{tmp}": str(tmp_path), "{corrupt}": corrupt, "{other}": other}
+  for key, value in subst.items():
+    args = [a.replace(key, value) for a in args]
+  proc = run_cli(*args)
+  lines = [x for x in proc.stderr.splitlines() if x.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("merge.py: error:") and needle in lines[0], lines[0]
+  assert not os.path.exists(str(tmp_path / "o"))

@@ -70,7 +70,8 @@ def _flag_type(hint) -> type:
   raise TypeError(f"no flag type for {hint!r}")
 
 
-def define_dataclass_flags(cls, *, skip: Iterable[str] = (), rename: Mapping[str, str] | None = None,
+def define_dataclass_flags(cls, *, skip: Iterable[str] = (),
+                           rename: Mapping[str, str] | None = None,
                            help_format: str = "{cls}.{field} (default {default!r}).",
                            use_defaults: bool = True) -> dict[str, str]:
   """Defines one flag per field of the dataclass `cls` (the flag is named like the field,

@@ -155,3 +155,21 @@ def evaluated_run(tiny_run):
 # =========================================================================================
 # End of evaluation fixtures.
 # =========================================================================================
+
+# =========================================================================================
+# Binaries: experiments/<name>.py run on CPU in a subprocess.
+# =========================================================================================
+
+
+def run_binary(name: str, *args, timeout: int = 300):
+  """Runs experiments/<name> with `args`; returns the CompletedProcess (text output)."""
+  import subprocess
+  import sys
+
+  return subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / name), *args],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+# =========================================================================================
+# End of binaries.
+# =========================================================================================

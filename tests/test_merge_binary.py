@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,17 +16,13 @@ from flax import nnx
 from memdyn_jax import checkpoints, merged_run, merging, models, records
 from memdyn_jax.merging import MergeConfig
 
-from conftest import EVAL_TASK_KWARGS, REPO_ROOT
+from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, run_binary
 
-MERGE = str(REPO_ROOT / "experiments" / "merge.py")
-EVAL_FLAGS = (f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", "--num_train=4", "--max_eval=4", "--n_samples=1", "--max_new_tokens=8",
-              "--batch_size=4", "--grad_variance_minibatches=2", "--grad_variance_batch_size=2",
-              "--noprogress")
+EVAL_FLAGS = (f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
 
 
-def run_cli(*args, timeout=300):
-  return subprocess.run([sys.executable, MERGE, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def run_cli(*args):
+  return run_binary("merge.py", *args)
 
 
 def params_of(model):
@@ -79,7 +73,8 @@ def test_hf_export_loads_with_the_same_logits(linear_merge):
 
 def test_evaluate_writes_records_and_a_rerun_skips(linear_merge):
   run_dir, out, proc = linear_merge
-  assert records.list_done(out) == {(4, "train", None), (4, "test", None)}
+  assert records.list_done(out) == {(4, "train", None), (4, "test", None),
+                                    (4, "perturbed", "First")}
   rows = records.read_jsonl(records.record_path(out, 4, "test"))
   assert len(rows) == 4 and all(r["perplexity"] > 1 for r in rows)
   config = records.read_config(out)

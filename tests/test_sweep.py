@@ -18,19 +18,15 @@ from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
 from memdyn_jax.train.config import PRESETS
 from memdyn_jax.train.task_run import TaskSpec
 
-from conftest import EVAL_TASK_KWARGS, REPO_ROOT
+from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, REPO_ROOT, run_binary
 
-SWEEP = str(REPO_ROOT / "experiments" / "sweep.py")
 TRAIN_OVERRIDES = {"global_batch_size": 6, "num_epochs": 1, "save_every_steps": 1,
                    "warmup_steps": 1, "max_length": 256, "overlength": "truncate"}
-EVAL_FLAGS = ("--splits=train,test", "--num_train=4", "--max_eval=4", "--n_samples=1",
-              "--max_new_tokens=8", "--batch_size=4", "--grad_variance_minibatches=2",
-              "--grad_variance_batch_size=2")
+UNITS = (("train", None), ("test", None), ("perturbed", "First"))  # of EVAL_CLI_FLAGS
 
 
-def run_cli(*args, timeout=600):
-  return subprocess.run([sys.executable, SWEEP, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def run_cli(*args):
+  return run_binary("sweep.py", *args, timeout=600)
 
 
 # ------------------------------------------------------------------------------ grids
@@ -138,7 +134,7 @@ def swept(tiny_run, tmp_path_factory):
   sweep_dir = str(tmp_path_factory.mktemp("sweep") / "sw")
   args = [f"--sweep_dir={sweep_dir}", f"--model={base}", "--task=synthetic_arith",
           f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", "--learning_rates=1e-2,3e-3",
-          f"--overrides={json.dumps(TRAIN_OVERRIDES)}", *EVAL_FLAGS, "--noprogress"]
+          f"--overrides={json.dumps(TRAIN_OVERRIDES)}", *EVAL_CLI_FLAGS]
   proc = run_cli(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return sweep_dir, base, args, proc
@@ -156,7 +152,7 @@ def test_sweep_trains_evaluates_and_analyzes_every_cell(swept):
     assert run_dir == os.path.join(sweep_dir, cell["name"])
     assert checkpoints.read_run_info(run_dir)["config"] == cell["config"]
     assert checkpoints.list_steps(run_dir) == [1, 2]  # 12 examples / batch 6, every step
-    assert records.list_done(run_dir) == {(s, u, None) for s in (1, 2) for u in ("train", "test")}
+    assert records.list_done(run_dir) == {(s, u, p) for s in (1, 2) for u, p in UNITS}
     assert len(records.read_jsonl(records.record_path(run_dir, 2, "test"))) == 4
     assert records.read_config(run_dir)["sampling"]["max_new_tokens"] == 8
   assert "2 cell(s): 4 step(s) trained, 4 checkpoint(s) evaluated" in proc.stdout
@@ -224,8 +220,8 @@ def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
   assert remote.startswith("cd memdyn_jax && python experiments/sweep.py")
   argv = shlex.split(remote.split(" && python ", 1)[1])
   assert "--cells=lr0.01_ep1_frac1" in argv
-  done = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert argv[0] == "experiments/sweep.py"
+  done = run_cli(*argv[1:])
   assert done.returncode == 0, done.stderr[-3000:]
   assert "1 cell(s): 0 step(s) trained, 0 checkpoint(s) evaluated" in done.stdout
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import types
 import typing
@@ -70,7 +72,29 @@ def _flag_type(hint) -> type:
   raise TypeError(f"no flag type for {hint!r}")
 
 
-def define_dataclass_flags(cls, *, skip: Iterable[str] = (),
+def field_docs(cls) -> dict[str, str]:
+  """{field: its description} from the "Attributes:" section of a Google-style class
+  docstring; an entry may describe several fields ("top_p, n_samples: ...")."""
+  docs, names, inside = {}, (), False
+  for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+    stripped = line.strip()
+    if not inside:
+      inside = stripped == "Attributes:"
+      continue
+    if stripped and not line.startswith(" "):  # the next section
+      break
+    entry = re.match(r"^ {2}(\w+(?:, \w+)*)(?: \([^)]*\))?: (.*)$", line)
+    if entry:
+      names = entry.group(1).split(", ")
+      for name in names:
+        docs[name] = entry.group(2).strip()
+    elif stripped:
+      for name in names:
+        docs[name] += " " + stripped
+  return docs
+
+
+def define_dataclass_flags(cls, *, skip: Iterable[str] = (), only: Iterable[str] | None = None,
                            rename: Mapping[str, str] | None = None,
                            help_format: str = "{cls}.{field} (default {default!r}).",
                            use_defaults: bool = True) -> dict[str, str]:
@@ -80,20 +104,23 @@ def define_dataclass_flags(cls, *, skip: Iterable[str] = (),
   Args:
     cls: the dataclass.
     skip: fields without a flag.
+    only: if given, the only fields with a flag.
     rename: field -> flag name.
-    help_format: help text, formatted with cls, field and default.
+    help_format: help text, formatted with cls, field, default and doc (the field's
+      description in the class docstring's "Attributes:" section, else "{cls}.{field}").
     use_defaults: the flags default to the fields' defaults; else to None (unset).
 
   Returns:
     {field: flag name} for `dataclass_kwargs_from_flags`.
   """
   hints = typing.get_type_hints(cls)
+  docs = field_docs(cls)
   rename = rename or {}
   definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
               bool: flags.DEFINE_boolean, tuple: flags.DEFINE_list, dict: flags.DEFINE_string}
   names = {}
   for field in dataclasses.fields(cls):
-    if field.name in skip:
+    if field.name in skip or (only is not None and field.name not in only):
       continue
     kind = _flag_type(hints[field.name])
     default = (field.default if field.default is not dataclasses.MISSING
@@ -104,8 +131,9 @@ def define_dataclass_flags(cls, *, skip: Iterable[str] = (),
       flag_default = (json.dumps(default) if kind is dict
                       else list(default) if kind is tuple else default)
     name = rename.get(field.name, field.name)
-    definers[kind](name, flag_default, help_format.format(cls=cls.__name__, field=field.name,
-                                                          default=default))
+    doc = docs.get(field.name, f"{cls.__name__}.{field.name}")
+    definers[kind](name, flag_default, help_format.format(
+        cls=cls.__name__, field=field.name, default=default, doc=doc))
     names[field.name] = name
   return names
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from memdyn_jax.errors import FieldError
 
@@ -23,28 +23,33 @@ class EvalSettingsError(FieldError):
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-  """What to evaluate at every checkpoint of a run (experiments/evaluate.py's flags).
+  """What to evaluate at every checkpoint of a run (experiments/evaluate.py's flags, whose
+  help texts are the descriptions below).
 
   Attributes:
-    splits: any of `SPLITS`.
+    splits: splits, any of train, test, ood, perturbed.
     task: task name (default: the run's examples.json).
-    task_kwargs: the task constructor's keyword arguments (must match training).
+    task_kwargs: JSON keyword arguments of the task constructor (must match training).
     task_path: data file or directory of the task.
     tokenizer: tokenizer directory (default: the run's base model).
     num_train: train examples evaluated (a seeded subset; 0 = all).
     max_eval: cap on test/OOD examples (first N; 0 = all).
-    subset_seed: seed of the train subset.
-    perturbations: answer preambles of the 'perturbed' split.
-    temperature, top_p, max_new_tokens, n_samples: sampling (default: the task's).
+    subset_seed: seed of the train subset (and of the gradient-variance minibatches).
+    perturbations: answer preambles of the 'perturbed' split (Kang et al. Fig. 6).
+    temperature: sampling temperature (default: the task's).
+    top_p: nucleus mass (default: the task's).
+    max_new_tokens: generation budget (default: the task's).
+    n_samples: samples per prompt (default: the task's).
     seed: sampling seed.
     batch_size: prompts per compiled program.
     greedy: greedy completion + likelihood (ATC) on train/test/ood.
     keep_texts: store sample texts in the records.
     include_base: also evaluate the base model as step 0.
     eval_name: records folder under the run directory.
-    grad_variance: also measure each checkpoint's gradient variance over train minibatches
-      (Kang et al. App. B.1), drawn from the `num_train` subset with `subset_seed`.
-    grad_variance_minibatches, grad_variance_batch_size: its minibatches.
+    grad_variance: gradient variance per checkpoint over train minibatches (Kang et al.
+      App. B.1), drawn from the `num_train` subset with `subset_seed`.
+    grad_variance_minibatches: minibatches of the gradient variance.
+    grad_variance_batch_size: train examples per gradient-variance minibatch.
   """
   splits: tuple[str, ...] = ("train", "test")
   task: str | None = None
@@ -187,18 +192,56 @@ def eval_config(task, params, settings: EvalSettings) -> dict[str, Any]:
           "subset_seed": settings.subset_seed, "greedy": settings.greedy}
 
 
-def pending_steps(run_dir: str, settings: EvalSettings) -> list[int]:
-  """Checkpoint steps with a unit (or the gradient variance) not yet evaluated; nothing is
-  loaded (`evaluation.evaluate_run` also redoes a gradient variance of other settings)."""
+def check_mesh(settings: EvalSettings, mesh) -> None:
+  """Raises EvalSettingsError unless `settings.batch_size` splits over the mesh's data shards."""
+  from memdyn_jax import scoring
+  shards = scoring.data_shards(mesh)
+  if settings.batch_size % shards:
+    raise EvalSettingsError("batch_size", f"{settings.batch_size} is not a multiple of the "
+                            f"mesh's {shards} data shards (--mesh_data x --mesh_fsdp)")
+
+
+def _checked_steps(run_dir: str, steps: Sequence[int] | None,
+                   include_base: bool) -> list[int]:
+  """The checkpoint steps to evaluate (`steps`, default all), step 0 first with
+  `include_base`.
+
+  Raises:
+    EvalSettingsError: no complete checkpoint (field "run_dir"), or a step that is not one
+      (field "steps").
+  """
+  from memdyn_jax import checkpoints
+  available = checkpoints.list_steps(run_dir)
+  if not available:
+    raise EvalSettingsError("run_dir", f"{run_dir} has no complete checkpoint")
+  wanted = list(available) if steps is None else [int(s) for s in steps]
+  bad = [s for s in wanted if s not in available and not (s == 0 and include_base)]
+  if bad:
+    raise EvalSettingsError("steps", f"no checkpoint at step(s) {bad}; steps: {available}")
+  return sorted(set(wanted) | ({0} if include_base else set()))
+
+
+def pending_steps(run_dir: str, settings: EvalSettings,
+                  steps: Sequence[int] | None = None) -> list[int]:
+  """Of `steps` (default all checkpoints, plus step 0 with `include_base`), those with a
+  unit not yet evaluated, or a gradient variance missing or measured with other settings;
+  nothing is loaded (`evaluation.evaluate_run` also compares the minibatches' examples)."""
   from memdyn_jax import checkpoints, records
-  steps = checkpoints.list_steps(run_dir)
-  if settings.include_base and 0 not in steps:
-    steps = [0] + steps
+  if steps is None:
+    steps = checkpoints.list_steps(run_dir)
+  steps = sorted(set(steps) | ({0} if settings.include_base else set()))
   name = settings.eval_name
+  gv_config = settings.grad_variance_config()
+  gv_wanted = None if gv_config is None else dataclasses.asdict(gv_config)
+
+  def gv_done(step):
+    stats = records.read_checkpoint_stats(run_dir, step, name=name)
+    stored = stats.get(records.GRADIENT_VARIANCE_SETTINGS) or {}
+    return (records.GRADIENT_VARIANCE in stats
+            and {k: stored.get(k) for k in gv_wanted} == gv_wanted)
 
   def done(step):
-    if settings.grad_variance and records.GRADIENT_VARIANCE not in records.read_checkpoint_stats(
-        run_dir, step, name=name):
+    if gv_wanted is not None and not gv_done(step):
       return False
     return all(records.is_done(run_dir, step, split, p, name=name)
                for split, p in settings.unit_keys())
@@ -206,33 +249,49 @@ def pending_steps(run_dir: str, settings: EvalSettings) -> list[int]:
   return [s for s in steps if not done(s)]
 
 
-def evaluate(run_dir: str, settings: EvalSettings, *, mesh=None, progress: bool = True,
-             log: Callable[[str], None] | None = None):
+def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | None = None,
+             mesh=None, progress: bool = True, log: Callable[[str], None] | None = None):
   """Evaluates every pending checkpoint of `run_dir` (see `evaluation.evaluate_run`).
+
+  The settings are checked against the run (task, sampling, mesh, and the records folder's
+  recorded settings) even when every record is already there; the train subset, the
+  tokenizer and the models are only loaded when something is pending.
+
+  Args:
+    run_dir: the training run directory.
+    settings: what to evaluate.
+    steps: checkpoint steps (default all).
+    mesh: device mesh (default the first local device).
+    progress: tqdm bar.
+    log: optional `log(message)` after each checkpoint.
 
   Returns:
     The `evaluation.StepTiming` of each checkpoint evaluated ([] when all was done).
 
   Raises:
-    EvalSettingsError: bad settings for this run (task, splits, tokenizer, sampling) or a
-      records folder made with other settings (field "eval_name").
-    FileNotFoundError: not a run directory, or it has no checkpoint.
+    EvalSettingsError: no checkpoint or a requested step is none (fields "run_dir",
+      "steps"); bad settings for this run (task, splits, tokenizer, sampling, a batch size
+      the mesh does not divide); a records folder made with other settings (field
+      "eval_name").
   """
-  from memdyn_jax import checkpoints, evaluation, models, records, scoring
-  if not pending_steps(run_dir, settings):
-    return []
+  from memdyn_jax import checkpoints, evaluation, models, records
+  wanted = _checked_steps(run_dir, steps, settings.include_base)
   task = load_task(run_dir, settings)
   params = sampling_params(task.name, settings)
+  if mesh is not None:
+    check_mesh(settings, mesh)
+  config = eval_config(task, params, settings)
+  if not pending_steps(run_dir, settings, wanted):
+    if records.read_config(run_dir, name=settings.eval_name) is not None:
+      _check_config(run_dir, config, settings)
+    return []
   units, train = build_units(run_dir, task, settings)
   gv_config = settings.grad_variance_config()
   if gv_config is not None and len(train) < gv_config.num_minibatches * gv_config.batch_size:
     raise EvalSettingsError(
         "grad_variance_batch_size", f"{gv_config.num_minibatches} minibatches of "
         f"{gv_config.batch_size} need {gv_config.num_minibatches * gv_config.batch_size} train "
-        f"examples, the num_train subset has {len(train)} (or turn grad_variance off)")
-  if mesh is not None and settings.batch_size % scoring.data_shards(mesh):
-    raise EvalSettingsError("batch_size", f"{settings.batch_size} is not a multiple of the "
-                            f"mesh's {scoring.data_shards(mesh)} data shards")
+        f"examples, the --num_train subset has {len(train)} (or --nograd_variance)")
   tok_path = settings.tokenizer or checkpoints.read_run_info(run_dir)["model"]["path"]
   try:
     tokenizer = models.load_tokenizer(tok_path, padding_side="right")
@@ -240,18 +299,22 @@ def evaluate(run_dir: str, settings: EvalSettings, *, mesh=None, progress: bool 
     raise EvalSettingsError("tokenizer", f"cannot load a tokenizer from {tok_path}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                             ) from None
-  try:
-    records.check_config(run_dir, eval_config(task, params, settings),
-                         name=settings.eval_name)
-  except records.EvalConfigMismatchError as e:
-    raise EvalSettingsError("eval_name", str(e)) from None
+  _check_config(run_dir, config, settings)
   try:
     return evaluation.evaluate_run(
-        run_dir, task, tokenizer, units, params, include_base=settings.include_base,
-        batch_size=settings.batch_size, mesh=mesh, keep_texts=settings.keep_texts,
-        progress=progress, name=settings.eval_name, log=log, grad_variance=gv_config,
-        grad_variance_examples=train)
+        run_dir, task, tokenizer, units, params, steps=steps,
+        include_base=settings.include_base, batch_size=settings.batch_size, mesh=mesh,
+        keep_texts=settings.keep_texts, progress=progress, name=settings.eval_name, log=log,
+        grad_variance=gv_config, grad_variance_examples=train)
   except ValueError as e:
     message = str(e).splitlines()[0]
     raise EvalSettingsError("max_new_tokens" if "max_new_tokens" in message else "run_dir",
                             message) from None
+
+
+def _check_config(run_dir: str, config: Mapping[str, Any], settings: EvalSettings) -> None:
+  from memdyn_jax import records
+  try:
+    records.check_config(run_dir, config, name=settings.eval_name)
+  except records.EvalConfigMismatchError as e:
+    raise EvalSettingsError("eval_name", str(e)) from None

@@ -12,9 +12,10 @@
 One run directory per cell under --sweep_dir, named from its values (lr2e-05_ep3_frac0.5);
 each is trained (experiments/train.py's run) then evaluated at every checkpoint (the
 evaluation flags are experiments/evaluate.py's, same names and defaults; --batch_size is the
-evaluation's, training settings go in --overrides), then experiments/analyze.py runs over
-the sweep into <sweep_dir>/analysis. `sweep.json` records the sweep: `--sweep_dir=DIR` alone
-re-runs it. Finished runs and evaluations are skipped, an interrupted cell resumes.
+evaluation's, training settings go in --overrides), then the sweep is analyzed in this
+process into <sweep_dir>/analysis (experiments/analyze.py's tables and plots, default
+options). `sweep.json` records the sweep: `--sweep_dir=DIR` alone re-runs it. Finished runs
+and evaluations are skipped, an interrupted cell resumes.
 
 --launcher=local runs the cells here, one after the other; --launcher=slurm submits one
 sbatch job per cell (launch/launch.py's script; the sweep directory must be on storage the
@@ -60,7 +61,8 @@ _EVAL_FLAGS = cli.define_dataclass_flags(
 flags.DEFINE_list("cells", [], "Run only these cells (default: all).")
 flags.DEFINE_enum("launcher", "local", ["local", "slurm", "tpu"], "Where the cells run.")
 flags.DEFINE_bool("dry_run", False, "Print the cluster commands instead of running them.")
-flags.DEFINE_bool("analyze", True, "Run experiments/analyze.py over the sweep at the end.")
+flags.DEFINE_bool("analyze", True, "Analyze the sweep at the end (experiments/analyze.py's "
+                  "tables and plots).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 cli.define_mesh_flags()
 launch_lib.define_cluster_flags()
@@ -173,9 +175,13 @@ def run_here(sweep, cells) -> int:
   failed = [o for o in outcomes if o.error]
   status = 1 if failed else 0
   if FLAGS.analyze and jax.process_index() == 0:
-    args = analysis_args(sweep)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, args[0]), *args[1:]], cwd=REPO)
-    status = status or (1 if proc.returncode else 0)
+    from memdyn_jax import report
+    try:
+      result = sweep_lib.analyze(sweep)
+      log(f"analysis: {len(result.files)} files in {result.output_dir}")
+    except report.AnalysisError as e:
+      print(f"{PROG}: analysis failed: --{e.field}: {e.message}", file=sys.stderr, flush=True)
+      status = 1
   log(f"{len(outcomes)} cell(s): {sum(o.trained_steps for o in outcomes)} step(s) trained, "
       f"{sum(o.evaluated for o in outcomes)} checkpoint(s) evaluated"
       + (f"; failed: {[o.name for o in failed]}" if failed else ""))

@@ -8,7 +8,8 @@ runs a paper reports (`Grid.paper_grid`, e.g. Kang et al.'s "kang_llama3_gsm8k":
     sweep.json      the sweep: model, task, grid, evaluation settings and every cell (name,
                     run directory, TrainConfig); a re-run is compared against it.
     <cell name>/    the cell's run directory (`memdyn_jax.checkpoints`) with its eval/ records
-    analysis/       experiments/analyze.py's tables and plots over the sweep
+    analysis/       the tables and plots of `analyze` (`report.analyze_sweep`, as
+                    experiments/analyze.py writes them)
 
 A cell whose final checkpoint exists is not trained again, one whose every checkpoint and
 evaluation unit has records is not evaluated again; a cell interrupted mid-training resumes
@@ -340,3 +341,18 @@ def run_local(sweep: Sweep, cells: Sequence[Cell], **kwargs) -> list[CellOutcome
 
 def analysis_dir(sweep: Sweep) -> str:
   return os.path.join(sweep.sweep_dir, ANALYSIS_DIR)
+
+
+def analyze(sweep: Sweep):
+  """`report.analyze_sweep` over the sweep's runs into `analysis_dir(sweep)`, with the
+  default options (experiments/analyze.py's flags give others).
+
+  Returns:
+    The `report.AnalysisResult`.
+
+  Raises:
+    report.AnalysisError: nothing evaluated yet, or a malformed record file.
+  """
+  from memdyn_jax import report
+  return report.analyze_sweep(sweep.sweep_dir, analysis_dir(sweep),
+                              report.AnalysisOptions(eval_name=sweep.evaluation.eval_name))

@@ -5,4 +5,10 @@
   robustness bins, data maps, entropy; distance from initialization from checkpoints.
 - plots: matplotlib figures written as PNG.
 - markdown: Markdown tables and CSV files.
+- merges: merged models beside the trajectories they were merged from.
+- sweep_report: `analyze_sweep`, every table and plot of a sweep (experiments/analyze.py).
 """
+from __future__ import annotations
+
+from memdyn_jax.report.sweep_report import (AnalysisError, AnalysisOptions, AnalysisResult,
+                                            analyze_sweep)

@@ -24,8 +24,9 @@ import os
 
 from absl import flags
 
-from memdyn_jax import cli, curation
+from memdyn_jax import cli, curation, run_evaluation
 from memdyn_jax.cli import UsageError
+from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
 
 PROG = "curate.py"
 GENERATORS = ("auto", "fresh", "rephrase", "jsonl", "model")
@@ -57,12 +58,11 @@ flags.DEFINE_string("rephrase_prompt", curation.REPHRASE_PROMPT,
                     "Rephrasing prompt, with a {question} field.")
 flags.DEFINE_string("preset", "curation_default", "TrainConfig preset (TrainConfig flags "
                     "override it).")
-flags.DEFINE_float("temperature", None, "Sampling temperature (default: the task's).")
-flags.DEFINE_float("top_p", None, "Nucleus mass (default: the task's).")
-flags.DEFINE_integer("max_new_tokens", None, "Generation budget (default: the task's).")
-flags.DEFINE_integer("n_samples", None, "Samples per prompt (default: the task's).")
-flags.DEFINE_integer("sample_seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 16, "Prompts per compiled sampling/scoring program.")
+# Sampling as experiments/evaluate.py's flags (same names and defaults; --sample_seed is its
+# --seed), read into a run_evaluation.EvalSettings.
+_SAMPLING_FLAGS = cli.define_dataclass_flags(
+    EvalSettings, only=(*run_evaluation.SAMPLING_FIELDS, "batch_size"),
+    rename={"seed": "sample_seed"}, help_format="{doc}")
 flags.DEFINE_string("output_dir", None, "Study folder (runs, states, curve, report).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 cli.define_train_config_flags()
@@ -79,10 +79,16 @@ def check_flags() -> None:
   for name in ("n_train", "n_test", "n_ifd", "additions_per_iteration"):
     if getattr(FLAGS, name) < 0:
       raise UsageError(f"--{name}: must be >= 0")
-  if FLAGS.batch_size < 1:
-    raise UsageError("--batch_size: must be >= 1")
   if "{question}" not in FLAGS.rephrase_prompt:
     raise UsageError("--rephrase_prompt: needs a {question} field")
+
+
+def sampling_settings() -> EvalSettings:
+  """The sampling flags (the other EvalSettings fields keep their defaults)."""
+  try:
+    return EvalSettings(**cli.dataclass_kwargs_from_flags(EvalSettings, _SAMPLING_FLAGS))
+  except EvalSettingsError as e:
+    raise cli.usage_error(e, _SAMPLING_FLAGS) from None
 
 
 def curation_config(method: str) -> curation.CurationConfig:
@@ -97,8 +103,8 @@ def curation_config(method: str) -> curation.CurationConfig:
     raise UsageError(f"--{str(e).split()[0]}: {e}") from None
 
 
-def load_setup(model_dir: str):
-  from memdyn_jax import evaluation, tasks
+def load_setup(model_dir: str, sampling: EvalSettings):
+  from memdyn_jax import tasks
   try:
     kwargs = json.loads(FLAGS.task_kwargs)
   except json.JSONDecodeError as e:
@@ -116,17 +122,15 @@ def load_setup(model_dir: str):
     except ValueError as e:
       raise UsageError(f"--methods: {e}") from None
   try:
-    params = evaluation.default_sampling(
-        task.name, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-        max_new_tokens=FLAGS.max_new_tokens, n=FLAGS.n_samples, seed=FLAGS.sample_seed)
-  except ValueError as e:
-    flag = {"n": "n_samples"}.get(str(e).split()[0], str(e).split()[0])
-    raise UsageError(f"--{flag}: {e}") from None
+    params = run_evaluation.sampling_params(task.name, sampling)
+  except EvalSettingsError as e:
+    raise cli.usage_error(e, _SAMPLING_FLAGS) from None
   return curation.CurationSetup(
       task=task, model_path=model_dir, train_examples=tuple(train),
       test_examples=tuple(test[:FLAGS.n_test or None]), sampling=params,
       ifd_examples=tuple(test[:FLAGS.n_ifd or None]),
-      train_config=cli.train_config_from_flags(FLAGS.preset), eval_batch_size=FLAGS.batch_size)
+      train_config=cli.train_config_from_flags(FLAGS.preset),
+      eval_batch_size=sampling.batch_size)
 
 
 def make_generator(task):
@@ -194,12 +198,13 @@ def write_outputs(out: str, results, setup) -> str:
 
 def run() -> int:
   check_flags()
+  sampling = sampling_settings()
   configs = [curation_config(m) for m in dict.fromkeys(FLAGS.methods)]
   from memdyn_jax import tasks
   if FLAGS.task not in tasks.task_names():  # fail fast, before loading a model
     raise UsageError(f"--task: unknown task {FLAGS.task!r}; known: {tasks.task_names()}")
   model_dir = cli.resolve_model(FLAGS.model)
-  setup = load_setup(model_dir)
+  setup = load_setup(model_dir, sampling)
   generator = make_generator(setup.task)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   results = []

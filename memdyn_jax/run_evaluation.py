@@ -15,6 +15,9 @@ from typing import Any, Callable, Mapping, Sequence
 from memdyn_jax.errors import FieldError
 
 SPLITS = ("train", "test", "ood", "perturbed")
+# The EvalSettings fields of the sampling parameters (`sampling_params`); other binaries that
+# sample (experiments/curate.py) define their flags from these.
+SAMPLING_FIELDS = ("temperature", "top_p", "max_new_tokens", "n_samples", "seed")
 
 
 class EvalSettingsError(FieldError):

@@ -16,8 +16,6 @@ runs and records are kept. Exit status: 0 done, 2 bad flags or inputs.
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from memdyn_jax import cli
@@ -30,12 +28,9 @@ flags.DEFINE_enum("study", "mbc", ["mbc", "reweight"], "Study preset: its sample
 flags.DEFINE_list("samplers", None, "Samplers to compare (default: the study's).")
 flags.DEFINE_string("baseline", "uniform", "Sampler the others are judged against.")
 flags.DEFINE_string("model", None, "Base model: local HF directory, .gguf, hub id or 'embedded'.")
-flags.DEFINE_string("task", None, "Task name (memdyn_jax.tasks.get_task).")
-flags.DEFINE_string("task_path", None, "Data file or directory for the task (default: its own).")
-flags.DEFINE_string("task_kwargs", "{}", "JSON keyword arguments for the task constructor.")
+_TASK_FLAGS = cli.define_task_flags(skip=("split",), rename={"max_examples": "max_train"})
 flags.DEFINE_string("output_dir", None, "Study directory.")
 flags.DEFINE_string("preset", "none", "TrainConfig preset (memdyn_jax.train.config.PRESETS).")
-flags.DEFINE_integer("max_train", 0, "Train on the first N training examples (0 = all).")
 flags.DEFINE_integer("n_eval", 200, "Held-out test examples evaluated (first N; 0 = all).")
 flags.DEFINE_integer("n_eval_train", 200, "Training examples evaluated (seeded subset; 0 = all).")
 flags.DEFINE_integer("n_ood", 200, "OOD examples evaluated (first N; 0 = all).")
@@ -100,14 +95,10 @@ def run() -> int:
   if FLAGS.max_train < 0:
     raise UsageError("--max_train: must be >= 0")
   cfg = study_config()
-  try:
-    task_kwargs = json.loads(FLAGS.task_kwargs)
-  except json.JSONDecodeError as e:
-    raise UsageError(f"--task_kwargs: not JSON ({e})") from None
+  spec = cli.task_spec_from_flags(_TASK_FLAGS, split="train")
   from memdyn_jax import checkpoints, sampler_study
   from memdyn_jax.train import task_run
 
-  spec = task_run.TaskSpec(FLAGS.task, task_kwargs, FLAGS.task_path, "train", FLAGS.max_train)
   judge_model = cli.resolve_model(FLAGS.judge_model, "--judge_model") if FLAGS.judge_model else None
   try:
     result = sampler_study.run_study(cfg, spec, FLAGS.model, FLAGS.output_dir,

@@ -37,7 +37,6 @@ from memdyn_jax import cli
 from memdyn_jax.cli import UsageError
 from memdyn_jax import sweep as sweep_lib
 from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
-from memdyn_jax.train.task_run import TaskSpec
 
 # launch/ is a folder beside experiments/, not an installed package.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +49,7 @@ ANALYZE = "experiments/analyze.py"
 
 flags.DEFINE_string("sweep_dir", None, "Sweep directory (holds sweep.json and the runs).")
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
-_TASK_FLAGS = cli.define_dataclass_flags(
-    TaskSpec, rename={"name": "task", "kwargs": "task_kwargs", "path": "task_path"},
-    help_format="Training data: TaskSpec.{field} (default {default!r}).")
+_TASK_FLAGS = cli.define_task_flags(help_format="Training data: {doc}")
 _GRID_FLAGS = cli.define_dataclass_flags(
     sweep_lib.Grid, help_format="Grid.{field}: see memdyn_jax.sweep.Grid (default {default!r}).")
 _EVAL_FLAGS = cli.define_dataclass_flags(
@@ -71,9 +68,9 @@ FLAGS = flags.FLAGS
 _SPEC_FLAGS = ["model", *_TASK_FLAGS.values(), *_GRID_FLAGS.values(), *_EVAL_FLAGS.values()]
 
 
-def _settings(cls, names, **fixed):
+def _settings(cls, names):
   try:
-    return cls(**cli.dataclass_kwargs_from_flags(cls, names), **fixed)
+    return cls(**cli.dataclass_kwargs_from_flags(cls, names))
   except (sweep_lib.SweepError, EvalSettingsError) as e:
     raise cli.usage_error(e, names) from None
 
@@ -87,7 +84,7 @@ def sweep_from_flags() -> sweep_lib.Sweep:
     for name in ("model", "task"):
       if not getattr(FLAGS, name):
         raise UsageError(f"--{name} is required (no {sweep_lib.SWEEP_FILE} in --sweep_dir)")
-    task = _settings(TaskSpec, _TASK_FLAGS)
+    task = cli.task_spec_from_flags(_TASK_FLAGS)
     grid = _settings(sweep_lib.Grid, _GRID_FLAGS)
     settings = _settings(EvalSettings, _EVAL_FLAGS)
     sweep = sweep_lib.make_sweep(FLAGS.sweep_dir, FLAGS.model, task, grid, settings)

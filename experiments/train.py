@@ -11,8 +11,6 @@ Exit status: 0 done, 2 bad flags/inputs, 143 stopped by SIGTERM after checkpoint
 """
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from memdyn_jax import cli
@@ -25,11 +23,7 @@ PROG = "train.py"
 SIGTERM_EXIT = 143
 
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
-flags.DEFINE_string("task", None, "Task name (memdyn_jax.tasks.get_task).")
-flags.DEFINE_string("task_path", None, "Data file or directory for the task (default: its own).")
-flags.DEFINE_string("task_kwargs", "{}", "JSON keyword arguments for the task constructor.")
-flags.DEFINE_string("split", "train", "Split to train on.")
-flags.DEFINE_integer("max_examples", 0, "Use only the first N examples (0 = all).")
+_TASK_FLAGS = cli.define_task_flags()
 flags.DEFINE_string("output_dir", None, "Run directory.")
 flags.DEFINE_string("preset", "none", f"Preset: none or one of {sorted(config_lib.PRESETS)}.")
 flags.DEFINE_bool("resume", True, "Resume from the latest complete checkpoint.")
@@ -45,12 +39,7 @@ def run() -> int:
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
   cfg = cli.train_config_from_flags(FLAGS.preset)
-  try:
-    task_kwargs = json.loads(FLAGS.task_kwargs)
-  except json.JSONDecodeError as e:
-    raise UsageError(f"--task_kwargs: not JSON ({e})") from None
-  spec = task_run.TaskSpec(FLAGS.task, task_kwargs, FLAGS.task_path, FLAGS.split,
-                           FLAGS.max_examples)
+  spec = cli.task_spec_from_flags(_TASK_FLAGS)
   import jax
 
   from memdyn_jax import sharding

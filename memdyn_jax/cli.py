@@ -213,6 +213,33 @@ def train_config_from_flags(preset: str):
     raise usage_error(e) from None
 
 
+# TaskSpec field -> flag name, where they differ.
+TASK_FLAG_NAMES = {"name": "task", "kwargs": "task_kwargs", "path": "task_path"}
+
+
+def define_task_flags(*, skip: Iterable[str] = (), rename: Mapping[str, str] | None = None,
+                      help_format: str = "{doc}") -> dict[str, str]:
+  """--task, --task_kwargs (JSON), --task_path, --split, --max_examples: the fields of
+  `train.task_run.TaskSpec`, the training data of a run (`skip`, `rename` and
+  `help_format` as in `define_dataclass_flags`)."""
+  from memdyn_jax.train.task_run import TaskSpec
+  return define_dataclass_flags(TaskSpec, skip=skip, rename={**TASK_FLAG_NAMES, **(rename or {})},
+                                help_format=help_format)
+
+
+def task_spec_from_flags(names: Mapping[str, str], **fixed):
+  """The `TaskSpec` of the flags `define_task_flags` defined, with `fixed` fields.
+
+  Raises:
+    UsageError: no --task, or --task_kwargs that is not a JSON object.
+  """
+  from memdyn_jax.train.task_run import TaskSpec
+  kwargs = dataclass_kwargs_from_flags(TaskSpec, names)
+  if not kwargs.get("name") and "name" not in fixed:
+    raise UsageError(f"--{names['name']} is required")
+  return TaskSpec(**kwargs, **fixed)
+
+
 def resolve_model(model: str, flag: str = "--model") -> str:
   """A local HF directory for a model flag (`task_run.resolve_model`: a directory, `.gguf`,
   hub id or 'embedded')."""

@@ -101,23 +101,14 @@ def tiny_run(tmp_path_factory):
   """(run_dir, base_dir): a run trained 4 steps with checkpoints at steps 2 and 4."""
   import json
 
-  from memdyn_jax import checkpoints, models
+  from memdyn_jax import checkpoints, models, testing
   from memdyn_jax.tasks import synthetic_arith as sa
-  from memdyn_jax.tasks import synthetic_corpus as sc
   from memdyn_jax.train import loop
   from memdyn_jax.train.config import TrainConfig
 
   root = tmp_path_factory.mktemp("eval_run")
-  base = str(root / "base")
   task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
-  tok = sc.build_tokenizer(base, vocab_size=256, n_docs=200, lexicon_repeats=20, task=task)
-  # Built by memdyn_jax itself: no torch import, seconds faster than testing.save_tiny_hf_model.
-  cfg = models.from_hf_config(dict(
-      model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-      max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-      eos_token_id=tok.eos_token_id))
-  models.save_pretrained(models.build_model(cfg, seed=0), cfg, base)
+  base = testing.save_tiny_task_model(str(root / "base"), task)
   tok = models.load_tokenizer(base, padding_side="right")
   cfg = TrainConfig(learning_rate=1e-2, num_epochs=2, global_batch_size=6, warmup_steps=1,
                     save_every_steps=2, max_length=256, overlength="truncate")

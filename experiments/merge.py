@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 from absl import flags
 
@@ -103,11 +102,10 @@ def merge_config() -> MergeConfig | None:
 def eval_settings(first_run: str) -> EvalSettings:
   """evaluate.py's settings; the task arguments default to the first run's."""
   kwargs = cli.dataclass_kwargs_from_flags(EvalSettings, _EVAL_FLAGS)
-  from memdyn_jax.evaluation import EXAMPLES_FILE
-  listing = os.path.join(first_run, EXAMPLES_FILE)
-  if not FLAGS["task_kwargs"].present and os.path.exists(listing):
-    with open(listing) as f:
-      kwargs["task_kwargs"] = json.load(f).get("task_kwargs", {})
+  from memdyn_jax.evaluation import read_examples_listing
+  listing = read_examples_listing(first_run)
+  if not FLAGS["task_kwargs"].present and listing is not None:
+    kwargs["task_kwargs"] = listing.get("task_kwargs", {})
   try:
     return EvalSettings(**kwargs)
   except EvalSettingsError as e:
@@ -156,16 +154,11 @@ def run() -> int:
     raise cli.usage_error(e) from None
   settings = eval_settings(sources[0].run_dir)
 
-  from memdyn_jax import checkpoints, models, run_evaluation
+  from memdyn_jax import run_evaluation
   mesh = cli.mesh_from_flags()
-  tok_path = settings.tokenizer or checkpoints.read_run_info(sources[0].run_dir)["model"]["path"]
-  try:
-    tokenizer = models.load_tokenizer(tok_path, padding_side="right")
-  except Exception as e:  # missing dir, no tokenizer files: one line
-    raise UsageError(f"--tokenizer: cannot load a tokenizer from {tok_path}: "
-                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
   log = lambda m: print(f"{PROG}: {m}", flush=True)
   try:
+    tokenizer = run_evaluation.load_tokenizer(sources[0].run_dir, settings)
     score, validation = (greedy_scorer(sources[0].run_dir, settings, tokenizer, mesh)
                          if greedy else (None, None))
     outcome = merged_run.merge_to_run_dir(

@@ -307,6 +307,15 @@ def default_sampling(task_name: str, **overrides) -> sampling.SamplingParams:
 EXAMPLES_FILE = "examples.json"
 
 
+def read_examples_listing(run_dir: str) -> dict[str, Any] | None:
+  """The run's examples.json (task, task_kwargs, split, ids of the training rows), or None."""
+  file = os.path.join(run_dir, EXAMPLES_FILE)
+  if not os.path.exists(file):
+    return None
+  with open(file, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def trained_examples(run_dir: str, task: Task, split: str | None = None,
                      path: str | None = None) -> list[Example]:
   """The examples a run was trained on, in training-row order.
@@ -318,11 +327,8 @@ def trained_examples(run_dir: str, task: Task, split: str | None = None,
     ValueError: examples.json names ids the task does not produce (a different
       --task_kwargs / --task_path than at training time).
   """
-  listing = None
+  listing = read_examples_listing(run_dir)
   file = os.path.join(run_dir, EXAMPLES_FILE)
-  if os.path.exists(file):
-    with open(file, encoding="utf-8") as f:
-      listing = json.load(f)
   split = split or (listing or {}).get("split", "train")
   examples = task.load(split, path)
   if listing is None:

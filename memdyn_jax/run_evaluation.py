@@ -8,7 +8,6 @@ same flags finds everything done.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -143,11 +142,7 @@ def sampling_params(task_name: str, settings: EvalSettings):
 def load_task(run_dir: str, settings: EvalSettings):
   """The task of the settings, or of the run's examples.json."""
   from memdyn_jax import evaluation, tasks
-  listing = {}
-  path = os.path.join(run_dir, evaluation.EXAMPLES_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      listing = json.load(f)
+  listing = evaluation.read_examples_listing(run_dir) or {}
   name = settings.task or listing.get("task")
   if not name:
     raise EvalSettingsError("task", f"is required ({run_dir} has no examples.json naming it)")
@@ -155,6 +150,18 @@ def load_task(run_dir: str, settings: EvalSettings):
     return tasks.get_task(name, **settings.task_kwargs)
   except (ValueError, TypeError) as e:
     raise EvalSettingsError("task", f"{e} (task_kwargs {settings.task_kwargs})") from None
+
+
+def load_tokenizer(run_dir: str, settings: EvalSettings):
+  """The settings' tokenizer, default the run's base model's (right padding)."""
+  from memdyn_jax import checkpoints, models
+  path = settings.tokenizer or checkpoints.read_run_info(run_dir)["model"]["path"]
+  try:
+    return models.load_tokenizer(path, padding_side="right")
+  except Exception as e:  # missing dir, no tokenizer files: one line
+    raise EvalSettingsError("tokenizer", f"cannot load a tokenizer from {path}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            ) from None
 
 
 def build_units(run_dir: str, task, settings: EvalSettings):
@@ -277,7 +284,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
       the mesh does not divide); a records folder made with other settings (field
       "eval_name").
   """
-  from memdyn_jax import checkpoints, evaluation, models, records
+  from memdyn_jax import evaluation, records
   wanted = _checked_steps(run_dir, steps, settings.include_base)
   task = load_task(run_dir, settings)
   params = sampling_params(task.name, settings)
@@ -295,13 +302,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         "grad_variance_batch_size", f"{gv_config.num_minibatches} minibatches of "
         f"{gv_config.batch_size} need {gv_config.num_minibatches * gv_config.batch_size} train "
         f"examples, the --num_train subset has {len(train)} (or --nograd_variance)")
-  tok_path = settings.tokenizer or checkpoints.read_run_info(run_dir)["model"]["path"]
-  try:
-    tokenizer = models.load_tokenizer(tok_path, padding_side="right")
-  except Exception as e:  # missing dir, no tokenizer files: one line
-    raise EvalSettingsError("tokenizer", f"cannot load a tokenizer from {tok_path}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                            ) from None
+  tokenizer = load_tokenizer(run_dir, settings)
   _check_config(run_dir, config, settings)
   try:
     return evaluation.evaluate_run(

@@ -91,6 +91,14 @@ def sampling_settings() -> EvalSettings:
     raise cli.usage_error(e, _SAMPLING_FLAGS) from None
 
 
+def sampling_params(settings: EvalSettings):
+  """--task's default sampling with the sampling flags applied."""
+  try:
+    return run_evaluation.sampling_params(FLAGS.task, settings)
+  except EvalSettingsError as e:
+    raise cli.usage_error(e, _SAMPLING_FLAGS) from None
+
+
 def curation_config(method: str) -> curation.CurationConfig:
   try:
     return curation.CurationConfig(
@@ -99,11 +107,11 @@ def curation_config(method: str) -> curation.CurationConfig:
         keep_fraction=FLAGS.keep_fraction,
         memorization_perplexity=FLAGS.memorization_perplexity, ifd_epochs=FLAGS.ifd_epochs,
         seed=FLAGS.curation_seed)
-  except ValueError as e:
-    raise UsageError(f"--{str(e).split()[0]}: {e}") from None
+  except curation.CurationConfigError as e:
+    raise cli.usage_error(e, {"seed": "curation_seed"}) from None
 
 
-def load_setup(model_dir: str, sampling: EvalSettings):
+def load_setup(model_dir: str, sampling: EvalSettings, params):
   from memdyn_jax import tasks
   try:
     kwargs = json.loads(FLAGS.task_kwargs)
@@ -121,10 +129,6 @@ def load_setup(model_dir: str, sampling: EvalSettings):
       curation.heuristic_difficulty(task.name, train[0])
     except ValueError as e:
       raise UsageError(f"--methods: {e}") from None
-  try:
-    params = run_evaluation.sampling_params(task.name, sampling)
-  except EvalSettingsError as e:
-    raise cli.usage_error(e, _SAMPLING_FLAGS) from None
   return curation.CurationSetup(
       task=task, model_path=model_dir, train_examples=tuple(train),
       test_examples=tuple(test[:FLAGS.n_test or None]), sampling=params,
@@ -203,8 +207,9 @@ def run() -> int:
   from memdyn_jax import tasks
   if FLAGS.task not in tasks.task_names():  # fail fast, before loading a model
     raise UsageError(f"--task: unknown task {FLAGS.task!r}; known: {tasks.task_names()}")
+  params = sampling_params(sampling)
   model_dir = cli.resolve_model(FLAGS.model)
-  setup = load_setup(model_dir, sampling)
+  setup = load_setup(model_dir, sampling, params)
   generator = make_generator(setup.task)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   results = []

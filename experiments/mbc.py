@@ -83,9 +83,8 @@ def study_config():
         perturbations=perturbations, judge=FLAGS.judge, judge_tie_margin=FLAGS.judge_tie_margin,
         judge_max_response_tokens=FLAGS.judge_max_response_tokens, confidence=FLAGS.confidence,
         eval_batch_size=FLAGS.eval_batch_size)
-  except ValueError as e:
-    field, _, message = str(e).partition(": ")
-    raise UsageError(f"--{field}: {message}") from None
+  except sampler_study.StudyConfigError as e:
+    raise cli.usage_error(e) from None
 
 
 def run() -> int:

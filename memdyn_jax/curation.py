@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from memdyn_jax import records as records_lib
+from memdyn_jax.errors import FieldError
 from memdyn_jax.sampling import SamplingParams
 from memdyn_jax.tasks.base import DataError, Example, Task, read_jsonl
 from memdyn_jax.train.config import TrainConfig, get_preset
@@ -69,6 +70,10 @@ DEFAULT_KEEP_FRACTION = {"gsm8k": 0.5, "math": 0.75, "synthetic_arith": 0.5}
 class CurationError(ValueError):
   """A curation study cannot go on: a changed configuration on resume, a generator that
   cannot produce the examples asked for."""
+
+
+class CurationConfigError(FieldError):
+  """A bad `CurationConfig` value; `field` names it."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -103,21 +108,21 @@ class CurationConfig:
 
   def __post_init__(self):
     if self.method not in METHODS:
-      raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
+      raise CurationConfigError("method", f"{self.method!r} is not one of {list(METHODS)}")
     if self.iterations < 1:
-      raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+      raise CurationConfigError("iterations", f"must be >= 1, got {self.iterations}")
     if not 0 <= self.threshold <= 1:
-      raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+      raise CurationConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
     if self.additions_per_iteration < 0:
-      raise ValueError(f"additions_per_iteration must be >= 0, got "
-                       f"{self.additions_per_iteration}")
+      raise CurationConfigError("additions_per_iteration",
+                                f"must be >= 0, got {self.additions_per_iteration}")
     if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
-      raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+      raise CurationConfigError("keep_fraction", f"must be in (0, 1], got {self.keep_fraction}")
     if self.memorization_perplexity is not None and not self.memorization_perplexity >= 1:
-      raise ValueError(f"memorization_perplexity must be >= 1, got "
-                       f"{self.memorization_perplexity}")
+      raise CurationConfigError("memorization_perplexity",
+                                f"must be >= 1, got {self.memorization_perplexity}")
     if not self.ifd_epochs > 0:
-      raise ValueError(f"ifd_epochs must be > 0, got {self.ifd_epochs}")
+      raise CurationConfigError("ifd_epochs", f"must be > 0, got {self.ifd_epochs}")
 
   def resolved(self, task_name: str, num_train: int) -> "CurationConfig":
     """The config with every task- or size-dependent default filled in."""

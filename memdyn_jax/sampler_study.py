@@ -39,6 +39,7 @@ import numpy as np
 
 from memdyn_jax import evaluation, judge as judge_lib
 from memdyn_jax import records as records_lib
+from memdyn_jax.errors import FieldError
 from memdyn_jax.sampling import SamplingParams
 from memdyn_jax.tasks.base import Example, Task
 from memdyn_jax.train import task_run
@@ -50,6 +51,10 @@ TRAIN, TEST, OOD, PERTURBED = "train", "test", "ood", "test_perturbed"
 JUDGES = ("auto", "reference", "local", "both", "none")
 # Tasks whose "answer" is the whole response: graded by exact match, so judged by a model.
 OPEN_ENDED_TASKS = ("sft",)
+
+
+class StudyConfigError(FieldError):
+  """A bad study setting; `field` names it (and the mbc.py flag)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,30 +122,30 @@ class StudyConfig:
     object.__setattr__(self, "perturbations", tuple(p.strip() for p in self.perturbations
                                                     if p.strip()))
     if self.study not in PRESETS:
-      raise ValueError(f"study: {self.study!r} is not one of {sorted(PRESETS)}")
+      raise StudyConfigError("study", f"{self.study!r} is not one of {sorted(PRESETS)}")
     unknown = [s for s in self.samplers if s not in SAMPLERS]
     if unknown or len(set(self.samplers)) != len(self.samplers) or len(self.samplers) < 2:
-      raise ValueError(f"samplers: need two or more distinct samplers of {list(SAMPLERS)}, "
-                       f"got {list(self.samplers)}")
+      raise StudyConfigError("samplers", f"need two or more distinct samplers of "
+                             f"{list(SAMPLERS)}, got {list(self.samplers)}")
     if self.baseline not in self.samplers:
-      raise ValueError(f"baseline: {self.baseline!r} is not among the samplers "
-                       f"{list(self.samplers)}")
+      raise StudyConfigError("baseline", f"{self.baseline!r} is not among the samplers "
+                             f"{list(self.samplers)}")
     if self.judge not in JUDGES:
-      raise ValueError(f"judge: {self.judge!r} is not one of {list(JUDGES)}")
+      raise StudyConfigError("judge", f"{self.judge!r} is not one of {list(JUDGES)}")
     for name in ("n_eval", "n_eval_train", "n_ood", "judge_tie_margin"):
       if getattr(self, name) < 0:
-        raise ValueError(f"{name}: must be >= 0")
+        raise StudyConfigError(name, "must be >= 0")
     for name in ("judge_max_response_tokens", "eval_batch_size"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name}: must be >= 1")
+        raise StudyConfigError(name, "must be >= 1")
     if not 0 < self.confidence < 1:
-      raise ValueError(f"confidence: must be in (0, 1), got {self.confidence}")
+      raise StudyConfigError("confidence", f"must be in (0, 1), got {self.confidence}")
 
 
 def study_config(study: str, **overrides) -> StudyConfig:
   """The preset's StudyConfig; `overrides` that are None keep the preset's value."""
   if study not in PRESETS:
-    raise ValueError(f"study: {study!r} is not one of {sorted(PRESETS)}")
+    raise StudyConfigError("study", f"{study!r} is not one of {sorted(PRESETS)}")
   p = PRESETS[study]
   base = dict(study=study, samplers=p.samplers, judge=p.judge, ood=p.ood,
               perturbations=p.perturbations)

@@ -19,7 +19,6 @@ resumable: a re-run skips finished rounds. Exit status: 0 done, 2 bad flags or i
 """
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -32,9 +31,7 @@ PROG = "curate.py"
 GENERATORS = ("auto", "fresh", "rephrase", "jsonl", "model")
 
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
-flags.DEFINE_string("task", None, "Task name (memdyn_jax.tasks.get_task).")
-flags.DEFINE_string("task_kwargs", "{}", "JSON keyword arguments for the task constructor.")
-flags.DEFINE_string("task_path", None, "Data file or directory for the task (default: its own).")
+_TASK_FLAGS = cli.define_task_flags(skip=("split", "max_examples"))
 flags.DEFINE_integer("n_train", 0, "D_train: the first N train examples (0 = all).")
 flags.DEFINE_integer("n_test", 0, "Test examples evaluated after every round (first N; 0 = all).")
 flags.DEFINE_integer("n_ifd", 0, "Test examples the IFD model is fine-tuned on (0 = all).")
@@ -111,16 +108,13 @@ def curation_config(method: str) -> curation.CurationConfig:
     raise cli.usage_error(e, {"seed": "curation_seed"}) from None
 
 
-def load_setup(model_dir: str, sampling: EvalSettings, params):
+def load_setup(spec, model_dir: str, sampling: EvalSettings, params):
+  """The study's data, model and settings (`spec`: the task flags' TaskSpec)."""
   from memdyn_jax import tasks
   try:
-    kwargs = json.loads(FLAGS.task_kwargs)
-  except json.JSONDecodeError as e:
-    raise UsageError(f"--task_kwargs: not JSON ({e})") from None
-  try:
-    task = tasks.get_task(FLAGS.task, **kwargs)
-    train = task.load("train", FLAGS.task_path)
-    test = task.load("test", FLAGS.task_path)
+    task = tasks.get_task(spec.name, **spec.kwargs)
+    train = task.load("train", spec.path)
+    test = task.load("test", spec.path)
   except (ValueError, FileNotFoundError, TypeError) as e:
     raise UsageError(f"--task/--task_path: {str(e).splitlines()[0]}") from None
   train = train[:FLAGS.n_train or None]
@@ -203,13 +197,16 @@ def write_outputs(out: str, results, setup) -> str:
 def run() -> int:
   check_flags()
   sampling = sampling_settings()
+  spec = cli.task_spec_from_flags(_TASK_FLAGS)
   configs = [curation_config(m) for m in dict.fromkeys(FLAGS.methods)]
-  from memdyn_jax import tasks
-  if FLAGS.task not in tasks.task_names():  # fail fast, before loading a model
-    raise UsageError(f"--task: unknown task {FLAGS.task!r}; known: {tasks.task_names()}")
+  from memdyn_jax.train import task_run
+  try:
+    task_run.check_task_name(spec.name)  # fail fast, before loading a model
+  except task_run.TaskRunError as e:
+    raise cli.usage_error(e) from None
   params = sampling_params(sampling)
   model_dir = cli.resolve_model(FLAGS.model)
-  setup = load_setup(model_dir, sampling, params)
+  setup = load_setup(spec, model_dir, sampling, params)
   generator = make_generator(setup.task)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   results = []

@@ -276,8 +276,8 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask, rng, example_ids, pad_id,
   b, p = prompt_ids.shape
   cache = model.init_cache(b, p + max_new)
   cache = dataclasses.replace(
-      cache, k=_constrain(cache.k, mesh, ("layers", "batch", "length", "kv_heads", "head_dim")),
-      v=_constrain(cache.v, mesh, ("layers", "batch", "length", "kv_heads", "head_dim")))
+      cache, k=_constrain(cache.k, mesh, ("layers", "batch", "kv_heads", "length", "head_dim")),
+      v=_constrain(cache.v, mesh, ("layers", "batch", "kv_heads", "length", "head_dim")))
   logits, cache = model.forward_with_cache(prompt_ids, prompt_mask, cache)
   # Prefill each prompt once, then copy its cache to its n sample rows.
   rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis) if n > 1 else x

@@ -317,26 +317,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
               layer_windows: tuple[int, ...] | None = None) -> jax.Array:
   """Masked grouped-query attention through the path `choose_attention` picks (logged once).
 
-  q (B,T,H,D), k/v (B,S,K,D) -> (B,T,H,D). The mask is `attention_mask(q_slots, k_slots,
+  q (B,T,H,D) -> (B,T,H,D); k/v (B,S,K,D), or with `kv_cache` a cache layer (B,K,S,D) (the
+  cache's layout: see `dot_attention`). The mask is `attention_mask(q_slots, k_slots,
   key_valid, window)`. `layer_windows`: the static windows a traced `window` is one of (the
-  config's), which the splash kernel needs; `kv_cache`: k/v are a cache (slots offset).
+  config's), which the splash kernel needs.
   """
   if isinstance(window, (int, np.integer)) and layer_windows is None:
     layer_windows = (int(window),)
+  kv_layout = "bksd" if kv_cache else "bskd"
   choice = choose_attention(impl, backend=jax.default_backend(), q_len=q.shape[1],
-                            kv_len=k.shape[1], softcap=softcap, kv_cache=kv_cache,
-                            windows_known=layer_windows is not None)
+                            kv_len=k.shape[kv_layout.index("s")], softcap=softcap,
+                            kv_cache=kv_cache, windows_known=layer_windows is not None)
   _log_once(choice)
   if choice.impl == "splash":
     return splash.splash_attention(q, k, v, key_valid, window=window, layer_windows=layer_windows,
                                    scale=scale, softcap=softcap, interpret=choice.interpret)
   mask = attention_mask(q_slots, k_slots, key_valid, window)
-  return dot_attention(q, k, v, mask, scale=scale, softcap=softcap, impl=choice.impl)
+  return dot_attention(q, k, v, mask, scale=scale, softcap=softcap, impl=choice.impl,
+                       kv_layout=kv_layout)
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
-                  softcap: float = 0.0, impl: str = "reference") -> jax.Array:
+                  softcap: float = 0.0, impl: str = "reference",
+                  kv_layout: str = "bskd") -> jax.Array:
   """Grouped-query attention. q (B,T,H,D), k/v (B,S,K,D), mask (B,T,S) -> (B,T,H,D).
+
+  `kv_layout="bksd"`: k/v are (B,K,S,D), the KV cache's layout, in which the reference
+  einsums are plain batched matmuls over (B,K): decoding never transposes the cache.
 
   `impl="reference"`: explicit einsums, scores and softmax in float32 (as HF eager), heads
   sharing K/V groups without copies. Otherwise `jax.nn.dot_product_attention` with that
@@ -347,20 +354,24 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, 
   """
   if impl not in _DENSE_MASK_IMPLS:
     raise ValueError(f"attention impl {impl!r} with a dense mask not in {_DENSE_MASK_IMPLS}")
+  if kv_layout not in ("bskd", "bksd"):
+    raise ValueError(f"kv_layout {kv_layout!r} not in ('bskd', 'bksd')")
   if impl != "reference" and not softcap:
+    if kv_layout == "bksd":  # the fused kernels take (B,S,K,D)
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask[:, None, :, :], scale=scale,
         implementation=None if impl == "auto" else impl).astype(q.dtype)
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[kv_layout.index("k")]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * scale
   if softcap:
     scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
@@ -381,22 +392,27 @@ class Attention(nnx.Module):
                         use_bias=out_bias, **kw)
 
   def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None,
-               layer_cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array,
+               layer_cache: tuple[jax.Array, jax.Array, jax.Array] | None, write_index: jax.Array,
                q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array, window: jax.Array,
                scale: float, softcap: float, impl: str = "reference",
                layer_windows: tuple[int, ...] | None = None):
-    """Returns (output, updated (k, v) cache or the fresh (k, v) when there is no cache).
+    """Returns (output, the updated cache (k, v) or the fresh (k, v) when there is no cache).
 
+    `layer_cache` is (k, v, layer): the keys/values of *every* layer, (L,B,K,S,D), and this
+    layer's index. The new tokens are written in place at [layer, :, :, write_index] and the
+    layer is attended from there, so a decode step copies no cache besides reading it.
     `window` is this layer's (traced) window, `layer_windows` the config's (see `attention`).
     """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if layer_cache is not None:
-      cache_k, cache_v = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, axis=1)
+      cache_k, cache_v, layer = layer_cache
+      at = (layer, 0, 0, write_index, 0)
+      write = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None].astype(c.dtype), at)
+      cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+      k, v = cache_k[layer], cache_v[layer]
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots=q_slots, k_slots=k_slots,
                     key_valid=key_valid, window=window, scale=scale, softcap=softcap, impl=impl,
                     kv_cache=layer_cache is not None, layer_windows=layer_windows)
-    return self.o_proj(out), (k, v)
+    return self.o_proj(out), ((cache_k, cache_v) if layer_cache is not None else (k, v))

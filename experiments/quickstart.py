@@ -31,10 +31,10 @@ from absl import app, flags, logging
 flags.DEFINE_string("output_dir", "/tmp/memdyn_quickstart", "Where runs, records and the report go.")
 flags.DEFINE_integer("scale", 1, "Model/corpus/data scale factor (1 = 2-core CPU in minutes).")
 flags.DEFINE_integer("seed", 0, "Seed of data, model and sampling.")
-flags.DEFINE_integer("n_train", 256, "Training examples (per scale unit).")
+flags.DEFINE_integer("n_train", 160, "Training examples (per scale unit).")
 flags.DEFINE_list("learning_rates", ["5e-4", "2e-3", "4e-3"], "Fine-tuning learning rates.")
-flags.DEFINE_list("epochs", ["1", "3", "6"], "Fine-tuning epoch counts (grid with the LRs).")
-flags.DEFINE_float("half_data_epochs", 12.0,
+flags.DEFINE_list("epochs", ["1", "4", "12"], "Fine-tuning epoch counts (grid with the LRs).")
+flags.DEFINE_float("half_data_epochs", 16.0,
                    "Epochs of the half-data run (middle LR); 0 = no half-data run.")
 flags.DEFINE_float("checkpoint_every_epochs", 0.25, "Checkpoint cadence in epochs.")
 flags.DEFINE_integer("evals_per_run", 4,
@@ -110,30 +110,6 @@ def eval_steps(steps: list[int], k: int) -> list[int]:
   return sorted(picks)
 
 
-_GRAD_FNS: dict = {}
-
-
-def gradient_variance(model, data, n_batches: int = 5, batch: int = 4) -> float:
-  """Kang et al.'s gradient-variance baseline over `n_batches` train minibatches."""
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from memdyn_jax.metrics import baselines
-  from memdyn_jax.train import loss as loss_lib
-
-  graphdef, params = nnx.split(model, nnx.Param)
-  if graphdef not in _GRAD_FNS:  # one compile per architecture, reused across checkpoints
-    def loss_fn(p, b):
-      logits = nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"])
-      return loss_lib.masked_mean_loss(logits, b["input_ids"], b["target_mask"])
-    _GRAD_FNS[graphdef] = jax.jit(jax.grad(loss_fn))
-  idx = np.arange(min(n_batches * batch, data.num_examples))
-  grads = [_GRAD_FNS[graphdef](params, data.rows(chunk))
-           for chunk in np.array_split(idx, n_batches)]
-  return baselines.gradient_variance(grads)
-
-
 def _param_leaves(model):
   import jax
   from flax import nnx
@@ -148,7 +124,8 @@ def run_study(spec=None) -> str:
   """
   import numpy as np
 
-  from memdyn_jax import checkpoints, embedded, evaluation, merging, models, sampling
+  from memdyn_jax import (checkpoints, embedded, evaluation, gradient_variance, merging, models,
+                          sampling)
   from memdyn_jax.metrics import baselines
   from memdyn_jax.train import loop
   from memdyn_jax.train.config import TrainConfig
@@ -197,6 +174,7 @@ def run_study(spec=None) -> str:
 
   runs = sweep()
   run_info = {}
+  grad_batches = {}
   for run in runs:
     cfg = TrainConfig(learning_rate=run.learning_rate, num_epochs=run.epochs,
                       data_fraction=run.data_fraction, global_batch_size=FLAGS.batch_size,
@@ -214,6 +192,12 @@ def run_study(spec=None) -> str:
         trained = np.asarray(json.load(f)["indices"])
     by_id = {e.id: e for e in all_train}
     eval_train = [by_id[ids[i]] for i in trained[:FLAGS.n_eval]]
+    # Kang et al. App. B.1: K fixed minibatches of this run's train examples.
+    gv_config = gradient_variance.GradientVarianceConfig(
+        batch_size=max(1, min(4, len(trained) // 5)), seed=FLAGS.seed)
+    grad_batches[run.name] = gradient_variance.make_minibatches(
+        tokenizer, task, [by_id[ids[i]] for i in trained], gv_config,
+        max_length=FLAGS.max_length, append_eos=cfg.append_eos)
     steps = checkpoints.list_steps(run_dir)
     chosen = eval_steps(steps, FLAGS.evals_per_run)
     run_info[run.name] = dict(run=run, steps=chosen, run_dir=run_dir,
@@ -232,7 +216,8 @@ def run_study(spec=None) -> str:
         leaves = _param_leaves(model)
         row = {"run": run.name, "step": step, "split": "checkpoint_metrics",
                "distance_from_init": baselines.distance_from_init(leaves, base_leaves),
-               "gradient_variance": gradient_variance(model, _subset(data, trained))}
+               "gradient_variance": gradient_variance.checkpoint_gradient_variance(
+                   model, grad_batches[run.name])}
         with open(metrics_path, "a") as f:
           f.write(json.dumps(row) + "\n")
         with open(records_path, "a") as f:
@@ -261,12 +246,6 @@ def run_study(spec=None) -> str:
   with open(os.path.join(out, "stages.txt"), "w") as f:
     f.write(stages.summary() + "\n")
   return os.path.join(out, "report.md")
-
-
-def _subset(data, indices):
-  from memdyn_jax.train.loop import TrainData
-  rows = data.rows(indices)
-  return TrainData(rows["input_ids"], rows["attention_mask"], rows["target_mask"])
 
 
 def _load_records(records_path):

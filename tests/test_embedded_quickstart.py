@@ -1,4 +1,5 @@
 """A tiny embedded model and a tiny quickstart run end to end (CI's copy of the pipeline)."""
+import dataclasses
 import json
 import os
 import sys
@@ -62,6 +63,21 @@ def test_tiny_build_is_cached_and_loadable(cache_dir):
   mtime = os.path.getmtime(os.path.join(path, "embedded.json"))
   assert embedded.model_dir(TINY, cache_dir=str(cache_dir)) == path  # cache hit, no rebuild
   assert os.path.getmtime(os.path.join(path, "embedded.json")) == mtime
+
+
+def test_preempted_build_is_not_cached(tmp_path, monkeypatch):
+  from memdyn_jax.train import loop
+
+  def preempted_train(cfg, data, model_path, output_dir, **kwargs):
+    return loop.TrainResult(run_dir=output_dir, step=3, total_steps=10, losses=(1.0,) * 3,
+                            preempted=True, model=None)
+
+  monkeypatch.setattr(loop, "train", preempted_train)
+  spec = dataclasses.replace(TINY, corpus_docs=60)
+  with pytest.raises(RuntimeError, match="step 3 of 10"):
+    embedded.model_dir(spec, cache_dir=str(tmp_path), progress=False)
+  root = tmp_path / "embedded" / spec.key()
+  assert not (root / "model").exists() and not list(root.glob("build-*"))
 
 
 def _run_quickstart(quickstart, out):

@@ -103,6 +103,35 @@ def _fact(rng: random.Random, max_value: int) -> str:
   return f"{expr}={c}" if rng.random() < 0.5 else f"{expr}=<<{expr}={c}>>{c}"
 
 
+def _chain(rng: random.Random, max_value: int, n: int) -> list[str]:
+  """n true facts, each after the first starting from the previous result ("4+3=7",
+  "7*2=14", ...): the next line can only be written by reading the one before, which is
+  how a model learns to carry intermediate results through a multi-step trace."""
+  facts = [_fact(rng, max_value)]
+  for _ in range(n - 1):
+    a = int(facts[-1].rsplit("=", 1)[-1].rsplit(">>", 1)[-1])
+    ops = (["+"] if a < max_value else []) + (["-"] if a > 0 else [])
+    ops += ["*"] if 0 < a <= max_value // 2 else []
+    divisors = [b for b in range(2, 10) if a and a % b == 0]
+    ops += ["/"] if divisors else []
+    op = rng.choice(ops or ["+"])
+    if op == "+":
+      b = rng.randint(1, max_value - a) if a < max_value else 0
+      c = a + b
+    elif op == "-":
+      b = rng.randint(1, a)
+      c = a - b
+    elif op == "*":
+      b = rng.randint(2, max(2, max_value // a))
+      c = a * b
+    else:
+      b = rng.choice(divisors)
+      c = a // b
+    expr = f"{a}{op}{b}"
+    facts.append(f"{expr}={c}" if rng.random() < 0.5 else f"{expr}=<<{expr}={c}>>{c}")
+  return facts
+
+
 def _sentences(rng: random.Random, n: int) -> str:
   """n generic sentences about one protagonist (so pronouns agree)."""
   name, gender = rng.choice(sa.NAMES)
@@ -116,7 +145,8 @@ def _sentences(rng: random.Random, n: int) -> str:
 
 
 def corpus_documents(n_docs: int, seed: int = 0, task: sa.SyntheticArithTask | None = None,
-                     mix: Mapping[str, float] | None = None) -> list[CorpusDoc]:
+                     mix: Mapping[str, float] | None = None,
+                     chain_fraction: float = 0.0) -> list[CorpusDoc]:
   """Generates the pre-training corpus with document kinds and problem keys.
 
   Args:
@@ -125,6 +155,8 @@ def corpus_documents(n_docs: int, seed: int = 0, task: sa.SyntheticArithTask | N
     task: the task whose splits must be excluded; default `SyntheticArithTask()`.
       Pass the task used in the experiment, or its held-out problems may leak.
     mix: relative weights of DOC_KINDS; default DEFAULT_MIX.
+    chain_fraction: share of "facts" documents written as chains (`_chain`), the rest
+      independent facts.
 
   Returns:
     The documents, deterministic in (n_docs, seed, task config, mix).
@@ -143,7 +175,10 @@ def corpus_documents(n_docs: int, seed: int = 0, task: sa.SyntheticArithTask | N
   for _ in range(n_docs):
     kind = rng.choices(kinds, weights)[0]
     if kind == "facts":
-      text = "\n".join(_fact(rng, task.max_value) for _ in range(rng.randint(3, 8)))
+      n = rng.randint(3, 8)
+      facts = (_chain(rng, task.max_value, n) if chain_fraction and rng.random() < chain_fraction
+               else [_fact(rng, task.max_value) for _ in range(n)])
+      text = "\n".join(facts)
       docs.append(CorpusDoc(kind, text))
     elif kind == "numbers":
       nums = [rng.randint(0, task.max_value) for _ in range(rng.randint(3, 8))]
@@ -165,9 +200,10 @@ def corpus_documents(n_docs: int, seed: int = 0, task: sa.SyntheticArithTask | N
 
 
 def pretraining_corpus(n_docs: int, seed: int = 0, task: sa.SyntheticArithTask | None = None,
-                       mix: Mapping[str, float] | None = None) -> list[str]:
-  """Texts of `corpus_documents(n_docs, seed, task, mix)`."""
-  return [d.text for d in corpus_documents(n_docs, seed, task, mix)]
+                       mix: Mapping[str, float] | None = None,
+                       chain_fraction: float = 0.0) -> list[str]:
+  """Texts of `corpus_documents(n_docs, seed, task, mix, chain_fraction)`."""
+  return [d.text for d in corpus_documents(n_docs, seed, task, mix, chain_fraction)]
 
 
 def _byte_alphabet() -> list[str]:
@@ -199,11 +235,15 @@ def _lexicon() -> list[str]:
 
 def build_tokenizer(out_dir: str | None = None, seed: int = 0, vocab_size: int = 512,
                     n_docs: int = 4000, lexicon_repeats: int = 500,
-                    task: sa.SyntheticArithTask | None = None) -> "PreTrainedTokenizerFast":
+                    task: sa.SyntheticArithTask | None = None,
+                    whole_numbers: int = 0) -> "PreTrainedTokenizerFast":
   """Trains a byte-level BPE on the pre-training corpus and wraps it for transformers.
 
-  Digits are split into single-digit pre-tokens, so every digit is one token and no
-  merge spans digits. The byte-level pre-tokenizer (no prefix space) and decoder make
+  By default digits are split into single-digit pre-tokens, so every digit is one token
+  and no merge spans digits. With `whole_numbers=N`, digit runs stay whole and every
+  number 0..N is one token (larger numbers fall back to BPE pieces): arithmetic on small
+  numbers becomes a lookup over number tokens, which a tiny model learns from far fewer
+  tokens than digit-wise carrying. No merge ever joins digits and non-digits. The byte-level pre-tokenizer (no prefix space) and decoder make
   decode(encode(x)) == x for any ASCII text, spaces and newlines included. Encoding
   prepends `<s>` (Llama convention; pass add_special_tokens=False to avoid it); eos
   `</s>`, pad `<pad>` and unk `<unk>` are defined but never added automatically.
@@ -215,6 +255,7 @@ def build_tokenizer(out_dir: str | None = None, seed: int = 0, vocab_size: int =
     n_docs: corpus documents to train on.
     lexicon_repeats: copies of the template-word lexicon added to the training text.
     task: forwarded to `pretraining_corpus`.
+    whole_numbers: 0, or the largest number guaranteed to be a single token.
 
   Returns:
     The tokenizer (reloaded from out_dir when given, so it is what others load).
@@ -224,7 +265,7 @@ def build_tokenizer(out_dir: str | None = None, seed: int = 0, vocab_size: int =
 
   tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
   tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.Digits(individual_digits=not whole_numbers),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
   ])
   tok.decoder = decoders.ByteLevel()
@@ -234,9 +275,15 @@ def build_tokenizer(out_dir: str | None = None, seed: int = 0, vocab_size: int =
   # The lexicon makes every template word (OOD ones too, which are rare in the corpus)
   # a merge candidate, so OOD questions are not shredded into characters.
   # Joined by spaces and by newlines: words occur both after a space and line-initially.
-  lexicon = [" ".join(_lexicon()), "\n".join(_lexicon())]
+  words = _lexicon() + [str(n) for n in range(whole_numbers + 1 if whole_numbers else 0)]
+  lexicon = [" ".join(words), "\n".join(words)]
   texts = pretraining_corpus(n_docs, seed, task) + lexicon * lexicon_repeats
   tok.train_from_iterator(texts, trainer=trainer)
+  if whole_numbers:
+    split = [n for n in range(whole_numbers + 1) if tok.token_to_id(str(n)) is None]
+    if split:  # vocab_size too small for the lexicon plus the numbers
+      raise ValueError(f"vocab_size={vocab_size} leaves numbers {split[:5]}... in pieces; "
+                       f"raise vocab_size or lower whole_numbers={whole_numbers}")
   bos = SPECIAL_TOKENS["bos_token"]
   tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tok.token_to_id(bos))])

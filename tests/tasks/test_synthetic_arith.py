@@ -391,3 +391,37 @@ def test_tokenizer_specials_size_and_determinism(tmp_path, task, tokenizer):
   assert len(small) == 256
   assert small.decode(small("So 12-5=<<12-5=7>>7.\n#### 7")["input_ids"],
                       skip_special_tokens=True) == "So 12-5=<<12-5=7>>7.\n#### 7"
+
+
+def test_tokenizer_whole_numbers(task, data):
+  tok = sc.build_tokenizer(None, seed=0, n_docs=400, task=task, whole_numbers=99)
+  vocab = tok.get_vocab()
+  for n in range(100):
+    assert tok(str(n), add_special_tokens=False)["input_ids"] == [vocab[str(n)]]
+  for token in vocab:  # digit runs never merge with anything else
+    assert not re.search(r"\d", token) or token.isdigit()
+  text = "Tom has 14 coins.\n3*12=<<3*12=36>>36\n#### 1290"
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert vocab["14"] in ids and vocab["36"] in ids
+  assert tok.decode(ids) == text
+  for e in data["test"][:30]:  # prompt/target boundary as in the digit tokenizer
+    prompt, target = task.format_prompt(e.question), task.format_target(e)
+    assert (tok(prompt + target, add_special_tokens=False)["input_ids"]
+            == tok(prompt, add_special_tokens=False)["input_ids"]
+            + tok(target, add_special_tokens=False)["input_ids"])
+  with pytest.raises(ValueError, match="vocab_size"):
+    sc.build_tokenizer(None, seed=0, vocab_size=300, n_docs=50, task=task, whole_numbers=99)
+
+
+def test_fact_chains_carry_the_previous_result(task):
+  docs = sc.corpus_documents(300, seed=3, task=task, mix={"facts": 1.0}, chain_fraction=1.0)
+  for d in docs:
+    previous = None
+    for line in d.text.split("\n"):
+      expr, c = re.match(r"(\d+[-+*/]\d+)=(?:<<.*>>)?(\d+)$", line).groups()
+      a, op, b = re.match(r"(\d+)([-+*/])(\d+)", expr).groups()
+      assert eval(f"{a}{op}{b}") == int(c) and 0 <= int(c) <= task.max_value
+      assert previous is None or int(a) == previous
+      previous = int(c)
+  plain = sc.corpus_documents(300, seed=3, task=task, mix={"facts": 1.0})
+  assert [d.text for d in plain] != [d.text for d in docs]

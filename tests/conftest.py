@@ -131,15 +131,11 @@ EVAL_CLI_FLAGS = ("--splits=train,test,perturbed", "--num_train=4", "--max_eval=
 def evaluated_run(tiny_run):
   """(run_dir, completed process) after experiments/evaluate.py ran on `tiny_run`."""
   import json
-  import subprocess
-  import sys
 
   run_dir, _ = tiny_run
-  proc = subprocess.run(
-      [sys.executable, str(REPO_ROOT / "experiments" / "evaluate.py"), f"--run_dir={run_dir}",
-       f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = run_binary("evaluate.py", f"--run_dir={run_dir}",
+                    f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS,
+                    timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return run_dir, proc
 
@@ -152,14 +148,24 @@ def evaluated_run(tiny_run):
 # =========================================================================================
 
 
-def run_binary(name: str, *args, timeout: int = 300):
-  """Runs experiments/<name> with `args`; returns the CompletedProcess (text output)."""
+def run_binary(name: str, *args, timeout: int = 300, env: dict[str, str] | None = None):
+  """Runs experiments/<name> with `args` on CPU (and `env` set); returns the CompletedProcess
+  (text output)."""
   import subprocess
   import sys
 
   return subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / name), *args],
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+
+
+def assert_one_line_error(proc, prog: str, needle: str) -> str:
+  """Asserts a binary's user error: exit status 2 and one stderr line `<prog>: error: ...`
+  containing `needle`; returns that line."""
+  lines = [x for x in proc.stderr.splitlines() if x.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"{prog}: error:") and needle in lines[0], lines[0]
+  return lines[0]
 
 # =========================================================================================
 # End of binaries.

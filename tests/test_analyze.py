@@ -7,8 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,17 +14,15 @@ import pytest
 from memdyn_jax import evaluation, metrics, records
 from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
-from conftest import REPO_ROOT
+from conftest import assert_one_line_error, run_binary
 
-ANALYZE = str(REPO_ROOT / "experiments" / "analyze.py")
 STEPS = (10, 20, 30, 40)
 PLANTED = 1.2  # memorization threshold (perplexity) the synthetic sweep is built around
 N_TRAIN = 10
 
 
-def run_cli(*args, timeout=120):
-  return subprocess.run([sys.executable, ANALYZE, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def run_cli(*args):
+  return run_binary("analyze.py", *args)
 
 
 def _rec(example_id, split, accuracy, **kw):
@@ -466,6 +462,4 @@ def test_cli_on_evaluated_run_with_distance_from_init(evaluated_run, tmp_path, m
 def test_bad_input_gives_one_line_error(args, needle, sweep, tmp_path):
   root, _ = sweep
   proc = run_cli(*[a.replace("{sweep}", root).replace("{tmp}", str(tmp_path)) for a in args])
-  lines = [x for x in proc.stderr.splitlines() if x.strip()]
-  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-  assert lines[0].startswith("analyze.py: error:") and needle in lines[0]
+  assert_one_line_error(proc, "analyze.py", needle)

@@ -9,8 +9,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +17,8 @@ from memdyn_jax import curation, sampling, testing
 from memdyn_jax.tasks import DataError, Example, write_jsonl
 from memdyn_jax.tasks import synthetic_arith as sa
 
-from conftest import REPO_ROOT
+from conftest import run_binary
 
-CURATE = str(REPO_ROOT / "experiments" / "curate.py")
 TASK_KWARGS = {"n_train": 24, "n_test": 8, "n_ood": 2, "max_steps": 2}
 
 
@@ -249,9 +246,8 @@ STUDY_FLAGS = ("--task=synthetic_arith", f"--task_kwargs={json.dumps(TASK_KWARGS
                "--batch_size=8", "--noprogress")
 
 
-def run_cli(*args, timeout=300):
-  return subprocess.run([sys.executable, CURATE, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def run_cli(*args):
+  return run_binary("curate.py", *args)
 
 
 @pytest.fixture(scope="module")

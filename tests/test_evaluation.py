@@ -9,8 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -18,14 +16,11 @@ from memdyn_jax import evaluation, records
 from memdyn_jax.tasks import Example
 from memdyn_jax.tasks import synthetic_arith as sa
 
-from conftest import EVAL_TASK_KWARGS, REPO_ROOT
-
-EVALUATE = str(REPO_ROOT / "experiments" / "evaluate.py")
+from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, assert_one_line_error, run_binary
 
 
-def run_cli(*args, timeout=120):
-  return subprocess.run([sys.executable, EVALUATE, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def run_cli(*args, **kwargs):
+  return run_binary("evaluate.py", *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- records.py
@@ -263,7 +258,6 @@ def _library_inputs(run_dir: str):
 
 def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
   run_dir, _ = evaluated_run
-  from conftest import EVAL_CLI_FLAGS
   task, tok, params = _library_inputs(run_dir)
   unit = evaluation.EvalUnit("test", tuple(task.load("test")[:4]))
   # Library level: everything done, so nothing is restored or evaluated.
@@ -314,15 +308,11 @@ def test_gradient_variance_only_skips_done_and_redoes_changed_settings(evaluated
 def test_sharded_evaluation_matches_one_device(evaluated_run):
   """A 2x2x2 mesh over 8 forced host devices gives the 1-device records and gradient
   variance of the same checkpoint."""
-  from conftest import EVAL_CLI_FLAGS
   run_dir, _ = evaluated_run
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run(
-      [sys.executable, EVALUATE, f"--run_dir={run_dir}",
-       f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS, "--steps=4",
-       "--eval_name=eval_mesh", "--mesh_data=2", "--mesh_fsdp=2", "--mesh_tensor=2"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=400, env=env)
+  proc = run_cli(f"--run_dir={run_dir}", f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}",
+                 *EVAL_CLI_FLAGS, "--steps=4", "--eval_name=eval_mesh", "--mesh_data=2",
+                 "--mesh_fsdp=2", "--mesh_tensor=2", timeout=400,
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   done = records.list_done(run_dir, name="eval_mesh")
   assert done == {(4, u, p) for u, p in [("train", None), ("test", None), ("perturbed", "First")]}
@@ -365,9 +355,7 @@ def test_sharded_evaluation_matches_one_device(evaluated_run):
 def test_bad_input_gives_one_line_error(args, needle, evaluated_run, tmp_path):
   run_dir, _ = evaluated_run
   proc = run_cli(*[a.replace("{run}", run_dir).replace("{tmp}", str(tmp_path)) for a in args])
-  lines = [x for x in proc.stderr.splitlines() if x.strip()]
-  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-  assert lines[0].startswith("evaluate.py: error:") and needle in lines[0]
+  assert_one_line_error(proc, "evaluate.py", needle)
 
 
 def test_cli_run_without_checkpoints_is_an_error(tiny_run, tmp_path):

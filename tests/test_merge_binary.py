@@ -16,7 +16,7 @@ from flax import nnx
 from memdyn_jax import checkpoints, merged_run, merging, models, records
 from memdyn_jax.merging import MergeConfig
 
-from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, run_binary
+from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, assert_one_line_error, run_binary
 
 EVAL_FLAGS = (f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
 
@@ -198,8 +198,5 @@ def test_bad_inputs_give_one_line_error(args, needle, tiny_run, bad_runs, tmp_pa
   subst = {"{run}": run_dir, "{tmp}": str(tmp_path), "{corrupt}": corrupt, "{other}": other}
   for key, value in subst.items():
     args = [a.replace(key, value) for a in args]
-  proc = run_cli(*args)
-  lines = [x for x in proc.stderr.splitlines() if x.strip()]
-  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-  assert lines[0].startswith("merge.py: error:") and needle in lines[0], lines[0]
+  assert_one_line_error(run_cli(*args), "merge.py", needle)
   assert not os.path.exists(str(tmp_path / "o"))

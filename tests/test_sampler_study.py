@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +17,8 @@ from memdyn_jax.tasks import synthetic_arith as sa
 from memdyn_jax.train import task_run
 from memdyn_jax.train.config import TrainConfig
 
-from conftest import REPO_ROOT
+from conftest import assert_one_line_error, run_binary
 
-MBC = str(REPO_ROOT / "experiments" / "mbc.py")
 TASK_KWARGS = {"seed": 0, "n_train": 24, "n_test": 6, "n_ood": 4, "max_steps": 1}
 # 6 steps x 6 examples = 36 draws over 24 examples: uniform draws each once or twice.
 TRAIN = TrainConfig(learning_rate=1e-2, max_steps=6, global_batch_size=6, warmup_steps=1,
@@ -149,8 +146,7 @@ def test_mbc_study_end_to_end_and_resume(base_model, tmp_path):
 
 
 def _run_cli(*args, timeout=600):
-  return subprocess.run([sys.executable, MBC, *args], cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return run_binary("mbc.py", *args, timeout=timeout)
 
 
 def test_reweight_study_through_the_binary(base_model, tmp_path):
@@ -195,7 +191,4 @@ def test_reweight_study_through_the_binary(base_model, tmp_path):
       '--task_kwargs={"n_train": 4, "n_test": 2, "n_ood": 2}'], "--model:"),
 ])
 def test_bad_flags_give_one_line_error(args, needle):
-  proc = _run_cli(*args, timeout=120)
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("mbc.py: error:") and needle in lines[0]
+  assert_one_line_error(_run_cli(*args, timeout=120), "mbc.py", needle)

@@ -18,7 +18,8 @@ from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
 from memdyn_jax.train.config import PRESETS
 from memdyn_jax.train.task_run import TaskSpec
 
-from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, REPO_ROOT, run_binary
+from conftest import (EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, REPO_ROOT, assert_one_line_error,
+                      run_binary)
 
 TRAIN_OVERRIDES = {"global_batch_size": 6, "num_epochs": 1, "save_every_steps": 1,
                    "warmup_steps": 1, "max_length": 256, "overlength": "truncate"}
@@ -240,6 +241,4 @@ def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
 ])
 def test_bad_flags_give_one_line_error(args, needle, tmp_path):
   proc = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
-  lines = [x for x in proc.stderr.splitlines() if x.strip()]
-  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-  assert lines[0].startswith("sweep.py: error:") and needle in lines[0]
+  assert_one_line_error(proc, "sweep.py", needle)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from memdyn_jax import evaluation, metrics, records
+from memdyn_jax import evaluation, metrics, records, report
 from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
 from conftest import assert_one_line_error, run_binary
@@ -369,6 +369,47 @@ def test_every_plot_writes_a_png(tmp_path, runs):
                        str(tmp_path / "e.png")))
   _png(plots.per_checkpoint_lines({"m": {"r": (np.array([1, 2]), np.array([0.1, 0.3]))}},
                                   str(tmp_path / "f.png"), title="t"))
+
+
+# ------------------------------------------------------------------ report.analyze_sweep
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"threshold": "abc"}, "threshold"), ({"threshold": -1}, "threshold"),
+    ({"atc_reference": "run_0"}, "atc_reference"), ({"premem_bins": 0}, "premem_bins"),
+    ({"overmem_reference": "bogus"}, "overmem_reference"),
+    ({"overmem_ppl_rise": 0.0}, "overmem_ppl_rise"),
+])
+def test_analysis_options_name_the_bad_field(kwargs, field):
+  with pytest.raises(report.AnalysisError) as e:
+    report.AnalysisOptions(**kwargs)
+  assert e.value.field == field
+
+
+def test_analysis_options_parse_threshold_and_atc_reference():
+  assert report.AnalysisOptions(threshold=" 1.2 ").threshold_value == 1.2
+  assert report.AnalysisOptions(threshold="calibrated").threshold_value == "calibrated"
+  assert report.AnalysisOptions(atc_reference="a:b:40").atc_checkpoint == ("a:b", 40)
+  assert report.AnalysisOptions().atc_checkpoint is None
+
+
+def test_analyze_sweep_in_process(sweep, tmp_path):
+  root, _ = sweep
+  out = str(tmp_path / "out")
+  result = report.analyze_sweep(root, out, report.AnalysisOptions(threshold=str(PLANTED)))
+  assert (result.output_dir, result.runs, result.checkpoints) == (out, 3, 12)
+  assert result.files[-1] == os.path.join(out, "report.md")
+  assert all(os.path.getsize(f) > 0 for f in result.files)
+  assert f"perplexity {PLANTED:.4f}" in open(result.files[-1]).read()
+  # Default output folder, and errors naming the setting.
+  assert report.analyze_sweep(root).output_dir == os.path.join(root, "analysis")
+  for args, field in [((str(tmp_path / "missing"),), "sweep_dir"),
+                      ((str(tmp_path),), "sweep_dir"),
+                      ((root, out, report.AnalysisOptions(atc_reference="run_7:10")),
+                       "atc_reference")]:
+    with pytest.raises(report.AnalysisError) as e:
+      report.analyze_sweep(*args)
+    assert e.value.field == field, args
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -5,6 +5,7 @@ A changed evaluation config and mismatched task arguments are refused at library
 (test_config_is_recorded_then_compared, test_trained_examples_follow_examples_json)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -332,6 +333,35 @@ def test_sharded_evaluation_matches_one_device(evaluated_run):
   got = records.read_checkpoint_stats(run_dir, 4, name="eval_mesh")["gradient_variance"]
   assert got == pytest.approx(records.read_checkpoint_stats(run_dir, 4)["gradient_variance"],
                               rel=1e-3)
+
+
+def test_run_evaluation_pending_steps_and_checks_when_all_is_done(evaluated_run):
+  """run_evaluation with EVAL_CLI_FLAGS' settings: nothing pending; other gradient-variance
+  settings, another split or a subset of steps change what is pending; the run's checkpoints
+  and the recorded settings are checked even when nothing is pending."""
+  from memdyn_jax import run_evaluation
+  from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+
+  run_dir, _ = evaluated_run
+  settings = EvalSettings(splits=("train", "test", "perturbed"), task_kwargs=EVAL_TASK_KWARGS,
+                          num_train=4, max_eval=4, perturbations=("First",), max_new_tokens=8,
+                          n_samples=2, batch_size=4, grad_variance_minibatches=2,
+                          grad_variance_batch_size=2)
+  assert run_evaluation.pending_steps(run_dir, settings) == []
+  assert run_evaluation.evaluate(run_dir, settings, progress=False) == []
+  other_gv = dataclasses.replace(settings, grad_variance_minibatches=3)
+  assert run_evaluation.pending_steps(run_dir, other_gv) == [2, 4]
+  assert run_evaluation.pending_steps(run_dir, other_gv, steps=[4]) == [4]
+  assert run_evaluation.pending_steps(
+      run_dir, dataclasses.replace(settings, splits=("test", "ood"))) == [2, 4]
+  assert run_evaluation.pending_steps(
+      run_dir, dataclasses.replace(settings, grad_variance=False, include_base=True)) == [0]
+  for changed, steps, field in [(settings, [3], "steps"),
+                                (dataclasses.replace(settings, num_train=3), None, "eval_name"),
+                                (dataclasses.replace(settings, top_p=2.0), None, "top_p")]:
+    with pytest.raises(EvalSettingsError) as e:
+      run_evaluation.evaluate(run_dir, changed, steps=steps, progress=False)
+    assert e.value.field == field
 
 
 @pytest.mark.parametrize("args,needle", [

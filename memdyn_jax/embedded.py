@@ -26,13 +26,12 @@ EMBEDDED_NAME = "embedded"
 class EmbeddedSpec:
   """Architecture, corpus and pre-training budget of the embedded model.
 
-  The defaults pre-train ~1160 steps of 16x128 tokens (2.37M tokens; 785 s measured on a
-  2-core CPU shared at load ~5-8, ~3k tokens/s). Measured on that build: 97% teacher-forced
+  The defaults pre-train ~1230 steps of 16x128 tokens (2.5M tokens incl. ~6% row padding;
+  532 s measured on a 2-core CPU at load ~3-4). Measured on that build: 97% teacher-forced
   single-equation accuracy on held-out "a op b=" facts (a whole-number vocabulary and fact
-  chains got there; digit tokens stayed at chance after 1M tokens), but only 8% greedy
-  accuracy on test problems in the corpus's own `Problem/Work/Result` format: the model
-  copies numbers from the question yet does not yet pick the right ones. `scaled(k)` gives
-  a bigger model and corpus for a real machine. The task fields pin the `synthetic_arith`
+  chains got there; digit tokens stayed at chance after 1M tokens) and 25% greedy accuracy
+  on test problems in the corpus's own `Problem/Work/Result` format (8% when documents were
+  cut across rows, see `packing`). `scaled(k)` gives a bigger model and corpus for a real machine. The task fields pin the `synthetic_arith`
   configuration the model is built for (`task()`): its splits are kept out of the corpus,
   and its number bound sets what arithmetic the corpus teaches.
 
@@ -44,6 +43,8 @@ class EmbeddedSpec:
       `synthetic_corpus.build_tokenizer`); 0 = one token per digit.
     chain_fraction: share of fact documents written as chains (each fact starts from the
       previous result), which teach carrying a value from line to line.
+    packing: "whole_documents" (first-fit rows, a document is split only when longer than
+      a row) or "stream" (documents concatenated and cut every seq_len tokens).
     task_format_fraction: share of corpus problems in the task's own prompt and trace
       format (with a random valid trace, never the target); the rest use a format of
       their own (`Problem: ... Work: a op b=c; ... Result: n`), so the base model half
@@ -67,6 +68,7 @@ class EmbeddedSpec:
   chain_fraction: float = 0.8
   task_format_fraction: float = 0.35
   seq_len: int = 128
+  packing: str = "whole_documents"
   pretrain_epochs: float = 1.0
   batch_size: int = 16
   learning_rate: float = 5e-3
@@ -174,27 +176,58 @@ def corpus_texts(spec: EmbeddedSpec, task=None) -> list[str]:
 
 
 def pretraining_data(spec: EmbeddedSpec, tokenizer, task=None):
-  """The pre-training corpus packed into rows of `seq_len` tokens (no padding waste).
+  """The pre-training corpus packed into rows of `seq_len` tokens, documents kept whole.
 
-  Documents are tokenized (BOS + text + EOS) and concatenated; every token after the first
-  of a row is a target, so the model also learns to end documents.
+  Each document (BOS + text + EOS) goes into the first row with room for it (first-fit in
+  corpus order); only a document longer than a row is split. A worked problem cut across two
+  rows would show its trace without its question, teaching the model to write plausible
+  chains that ignore the question. Every real token after the first of a row is a target, so
+  the model also learns to end documents; row tails are padding.
   """
   import numpy as np
 
   from memdyn_jax.train.loop import TrainData
 
-  ids = []
+  if spec.packing not in ("whole_documents", "stream"):
+    raise ValueError(f"packing must be 'whole_documents' or 'stream', got {spec.packing!r}")
+  t = spec.seq_len
+  stream = spec.packing == "stream"
+  rows: list[list[int]] = []
+  room: list[int] = []  # free slots per row, for first-fit
   for doc in corpus_texts(spec, task):
-    ids.append(tokenizer.bos_token_id)
-    ids.extend(tokenizer.encode(doc, add_special_tokens=False))
-    ids.append(tokenizer.eos_token_id)
-  rows = len(ids) // spec.seq_len
-  if rows == 0:
-    raise ValueError(f"corpus of {len(ids)} tokens is shorter than seq_len={spec.seq_len}")
-  tokens = np.asarray(ids[:rows * spec.seq_len], np.int32).reshape(rows, spec.seq_len)
-  target = np.ones_like(tokens)
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False),
+           tokenizer.eos_token_id]
+    for start in range(0, len(ids), t):
+      piece = ids[start:start + t]
+      if stream:  # fill the last row, spill the rest into new rows
+        while piece:
+          if not rows or room[-1] == 0:
+            rows.append([])
+            room.append(t)
+          take = piece[:room[-1]]
+          rows[-1].extend(take)
+          room[-1] -= len(take)
+          piece = piece[len(take):]
+        continue
+      fit = next((i for i in range(max(0, len(rows) - 64), len(rows))
+                  if room[i] >= len(piece)), None)  # recent rows only: linear time
+      if fit is None:
+        rows.append([])
+        room.append(t)
+        fit = len(rows) - 1
+      rows[fit].extend(piece)
+      room[fit] -= len(piece)
+  if not rows:
+    raise ValueError("empty pre-training corpus")
+  pad = tokenizer.pad_token_id
+  tokens = np.full((len(rows), t), pad, np.int32)
+  mask = np.zeros((len(rows), t), np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)] = r
+    mask[i, :len(r)] = 1
+  target = mask.copy()
   target[:, 0] = 0  # the first token of a row has no context to be predicted from
-  return TrainData(tokens, np.ones_like(tokens), target)
+  return TrainData(tokens, mask, target)
 
 
 def build(spec: EmbeddedSpec, work_dir: str, progress: bool = True) -> str:

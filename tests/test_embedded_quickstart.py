@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from memdyn_jax import embedded, models
@@ -109,3 +110,28 @@ def test_tiny_quickstart(tmp_path, monkeypatch, cache_dir):
   n_records = len((out / "records.jsonl").read_text().splitlines())
   _run_quickstart(quickstart, out)
   assert len((out / "records.jsonl").read_text().splitlines()) == n_records
+
+
+def test_pretraining_rows_keep_documents_whole(cache_dir):
+  tok = models.load_tokenizer(embedded.model_dir(TINY, cache_dir=str(cache_dir), progress=False))
+  spec = dataclasses.replace(TINY, corpus_docs=120, seq_len=256)  # every document fits a row
+  docs = [[tok.bos_token_id, *tok.encode(t, add_special_tokens=False), tok.eos_token_id]
+          for t in embedded.corpus_texts(spec)]
+  whole = embedded.pretraining_data(spec, tok)
+  ids, mask = whole.input_ids, whole.attention_mask.astype(bool)
+  assert (whole.target_mask == mask & (np.arange(ids.shape[1]) > 0)).all()
+  # Every row is whole documents (BOS first): none is cut across rows.
+  rows = [list(r[m]) for r, m in zip(ids, mask)]
+  assert all(len(d) <= spec.seq_len for d in docs)
+  assert all(any(_contains(r, d) for r in rows) for d in docs[:40])
+  assert all(r[0] == tok.bos_token_id for r in rows)
+  assert sum(len(r) for r in rows) == sum(len(d) for d in docs)
+  stream = embedded.pretraining_data(dataclasses.replace(spec, packing="stream"), tok)
+  assert stream.attention_mask[:-1].all() and stream.attention_mask.sum() == mask.sum()
+  with pytest.raises(ValueError, match="packing"):
+    embedded.pretraining_data(dataclasses.replace(spec, packing="bins"), tok)
+
+
+def _contains(row, doc):
+  n = len(doc)
+  return any(row[i:i + n] == doc for i in range(len(row) - n + 1))

@@ -31,9 +31,10 @@ class EmbeddedSpec:
   single-equation accuracy on held-out "a op b=" facts (a whole-number vocabulary and fact
   chains got there; digit tokens stayed at chance after 1M tokens) and 25% greedy accuracy
   on test problems in the corpus's own `Problem/Work/Result` format (8% when documents were
-  cut across rows, see `packing`). `scaled(k)` gives a bigger model and corpus for a real machine. The task fields pin the `synthetic_arith`
-  configuration the model is built for (`task()`): its splits are kept out of the corpus,
-  and its number bound sets what arithmetic the corpus teaches.
+  cut across rows, see `packing`). `scaled(k)` gives a bigger model and corpus for a real
+  machine. The task fields pin the `synthetic_arith` configuration the model is built for
+  (`task()`): its splits are kept out of the corpus, and its number bound sets what
+  arithmetic the corpus teaches.
 
   Attributes:
     task_max_steps: events per train/test problem (1..task_max_steps).

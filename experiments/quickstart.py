@@ -31,17 +31,17 @@ from absl import app, flags, logging
 flags.DEFINE_string("output_dir", "/tmp/memdyn_quickstart", "Where runs, records and the report go.")
 flags.DEFINE_integer("scale", 1, "Model/corpus/data scale factor (1 = 2-core CPU in minutes).")
 flags.DEFINE_integer("seed", 0, "Seed of data, model and sampling.")
-flags.DEFINE_integer("n_train", 160, "Training examples (per scale unit).")
+flags.DEFINE_integer("n_train", 320, "Training examples (per scale unit).")
 flags.DEFINE_list("learning_rates", ["5e-4", "2e-3", "4e-3"], "Fine-tuning learning rates.")
-flags.DEFINE_list("epochs", ["1", "4", "12"], "Fine-tuning epoch counts (grid with the LRs).")
-flags.DEFINE_float("half_data_epochs", 16.0,
+flags.DEFINE_list("epochs", ["1", "3", "8"], "Fine-tuning epoch counts (grid with the LRs).")
+flags.DEFINE_float("half_data_epochs", 12.0,
                    "Epochs of the half-data run (middle LR); 0 = no half-data run.")
 flags.DEFINE_float("checkpoint_every_epochs", 0.25, "Checkpoint cadence in epochs.")
 flags.DEFINE_integer("evals_per_run", 4,
                      "Checkpoints evaluated per run (spread over the run, last included; "
                      "0 = every checkpoint).")
 flags.DEFINE_integer("batch_size", 16, "Global batch size.")
-flags.DEFINE_integer("max_length", 160, "Longest fine-tuning example in tokens (longer dropped).")
+flags.DEFINE_integer("max_length", 200, "Longest fine-tuning example in tokens (longer dropped).")
 flags.DEFINE_integer("n_eval", 32, "Train and test examples evaluated per checkpoint.")
 flags.DEFINE_integer("n_eval_extra", 32,
                      "OOD and perturbed-test examples evaluated at each run's last checkpoint.")

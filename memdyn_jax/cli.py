@@ -6,7 +6,6 @@ import collections.abc
 import dataclasses
 import inspect
 import json
-import os
 import re
 import sys
 import types
@@ -49,14 +48,7 @@ def run_binary(prog: str, run: Callable[[], int]) -> None:
     try:
       sys.exit(run())
     except UsageError as e:
-      print(f"{prog}: error: {e}", file=sys.stderr)
-      sys.stdout.flush()
-      sys.stderr.flush()
-      # Skip interpreter teardown: I/O threads a failed checkpoint read left behind (orbax /
-      # tensorstore event loops) print tracebacks there, breaking the one-line contract.
-      # What was saved is already on disk: binaries close their checkpoint managers in
-      # `finally` blocks before an error reaches this point.
-      os._exit(2)
+      fail(prog, str(e))
 
   app.run(main, flags_parser=parse_flags)
 

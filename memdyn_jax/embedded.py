@@ -192,32 +192,22 @@ def pretraining_data(spec: EmbeddedSpec, tokenizer, task=None):
   if spec.packing not in ("whole_documents", "stream"):
     raise ValueError(f"packing must be 'whole_documents' or 'stream', got {spec.packing!r}")
   t = spec.seq_len
-  stream = spec.packing == "stream"
-  rows: list[list[int]] = []
-  room: list[int] = []  # free slots per row, for first-fit
-  for doc in corpus_texts(spec, task):
-    ids = [tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False),
-           tokenizer.eos_token_id]
-    for start in range(0, len(ids), t):
-      piece = ids[start:start + t]
-      if stream:  # fill the last row, spill the rest into new rows
-        while piece:
-          if not rows or room[-1] == 0:
-            rows.append([])
-            room.append(t)
-          take = piece[:room[-1]]
-          rows[-1].extend(take)
-          room[-1] -= len(take)
-          piece = piece[len(take):]
-        continue
-      fit = next((i for i in range(max(0, len(rows) - 64), len(rows))
-                  if room[i] >= len(piece)), None)  # recent rows only: linear time
-      if fit is None:
-        rows.append([])
-        room.append(t)
-        fit = len(rows) - 1
-      rows[fit].extend(piece)
-      room[fit] -= len(piece)
+  docs = [[tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False),
+           tokenizer.eos_token_id] for doc in corpus_texts(spec, task)]
+  if spec.packing == "stream":  # concatenated, cut every t tokens
+    flat = [i for ids in docs for i in ids]
+    rows = [flat[start:start + t] for start in range(0, len(flat), t)]
+  else:
+    rows: list[list[int]] = []
+    for ids in docs:
+      for start in range(0, len(ids), t):
+        piece = ids[start:start + t]
+        # First fit among the most recent rows only: linear time.
+        fit = next((r for r in rows[-64:] if t - len(r) >= len(piece)), None)
+        if fit is None:
+          fit = []
+          rows.append(fit)
+        fit.extend(piece)
   if not rows:
     raise ValueError("empty pre-training corpus")
   pad = tokenizer.pad_token_id

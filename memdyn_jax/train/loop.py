@@ -77,8 +77,16 @@ class TrainData:
   def seq_len(self) -> int:
     return self.input_ids.shape[1]
 
-  def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: getattr(self, k)[indices] for k in _ARRAYS}
+  def rows(self, indices: np.ndarray, length_multiple: int = 0) -> dict[str, np.ndarray]:
+    """The rows `indices`; with `length_multiple` > 0, columns that are padding in every
+    one of them are cut from the end down to a multiple of it (at most `seq_len`)."""
+    out = {k: getattr(self, k)[indices] for k in _ARRAYS}
+    if length_multiple > 0:
+      used = np.flatnonzero(out["attention_mask"].any(axis=0))
+      length = int(used[-1]) + 1 if used.size else 1
+      length = min(self.seq_len, -(-length // length_multiple) * length_multiple)
+      out = {k: v[:, :length] for k, v in out.items()}
+    return out
 
   def fingerprint(self) -> str:
     """sha256 of the arrays: a resumed run must train on the same tokens."""
@@ -334,7 +342,7 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
         epoch_before = float(sampler.epoch())
         indices = np.asarray(sampler.next_indices(cfg.global_batch_size))
         weights = sampler.loss_weights(indices)
-        host = data.rows(indices)
+        host = data.rows(indices, cfg.batch_length_multiple)
         host["weights"] = (np.ones(len(indices), np.float32) if weights is None
                            else np.asarray(weights, np.float32))
         host = step_lib.to_microbatches(host, cfg.accumulation_steps)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -154,3 +155,25 @@ def test_field_types_cover_every_field():
   types = config_lib.field_types()
   assert types["lora_target_modules"] is tuple and types["learning_rate"] is float
   assert types["append_eos"] is bool and types["global_batch_size"] is int
+
+
+def test_schedule_lives_in_the_optimizer_state():
+  """Runs differing in learning rate or length lower to the same program (one compilation
+  per sweep), and the state's schedule reproduces `make_schedule` step by step."""
+  params = {"w": {"kernel": jnp.ones((3, 2))}}
+  grads = {"w": {"kernel": jnp.full((3, 2), 0.5)}}
+
+  def lowered(cfg, total):
+    tx = optim.make_optimizer(cfg, total)
+    return jax.jit(tx.update).lower(grads, tx.init(params), params).as_text()
+
+  a = TrainConfig(learning_rate=1e-3, schedule="cosine", warmup_ratio=0.1, max_grad_norm=0)
+  assert lowered(a, 100) == lowered(a.replace(learning_rate=4e-3), 37)
+  assert lowered(a, 100) != lowered(a.replace(schedule="linear"), 100)
+  sgd = TrainConfig(optimizer="sgd", beta1=0.0, learning_rate=0.5, schedule="linear",
+                    warmup_steps=2, max_grad_norm=0)
+  tx, schedule = optim.make_optimizer(sgd, 6), optim.make_schedule(sgd, 6)
+  state = tx.init(params)
+  for step in range(6):
+    updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["w"]["kernel"], -0.5 * _lr(schedule, step), rtol=1e-6)

@@ -58,6 +58,27 @@ def test_train_data_validates():
   assert a.fingerprint() == make_data().fingerprint() != b.fingerprint()
 
 
+def test_batch_length_multiple_cuts_shared_padding_without_changing_training(model_dir, tmp_path):
+  rng = np.random.RandomState(0)
+  n, t = 16, 24
+  lengths = rng.randint(8, 17, n)  # every row ends by column 16: columns 16-23 are padding
+  attn = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  tgt = attn.copy()
+  tgt[:, :4] = 0
+  data = loop.TrainData(rng.randint(3, 64, (n, t)) * attn, attn, tgt)
+  rows = data.rows(np.arange(4), length_multiple=8)
+  assert rows["input_ids"].shape[1] == 8 * -(-int(lengths[:4].max()) // 8)
+  assert data.rows(np.arange(4), length_multiple=100)["input_ids"].shape[1] == t  # capped
+  cfg = BASE_CFG.replace(num_epochs=2, save_every_steps=0)
+  full = loop.train(cfg, data, model_dir, str(tmp_path / "full"), progress=False)
+  cut = loop.train(cfg.replace(batch_length_multiple=8), data, model_dir, str(tmp_path / "cut"),
+                   progress=False)
+  np.testing.assert_allclose(cut.losses, full.losses, rtol=1e-5)
+  a, b = flat_params(full.model), flat_params(cut.model)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=1e-5)
+
+
 def test_train_memorizes_checkpoints_and_restores(model_dir, tmp_path):
   run = str(tmp_path / "run")
   result = loop.train(BASE_CFG.replace(save_every_steps=3), make_data(), model_dir, run,

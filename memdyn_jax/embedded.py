@@ -63,7 +63,7 @@ class EmbeddedSpec:
   whole_numbers: int = 99
   task_max_steps: int = 3
   task_max_value: int = 30
-  corpus_docs: int = 32000
+  corpus_docs: int = 24000
   corpus_mix: tuple[tuple[str, float], ...] = (("facts", 0.45), ("numbers", 0.05),
                                                ("sentences", 0.0), ("problems", 0.5))
   chain_fraction: float = 0.8

@@ -2,12 +2,13 @@
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from memdyn_jax import embedded, models
+from memdyn_jax import embedded, models, quickstart
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,35 +82,39 @@ def test_preempted_build_is_not_cached(tmp_path, monkeypatch):
   assert not (root / "model").exists() and not list(root.glob("build-*"))
 
 
-def _run_quickstart(quickstart, out):
+def _run_quickstart(out):
   # One LR x one epoch count + the half-data run: every stage runs, compiles stay few.
-  quickstart.FLAGS([
-      "quickstart", f"--output_dir={out}", "--n_train=16", "--learning_rates=3e-3",
-      "--epochs=1", "--half_data_epochs=1", "--evals_per_run=2", "--n_eval=4",
-      "--n_eval_extra=2", "--n_samples=1", "--batch_size=8", "--max_length=160"])
-  try:
-    return quickstart.run_study(spec=TINY)
-  finally:
-    quickstart.FLAGS.unparse_flags()
+  config = quickstart.QuickstartConfig(
+      output_dir=str(out), n_train=16, learning_rates=(3e-3,), epochs=(1,), half_data_epochs=1,
+      evals_per_run=2, n_eval=4, n_eval_extra=2, n_samples=1, batch_size=8, max_length=160,
+      eval_batch_size=4)
+  return quickstart.run_study(config, spec=TINY)
 
 
 def test_tiny_quickstart(tmp_path, monkeypatch, cache_dir):
   monkeypatch.setenv("MEMDYN_CACHE", str(cache_dir))
-  sys.path.insert(0, os.path.join(_ROOT, "experiments"))
-  try:
-    import quickstart
-  finally:
-    sys.path.pop(0)
   out = tmp_path / "qs"
-  text = open(_run_quickstart(quickstart, out)).read()
+  text = open(_run_quickstart(out)).read()
   assert "PreMemAcc" in text and "| lr0.003_ep1 |" in text and "| lr0.003_ep1_half |" in text
   for name in ("summary.csv", "runs.csv", "premem_vs_test.png", "dynamics.png", "stages.txt"):
     assert (out / name).stat().st_size > 0, name
   assert len((out / "runs.csv").read_text().splitlines()) == 1 + 2
   # A re-run reuses every run and evaluation: records do not grow.
   n_records = len((out / "records.jsonl").read_text().splitlines())
-  _run_quickstart(quickstart, out)
+  _run_quickstart(out)
   assert len((out / "records.jsonl").read_text().splitlines()) == n_records
+
+
+def test_quickstart_config_and_binary_reject_bad_settings(tmp_path):
+  with pytest.raises(quickstart.QuickstartError, match="epochs"):
+    quickstart.QuickstartConfig(epochs=())
+  with pytest.raises(quickstart.QuickstartError, match="scale"):
+    quickstart.QuickstartConfig(scale=0)
+  proc = subprocess.run([sys.executable, os.path.join(_ROOT, "experiments", "quickstart.py"),
+                         f"--output_dir={tmp_path}", "--n_eval=0"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == "quickstart.py: error: --n_eval: must be >= 1"
 
 
 def test_pretraining_rows_keep_documents_whole(cache_dir):

@@ -275,14 +275,12 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask, rng, example_ids, pad_id,
   model = nnx.merge(graphdef, state)
   b, p = prompt_ids.shape
   cache = model.init_cache(b, p + max_new)
-  cache = dataclasses.replace(
-      cache, k=_constrain(cache.k, mesh, ("layers", "batch", "kv_heads", "length", "head_dim")),
-      v=_constrain(cache.v, mesh, ("layers", "batch", "kv_heads", "length", "head_dim")))
+  cache = cache.map_kv(lambda x, _: _constrain(x, mesh, cache.kv_axes))
   logits, cache = model.forward_with_cache(prompt_ids, prompt_mask, cache)
   # Prefill each prompt once, then copy its cache to its n sample rows.
   rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis) if n > 1 else x
-  cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), key_valid=rep(cache.key_valid),
-                  index=cache.index, next_pos=rep(cache.next_pos))
+  cache = dataclasses.replace(cache.map_kv(rep), key_valid=rep(cache.key_valid),
+                              next_pos=rep(cache.next_pos))
   rows = b * n
   sample_idx = jnp.tile(jnp.arange(n), b)
   row_keys = jax.vmap(lambda e, j: jax.random.fold_in(jax.random.fold_in(rng, e), j))(

@@ -400,7 +400,9 @@ class Attention(nnx.Module):
 
     `layer_cache` is (k, v, layer): the keys/values of *every* layer, (L,B,K,S,D), and this
     layer's index. The new tokens are written in place at [layer, :, :, write_index] and the
-    layer is attended from there, so a decode step copies no cache besides reading it.
+    layer is attended from there, so a decode step copies no cache besides reading it. With
+    `layer` None, k/v are this layer's own (B,K,S,D) cache (unrolled stacks: attending
+    straight from it spares the copy a slice of the stacked cache costs on CPU).
     `window` is this layer's (traced) window, `layer_windows` the config's (see `attention`).
     """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -408,10 +410,15 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if layer_cache is not None:
       cache_k, cache_v, layer = layer_cache
-      at = (layer, 0, 0, write_index, 0)
-      write = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None].astype(c.dtype), at)
+      if layer is None:
+        at = (0, 0, write_index, 0)
+        new = lambda c, x: jnp.swapaxes(x, 1, 2).astype(c.dtype)
+      else:
+        at = (layer, 0, 0, write_index, 0)
+        new = lambda c, x: jnp.swapaxes(x, 1, 2)[None].astype(c.dtype)
+      write = lambda c, x: jax.lax.dynamic_update_slice(c, new(c, x), at)
       cache_k, cache_v = write(cache_k, k), write(cache_v, v)
-      k, v = cache_k[layer], cache_v[layer]
+      k, v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots=q_slots, k_slots=k_slots,
                     key_valid=key_valid, window=window, scale=scale, softcap=softcap, impl=impl,
                     kv_cache=layer_cache is not None, layer_windows=layer_windows)

@@ -42,19 +42,37 @@ class KVCache:
   """Keys/values of every layer in a padded slot layout.
 
   k, v: (layers, B, kv_heads, S, head_dim) (heads before slots: attention over a cache
-  layer is a batched matmul, no transpose); key_valid (B, S): slot holds a real token;
-  index: next slot to write (shared by rows); next_pos (B,): next position id per row.
+  layer is a batched matmul, no transpose), or for unrolled stacks (`unrolled_layers`) a
+  tuple of one (B, kv_heads, S, head_dim) array per layer; key_valid (B, S): slot holds a
+  real token; index: next slot to write (shared by rows); next_pos (B,): next position id
+  per row.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   key_valid: jax.Array
   index: jax.Array
   next_pos: jax.Array
 
   @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, (tuple, list))
+
+  @property
   def max_len(self) -> int:
-    return self.k.shape[3]
+    return self.key_valid.shape[1]
+
+  @property
+  def kv_axes(self) -> tuple[str, ...]:
+    """Logical axes of each k/v array (for sharding constraints)."""
+    axes = ("batch", "kv_heads", "length", "head_dim")
+    return axes if self.per_layer else ("layers",) + axes
+
+  def map_kv(self, fn) -> "KVCache":
+    """The cache with `fn(array, batch_axis)` applied to every k/v array."""
+    axis = 0 if self.per_layer else 1
+    f = lambda kv: (tuple(fn(x, axis) for x in kv) if self.per_layer else fn(kv, axis))
+    return dataclasses.replace(self, k=f(self.k), v=f(self.v))
 
 
 def _stack_blocks(make_block, n: int, rngs: nnx.Rngs):
@@ -178,11 +196,21 @@ class CausalLM(nnx.Module):
                     **attn_kwargs)
       return (h, kv if kv_all is not None else None), None
 
+    if cache is not None and cache.per_layer:
+      # Unrolled with one cache array per layer: each layer reads and writes its own.
+      new_k, new_v = [], []
+      for layer in range(cfg.num_layers):
+        block = nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], block_state))
+        h, (k, v) = block(h, rope=rope, layer_cache=(cache.k[layer], cache.v[layer], None),
+                          write_index=write_index, q_slots=q_slots, k_slots=k_slots,
+                          key_valid=key_valid, window=windows[layer], **attn_kwargs)
+        new_k.append(k)
+        new_v.append(v)
+      return h, (tuple(new_k), tuple(new_v))
     body = _remat(body, self.remat)
     kv_all = (cache.k, cache.v) if cache is not None else None
     # Remat keeps the scan: the point is bounded memory, which the loop structure gives.
-    shallow = cfg.num_layers <= FULL_UNROLL_MAX_LAYERS and self.remat == "none"
-    unroll = cfg.num_layers if shallow else 1
+    unroll = cfg.num_layers if self.unrolled_layers else 1
     (h, new_kv), _ = jax.lax.scan(body, (h, kv_all),
                                   (block_state, windows, jnp.arange(cfg.num_layers)),
                                   unroll=unroll)
@@ -203,11 +231,23 @@ class CausalLM(nnx.Module):
                             k_slots=slots, key_valid=valid)
     return constrain_batch(self.logits_from_hidden(h))
 
+  @property
+  def unrolled_layers(self) -> bool:
+    """Shallow stacks without remat run their layers unrolled (FULL_UNROLL_MAX_LAYERS)."""
+    return self.cfg.num_layers <= FULL_UNROLL_MAX_LAYERS and self.remat == "none"
+
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache: stacked (L,B,K,S,D), or one array per layer for unrolled stacks."""
     cfg = self.cfg
     dtype = dtype or self.dtype
-    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if self.unrolled_layers:
+      zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      k, v = zeros(), zeros()
+    else:
+      k = jnp.zeros((cfg.num_layers, *shape), dtype)
+      v = jnp.zeros((cfg.num_layers, *shape), dtype)
+    return KVCache(k=k, v=v,
                    key_valid=jnp.zeros((batch_size, max_len), bool), index=jnp.int32(0),
                    next_pos=jnp.zeros((batch_size,), jnp.int32))
 

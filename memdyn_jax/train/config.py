@@ -66,6 +66,9 @@ class TrainConfig:
       step); k > 0 = columns that are padding in every row of the batch are cut from the
       end down to a multiple of k (fewer FLOPs on short batches, one compilation per
       length; the loss is unchanged).
+    group_by_length: 0 = off; k > 0 = batches of similar length (HF's `group_by_length`):
+      each chunk of k batches of the epoch's permutation is sorted by length, then the
+      batches are shuffled (uniform sampler only; pairs with `batch_length_multiple`).
     append_eos: end every target with EOS (the model learns to stop).
     save_every_steps: checkpoint every this many steps (0 = off).
     save_every_epochs: checkpoint every time this fraction of an epoch passes (0 = off).
@@ -103,6 +106,7 @@ class TrainConfig:
   max_length: int = 512
   overlength: str = "drop"
   batch_length_multiple: int = 0
+  group_by_length: int = 0
   append_eos: bool = True
   save_every_steps: int = 0
   save_every_epochs: float = 0.0
@@ -144,6 +148,9 @@ class TrainConfig:
     _check("lora_alpha", self.lora_alpha > 0, "must be > 0")
     _check("max_length", self.max_length > 1, "must be > 1")
     _check("batch_length_multiple", self.batch_length_multiple >= 0, "must be >= 0")
+    _check("group_by_length", self.group_by_length >= 0, "must be >= 0")
+    _check("group_by_length", not self.group_by_length or self.sampler == "uniform",
+           "needs sampler 'uniform'")
     _check("reweight_p", self.reweight_p > 1, "must be > 1 (a perplexity)")
     _check("reweight_alpha", self.reweight_alpha > 0, "must be > 0")
 

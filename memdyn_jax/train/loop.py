@@ -129,9 +129,15 @@ def sampler_kwargs(cfg: TrainConfig) -> dict[str, Any]:
   return {}
 
 
-def make_default_sampler(cfg: TrainConfig, num_examples: int) -> ExampleSampler:
+def make_default_sampler(cfg: TrainConfig, num_examples: int,
+                         lengths: np.ndarray | None = None) -> ExampleSampler:
+  """The sampler of `cfg`; `lengths` (tokens per example) serve length grouping."""
+  kwargs = sampler_kwargs(cfg)
+  if cfg.group_by_length:  # TrainConfig checks the sampler is uniform
+    kwargs.update(lengths=lengths, group_batches=cfg.group_by_length,
+                  batch_size=cfg.global_batch_size)
   return make_sampler(cfg.sampler, num_examples, seed=cfg.seed,
-                               data_fraction=cfg.data_fraction, **sampler_kwargs(cfg))
+                      data_fraction=cfg.data_fraction, **kwargs)
 
 
 class _SigtermFlag:
@@ -268,7 +274,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
     raise ValueError(f"micro-batch of {micro} examples does not split over the {dp} "
                      f"data-parallel devices (data x fsdp) of the mesh")
 
-  sampler = sampler if sampler is not None else make_default_sampler(cfg, n)
+  sampler = (sampler if sampler is not None else
+             make_default_sampler(cfg, n, data.attention_mask.sum(axis=1)))
   subset = getattr(sampler, "subset", None)
   subset_path = os.path.join(output_dir, "subset.json")
   if subset is not None and jax.process_index() == 0 and not os.path.exists(subset_path):

@@ -30,6 +30,7 @@ SAMPLERS = ("uniform", "mbc", "memorization_reweight")
 _SUBSET_STREAM = 0
 _ORDER_STREAM = 1
 _MBC_STREAM = 2
+_GROUP_STREAM = 3
 
 
 @runtime_checkable
@@ -173,23 +174,69 @@ class UniformSampler(_Base):
   just (epoch, position). A batch that crosses the end of an epoch takes the rest of that
   epoch and continues with the next epoch's order: batch size stays fixed, every example
   is drawn exactly once per epoch, and `epoch()` is fractional.
+
+  Length grouping (`group_batches` k > 0, with the examples' `lengths` and `batch_size`),
+  like HF Trainer's `group_by_length`: the permutation is cut into chunks of k batches,
+  each chunk is sorted by length into k batches of similar length, and the batches are
+  shuffled again (`default_rng([seed, 3, e])`), so short and long batches interleave and
+  each batch pads to less. Still exactly one draw per example per epoch.
   """
 
   name = "uniform"
 
-  def __init__(self, num_examples: int, *, seed: int, data_fraction: float = 1.0):
+  def __init__(self, num_examples: int, *, seed: int, data_fraction: float = 1.0,
+               lengths: np.ndarray | None = None, group_batches: int = 0,
+               batch_size: int = 0):
     super().__init__(num_examples, seed=seed, data_fraction=data_fraction)
+    self.group_batches = int(group_batches)
+    self.batch_size = int(batch_size)
+    self.lengths = None
+    if self.group_batches:
+      if self.group_batches < 0 or self.batch_size < 1 or lengths is None:
+        raise ValueError("length grouping needs group_batches > 0, batch_size >= 1 and the "
+                         "examples' lengths")
+      self.lengths = np.asarray(lengths).reshape(-1)
+      if self.lengths.shape != (self.num_examples,):
+        raise ValueError(f"expected {self.num_examples} lengths, got {self.lengths.shape[0]}")
     self.epoch_index = 0
     self.position = 0
     self._order_cache: tuple[int, np.ndarray] | None = None
+
+  def _identity(self) -> dict[str, Any]:
+    identity = super()._identity()
+    if self.group_batches:  # old states (no grouping) keep their identity
+      identity.update(group_batches=self.group_batches, batch_size=self.batch_size)
+    return identity
+
+  def load_state_dict(self, state: dict) -> None:
+    if not self.group_batches and state.get("group_batches"):
+      raise ValueError(f"sampler state does not match this sampler: saved with length "
+                       f"grouping ({state['group_batches']} batches), this one has none")
+    super().load_state_dict(state)
+    self.epoch_index = int(state["epoch_index"])
+    self.position = int(state["position"])
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Global indices of epoch `epoch` in the order they are drawn."""
     if self._order_cache is None or self._order_cache[0] != epoch:
       perm = np.random.default_rng([self.seed, _ORDER_STREAM, int(epoch)]).permutation(
           len(self.subset))
-      self._order_cache = (epoch, self.subset[perm])
+      order = self.subset[perm]
+      if self.group_batches:
+        order = self._grouped(order, epoch)
+      self._order_cache = (epoch, order)
     return self._order_cache[1]
+
+  def _grouped(self, order: np.ndarray, epoch: int) -> np.ndarray:
+    chunk = self.group_batches * self.batch_size
+    batches = []
+    for start in range(0, len(order), chunk):
+      part = order[start:start + chunk]
+      part = part[np.argsort(-self.lengths[part], kind="stable")]
+      batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+    shuffle = np.random.default_rng([self.seed, _GROUP_STREAM, int(epoch)]).permutation(
+        len(batches))
+    return np.concatenate([batches[i] for i in shuffle])
 
   def next_indices(self, batch_size: int) -> np.ndarray:
     need = _check_batch(batch_size)
@@ -216,11 +263,6 @@ class UniformSampler(_Base):
 
   def state_dict(self) -> dict:
     return {**super().state_dict(), "epoch_index": self.epoch_index, "position": self.position}
-
-  def load_state_dict(self, state: dict) -> None:
-    super().load_state_dict(state)
-    self.epoch_index = int(state["epoch_index"])
-    self.position = int(state["position"])
 
 
 def _check_refresh(refresh_steps: int | None, name: str) -> int:
@@ -379,7 +421,7 @@ class MemorizationReweightSampler(UniformSampler):
 
 _CLASSES = {"uniform": UniformSampler, "mbc": MBCSampler,
             "memorization_reweight": MemorizationReweightSampler}
-_KWARGS = {"uniform": (), "mbc": ("refresh_steps",),
+_KWARGS = {"uniform": ("lengths", "group_batches", "batch_size"), "mbc": ("refresh_steps",),
            "memorization_reweight": ("refresh_steps", "alpha", "p")}
 
 

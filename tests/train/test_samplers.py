@@ -276,3 +276,35 @@ def test_bad_sizes():
   for name in samplers.SAMPLERS:
     with pytest.raises(ValueError, match="batch_size"):
       _make(name).next_indices(0)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_length_grouping_draws_each_example_once_in_batches_of_similar_length(fraction):
+  n, batch, k = 96, 8, 4
+  lengths = np.random.RandomState(1).randint(10, 200, n)
+  kwargs = dict(seed=3, data_fraction=fraction, lengths=lengths, group_batches=k,
+                batch_size=batch)
+  grouped = samplers.make_sampler("uniform", n, **kwargs)
+  plain = samplers.make_sampler("uniform", n, seed=3, data_fraction=fraction)
+  per_epoch = len(grouped.subset) // batch
+  spread = lambda s: np.mean([np.ptp(lengths[s.next_indices(batch)]) for _ in range(per_epoch)])
+  for epoch in range(2):
+    order = grouped.epoch_order(epoch)
+    assert sorted(order) == sorted(grouped.subset)  # one draw per example per epoch
+    assert sorted(order) == sorted(plain.epoch_order(epoch))
+    # Each chunk of k batches is the plain permutation's chunk, sorted into batches.
+    # Batches are regrouped within chunks of k batches of the plain permutation.
+    chunks = {frozenset(plain.epoch_order(epoch)[i:i + k * batch])
+              for i in range(0, len(order), k * batch)}
+    for i in range(0, len(order), batch):
+      assert any(set(order[i:i + batch]) <= c for c in chunks)
+  assert spread(grouped) < 0.6 * spread(plain)
+  # Deterministic and resumable like the plain sampler.
+  again = samplers.make_sampler("uniform", n, **kwargs)
+  state = grouped.state_dict()
+  again.load_state_dict(state)
+  np.testing.assert_array_equal(again.next_indices(batch), grouped.next_indices(batch))
+  with pytest.raises(ValueError, match="does not match"):
+    plain.load_state_dict(state)
+  with pytest.raises(ValueError, match="lengths"):
+    samplers.make_sampler("uniform", n, seed=0, group_batches=2, batch_size=4)

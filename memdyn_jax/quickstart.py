@@ -51,6 +51,7 @@ class QuickstartConfig:
     batch_size: global batch size.
     max_length: longest fine-tuning example in tokens (longer ones are dropped).
     batch_length_multiple: trailing padding shared by a batch is cut to a multiple of this.
+    group_by_length: batches of similar length, from chunks of this many batches (0 = off).
     n_eval: train and test examples evaluated per checkpoint.
     n_eval_extra: OOD and perturbed-test examples evaluated at each run's last checkpoint.
     n_samples: samples per example for accuracy (T = 0.8).
@@ -62,13 +63,14 @@ class QuickstartConfig:
   seed: int = 0
   n_train: int = 256
   learning_rates: tuple[float, ...] = (5e-4, 2e-3, 4e-3)
-  epochs: tuple[float, ...] = (1.0, 3.0, 8.0)
-  half_data_epochs: float = 12.0
+  epochs: tuple[float, ...] = (1.0, 3.0, 6.0)
+  half_data_epochs: float = 10.0
   checkpoint_every_epochs: float = 0.25
   evals_per_run: int = 4
   batch_size: int = 16
   max_length: int = 192
   batch_length_multiple: int = 32
+  group_by_length: int = 4
   n_eval: int = 32
   n_eval_extra: int = 32
   n_samples: int = 1
@@ -225,6 +227,7 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
                       optimizer="adamw", weight_decay=0.0, schedule="linear", warmup_ratio=0.05,
                       max_grad_norm=1.0, seed=config.seed, max_length=config.max_length,
                       batch_length_multiple=config.batch_length_multiple,
+                      group_by_length=config.group_by_length,
                       save_every_epochs=config.checkpoint_every_epochs, log_every_steps=1)
     data, ids = loop.task_train_data(tokenizer, task, all_train, cfg)
     run_dir = os.path.join(out, "runs", run.name)

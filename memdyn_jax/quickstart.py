@@ -61,7 +61,7 @@ class QuickstartConfig:
   output_dir: str = "/tmp/memdyn_quickstart"
   scale: int = 1
   seed: int = 0
-  n_train: int = 256
+  n_train: int = 224
   learning_rates: tuple[float, ...] = (5e-4, 2e-3, 4e-3)
   epochs: tuple[float, ...] = (1.0, 3.0, 6.0)
   half_data_epochs: float = 10.0
@@ -72,7 +72,7 @@ class QuickstartConfig:
   batch_length_multiple: int = 32
   group_by_length: int = 4
   n_eval: int = 32
-  n_eval_extra: int = 32
+  n_eval_extra: int = 16
   n_samples: int = 1
   max_new_tokens: int = 128
   eval_batch_size: int = 32
@@ -274,7 +274,7 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
     stages.done(f"evaluated {run.name} ({len(chosen)} checkpoints)")
 
   analysis = analyze(runs, run_info, records_path, metrics_path)
-  om_run = analysis["most_overmemorized"]
+  om_run = analysis["merge_run"]
   if om_run is not None:
     info = run_info[om_run]
     merged_name = f"merge({om_run})"
@@ -397,6 +397,11 @@ def analyze(runs, run_info, records_path, metrics_path) -> dict:
         config=overmemorization.OverMemorizationConfig(min_ppl_rise=0.05, max_acc_drop=0.05))
   rise = {k: float(v.ppl_rise[v.in_stage].max()) if v.stages else 0.0 for k, v in om.items()}
   most = max(rise, key=rise.get) if rise and max(rise.values()) > 0 else None
+  # With no run flagged (at this eval noise the accuracy condition often fails), the merge
+  # still goes to the run whose test perplexity rose most above its minimum.
+  any_rise = {k: float(np.max(v.ppl_rise)) if len(v.ppl_rise) else 0.0 for k, v in om.items()}
+  merge_run = most or (max(any_rise, key=any_rise.get)
+                       if any_rise and max(any_rise.values()) > 0 else None)
   merged = {}
   for run_name, steps in by.items():
     if run_name.startswith("merge("):
@@ -404,7 +409,8 @@ def analyze(runs, run_info, records_path, metrics_path) -> dict:
                                       perplexity=mean(rs, "perplexity"))
                           for split, rs in steps[0].items()}
   return dict(rows=rows, calibration=cal, fits=fits, fits_high=fits_high, om=om,
-              om_rise=rise, most_overmemorized=most, merged=merged, runs=runs)
+              om_rise=rise, most_overmemorized=most, merge_run=merge_run,
+              max_ppl_rise=any_rise, merged=merged, runs=runs)
 
 
 def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartConfig) -> None:
@@ -560,7 +566,12 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
       "within 0.05 of its running best. "
       + (f"Flagged runs: {', '.join(flagged)}; the strongest rise is in {a['most_overmemorized']} "
          f"(+{100 * a['om_rise'][a['most_overmemorized']]:.0f}% over its minimum)."
-         if flagged else "No run shows the stage at this budget: not reproduced."))
+         if flagged else
+         "No run is flagged at this budget: not reproduced by the detector"
+         + (f" (the largest test-perplexity rise over its minimum is "
+            f"+{100 * a['max_ppl_rise'][a['merge_run']]:.0f}% in {a['merge_run']}, at a "
+            "test-accuracy drop beyond the tolerance; the merge below is of that run)."
+            if a["merge_run"] else ".")))
   for name, m in a["merged"].items():
     src = final[name[len("merge("):-1]]
     lines += ["", (

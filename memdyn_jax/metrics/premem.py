@@ -169,6 +169,7 @@ def calibrate_threshold(
     runs: Sequence[CalibrationRun],
     candidates,
     against: Literal["fit", "identity"] = "fit",
+    require_positive_slope: bool = True,
 ) -> CalibrationResult:
   """Selects the memorization threshold p by sweeping candidates (Kang et al. App. A.1).
 
@@ -182,6 +183,10 @@ def calibrate_threshold(
     runs: calibration runs; the paper uses ~3 with spread in test accuracy and memorization.
     candidates: thresholds in perplexity units, shape (K,), K >= 1.
     against: which R² to maximize.
+    require_positive_slope: with `against="fit"`, skip thresholds whose fitted line falls
+      (PreMemAcc anti-correlated with test accuracy): R² alone is blind to the sign, and
+      on noisy sweeps the best-R² threshold can be one the paper's account rules out. Their
+      R² stays in the curve; only the choice skips them.
 
   Returns:
     A `CalibrationResult` holding the chosen threshold and the whole R² curve.
@@ -207,12 +212,22 @@ def calibrate_threshold(
       raise ValueError(f"runs[{k}].test_acc must have one entry per checkpoint "
                        f"({a.shape[0]}), got {t.shape[0]}")
   r2 = np.empty(cands.shape, dtype=np.float64)
+  eligible = np.ones(cands.shape, dtype=bool)
   for k, p in enumerate(cands):
     x, y = _pooled_xy(runs, p)
-    r2[k] = regression.fit_r2(x, y).r2 if against == "fit" else regression.r2_identity(x, y)
+    if against == "fit":
+      fit = regression.fit_r2(x, y)
+      r2[k] = fit.r2
+      eligible[k] = not (require_positive_slope and fit.slope <= 0)
+    else:
+      r2[k] = regression.r2_identity(x, y)
   if np.isnan(r2).all():
     raise ValueError("R² is undefined for every candidate (constant PreMemAcc or test "
                      "accuracy); widen candidates or add runs with spread")
-  best = int(np.nanargmax(r2))
+  choice = np.where(eligible, r2, np.nan)
+  if np.isnan(choice).all():
+    raise ValueError("every candidate threshold gives PreMemAcc falling with test accuracy "
+                     "(negative slope); the sweep cannot calibrate it")
+  best = int(np.nanargmax(choice))
   x, y = _pooled_xy(runs, cands[best])
   return CalibrationResult(float(cands[best]), best, cands, r2, regression.fit_r2(x, y))

@@ -140,6 +140,23 @@ def test_calibration_skips_undefined_r2():
     premem.calibrate_threshold(runs, [np.inf])
 
 
+def test_calibration_skips_thresholds_with_a_falling_fit():
+  planted = _planted_runs(1.3)
+  # Test accuracy = 1 - PreMemAcc(1.3): the perfect fit at 1.3 now has slope -1.
+  flipped = [CalibrationRun(r.train_acc, r.train_perplexity, 1.0 - r.test_acc) for r in planted]
+  cands = np.array([1.05, 1.3, 2.0])
+  free = premem.calibrate_threshold(flipped, cands, require_positive_slope=False)
+  assert free.threshold == 1.3 and free.fit.slope == pytest.approx(-1.0)
+  # Every candidate's line falls here, so none may be chosen.
+  assert (np.array([premem.calibrate_threshold(flipped, [c], require_positive_slope=False)
+                    .fit.slope for c in cands]) < 0).all()
+  with pytest.raises(ValueError, match="negative slope"):
+    premem.calibrate_threshold(flipped, cands)
+  # The planted (rising) runs calibrate as before.
+  mixed = premem.calibrate_threshold(planted, cands)
+  assert mixed.threshold == 1.3 and mixed.fit.slope > 0
+
+
 def test_calibration_bad_inputs():
   good = _planted_runs(1.3)
   bad = CalibrationRun(good[0].train_acc, good[0].train_perplexity, good[0].test_acc[:-1])

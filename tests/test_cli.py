@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import flags
 
@@ -61,3 +62,13 @@ def test_dataclass_flags_round_trip():
         "--nocli_test_undocumented"]
   finally:
     fv.unparse_flags()
+
+
+def test_cpu_xla_defaults_add_flags_the_user_did_not_set(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  cli.set_cpu_xla_defaults()
+  assert os.environ["XLA_FLAGS"] == " ".join(cli.CPU_XLA_DEFAULTS)
+  mine = "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=dot"
+  monkeypatch.setenv("XLA_FLAGS", mine)
+  cli.set_cpu_xla_defaults()
+  assert os.environ["XLA_FLAGS"] == mine  # the user's value of the flag wins

@@ -105,6 +105,15 @@ def test_tiny_quickstart(tmp_path, monkeypatch, cache_dir):
   assert len((out / "records.jsonl").read_text().splitlines()) == n_records
 
 
+def test_eval_steps_spread_over_the_run_last_included():
+  steps = list(range(4, 164, 4))  # 40 checkpoints
+  picks = quickstart.eval_steps(steps, 4)
+  assert len(picks) == 4 and picks == sorted(picks) and picks[-1] == steps[-1]
+  assert picks[0] <= steps[len(steps) // 2 - 1]  # the first one in the first half
+  assert quickstart.eval_steps(steps, 0) == steps == quickstart.eval_steps(steps, 40)
+  assert quickstart.eval_steps([8, 16], 4) == [8, 16]
+
+
 def test_quickstart_config_and_binary_reject_bad_settings(tmp_path):
   with pytest.raises(quickstart.QuickstartError, match="epochs"):
     quickstart.QuickstartConfig(epochs=())

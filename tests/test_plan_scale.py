@@ -12,6 +12,8 @@ from memdyn_jax import model_presets, plan
 _ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
 _HERE = os.path.dirname(__file__)
 _ROOT = os.path.dirname(_HERE)
+# Optimizer-state scalars: Adam's step count + the schedule's (count, peak, warmup, decay).
+SCALAR_STATE_BYTES = 4 + 4 * 4
 # The worker's model (tests/plan_scale_worker.py SMALL): llama, V=512, E=128, I=256, L=3,
 # 4 heads x 32, 2 KV heads.
 V, E, I, L, H, K, D = 512, 128, 256, 3, 4, 2, 32
@@ -31,8 +33,9 @@ def test_parameter_bytes_are_analytic_count_over_shards(plans):
   replicated = L * 2 * E + E  # norm scales: the rules replicate the `norm` axis
   assert r["num_params"] == sharded + replicated
   assert r["param_bytes"] == 4 * (sharded // 8 + replicated)
-  # Adam mu and nu, plus two int32 step counts (Adam's and the schedule's), replicated
-  assert r["optimizer_bytes"] == 2 * r["param_bytes"] + 8
+  # Adam mu and nu, plus replicated scalars: Adam's int32 step count and the schedule
+  # state (int32 step count, float32 peak LR, warmup and decay steps)
+  assert r["optimizer_bytes"] == 2 * r["param_bytes"] + SCALAR_STATE_BYTES
   # The compiled step's arguments hold exactly the state and batch we counted.
   assert r["train"]["argument_bytes"] == r["param_bytes"] + r["optimizer_bytes"] + r["batch_bytes"]
   assert r["train"]["alias_bytes"] > 0.9 * (r["param_bytes"] + r["optimizer_bytes"])  # donated
@@ -65,7 +68,7 @@ def test_8b_full_finetune_on_one_16gb_chip_does_not_fit(plans):
   published = model_presets.PUBLISHED_NUM_PARAMS["llama3-8b"]
   assert r["num_params"] == published
   assert r["param_bytes"] == 4 * published  # fp32 master weights, unsharded
-  assert r["optimizer_bytes"] == 8 * published + 8
+  assert r["optimizer_bytes"] == 8 * published + SCALAR_STATE_BYTES
   assert not r["fits"] and r["total_bytes"] > 12 * published
   assert "DOES NOT FIT v5e" in plans["impossible_summary"]
   assert "GiB per device" in plans["impossible_summary"]

@@ -404,9 +404,10 @@ def analyze(runs, run_info, records_path, metrics_path) -> dict:
         config=overmemorization.OverMemorizationConfig(min_ppl_rise=0.05, max_acc_drop=0.05))
   rise = {k: float(v.ppl_rise[v.in_stage].max()) if v.stages else 0.0 for k, v in om.items()}
   most = max(rise, key=rise.get) if rise and max(rise.values()) > 0 else None
-  # With no run flagged (at this eval noise the accuracy condition often fails), the merge
-  # still goes to the run whose test perplexity rose most above its minimum.
-  any_rise = {k: float(np.max(v.ppl_rise)) if len(v.ppl_rise) else 0.0 for k, v in om.items()}
+  # With no run flagged (at this eval noise the conditions often fail), the merge still goes
+  # to the run that ends furthest above its test-perplexity minimum (a late rise, not an
+  # early-training spike).
+  any_rise = {k: float(v.ppl_rise[-1]) if len(v.ppl_rise) else 0.0 for k, v in om.items()}
   merge_run = most or (max(any_rise, key=any_rise.get)
                        if any_rise and max(any_rise.values()) > 0 else None)
   merged = {}
@@ -596,13 +597,15 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
          f"(+{100 * a['om_rise'][a['most_overmemorized']]:.0f}% over its minimum)."
          if flagged else
          "No run is flagged at this budget: not reproduced by the detector"
-         + (f" (the largest test-perplexity rise over its minimum is "
+         + (f" (the largest rise of a run's last test perplexity over its minimum is "
             f"+{100 * a['max_ppl_rise'][a['merge_run']]:.0f}% in {a['merge_run']}, "
             + ("below the 5% threshold" if a["max_ppl_rise"][a["merge_run"]] < 0.05 else
                "but with test accuracy more than 0.05 below its best")
             + "; the merge below is of that run)."
             if a["merge_run"] else ".")))
   for name, m in a["merged"].items():
+    if name != f"merge({a['merge_run']})":  # left in records.jsonl by an earlier analysis
+      continue
     src = final[name[len("merge("):-1]]
     lines += ["", (
         f"Uniform merge of {name[len('merge('):-1]}'s evaluated checkpoints: test accuracy "

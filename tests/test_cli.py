@@ -65,7 +65,9 @@ def test_dataclass_flags_round_trip():
 
 
 def test_cpu_xla_defaults_add_flags_the_user_did_not_set(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # setenv (not delenv, which records nothing when the variable is unset) so teardown
+  # restores XLA_FLAGS: a leaked value would reach later tests' subprocesses only.
+  monkeypatch.setenv("XLA_FLAGS", "")
   cli.set_cpu_xla_defaults()
   assert os.environ["XLA_FLAGS"] == " ".join(cli.CPU_XLA_DEFAULTS)
   mine = "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=dot"

@@ -27,14 +27,14 @@ class EmbeddedSpec:
   """Architecture, corpus and pre-training budget of the embedded model.
 
   The defaults pre-train 924 steps of 16x128 tokens (1.9M tokens incl. ~6% row padding;
-  217 s on a quiet 2-core CPU, 244 s with corpus and tokenizer), sized so that the
+  186-228 s on a quiet 2-core CPU, 197-244 s with corpus and tokenizer), sized so that the
   quickstart fits its 10-minute budget. Measured on a 32k-document build (2.5M tokens): 97%
   teacher-forced single-equation accuracy on held-out "a op b=" facts (a whole-number
   vocabulary and fact chains got there; digit tokens stayed at chance after 1M tokens) and
   25% greedy accuracy on test problems in the corpus's own `Problem/Work/Result` format (8%
   when documents were cut across rows, see `packing`); the 24k default fine-tunes to lower
-  test accuracy (quickstart best runs 0.25 vs 0.31). `scaled(k)` gives a bigger model and corpus for a real
-  machine. The task fields pin the `synthetic_arith` configuration the model is built for
+  test accuracy (quickstart best runs 0.25 vs 0.31). `scaled(k)` gives a bigger model and
+  corpus for a real machine. The task fields pin the `synthetic_arith` configuration the model is built for
   (`task()`): its splits are kept out of the corpus, and its number bound sets what
   arithmetic the corpus teaches.
 

@@ -410,13 +410,12 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if layer_cache is not None:
       cache_k, cache_v, layer = layer_cache
-      if layer is None:
-        at = (0, 0, write_index, 0)
-        new = lambda c, x: jnp.swapaxes(x, 1, 2).astype(c.dtype)
-      else:
-        at = (layer, 0, 0, write_index, 0)
-        new = lambda c, x: jnp.swapaxes(x, 1, 2)[None].astype(c.dtype)
-      write = lambda c, x: jax.lax.dynamic_update_slice(c, new(c, x), at)
+      def write(c, x):  # (B,T,K,D) -> the cache's (B,K,T,D) at slot write_index
+        x = jnp.swapaxes(x, 1, 2).astype(c.dtype)
+        if layer is None:
+          return jax.lax.dynamic_update_slice(c, x, (0, 0, write_index, 0))
+        return jax.lax.dynamic_update_slice(c, x[None], (layer, 0, 0, write_index, 0))
+
       cache_k, cache_v = write(cache_k, k), write(cache_v, v)
       k, v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots=q_slots, k_slots=k_slots,

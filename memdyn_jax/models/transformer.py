@@ -198,12 +198,12 @@ class CausalLM(nnx.Module):
 
     if cache is not None and cache.per_layer:
       # Unrolled with one cache array per layer: each layer reads and writes its own.
+      # (`layer` None tells Attention its cache is this layer's own.)
       new_k, new_v = [], []
       for layer in range(cfg.num_layers):
-        block = nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], block_state))
-        h, (k, v) = block(h, rope=rope, layer_cache=(cache.k[layer], cache.v[layer], None),
-                          write_index=write_index, q_slots=q_slots, k_slots=k_slots,
-                          key_valid=key_valid, window=windows[layer], **attn_kwargs)
+        state = jax.tree.map(lambda x: x[layer], block_state)
+        (h, (k, v)), _ = body((h, (cache.k[layer], cache.v[layer])),
+                              (state, windows[layer], None))
         new_k.append(k)
         new_v.append(v)
       return h, (tuple(new_k), tuple(new_v))

@@ -203,15 +203,10 @@ class UniformSampler(_Base):
     self._order_cache: tuple[int, np.ndarray] | None = None
 
   def _identity(self) -> dict[str, Any]:
-    identity = super()._identity()
-    if self.group_batches:  # old states (no grouping) keep their identity
-      identity.update(group_batches=self.group_batches, batch_size=self.batch_size)
-    return identity
+    return {**super()._identity(), "group_batches": self.group_batches,
+            "batch_size": self.batch_size}
 
   def load_state_dict(self, state: dict) -> None:
-    if not self.group_batches and state.get("group_batches"):
-      raise ValueError(f"sampler state does not match this sampler: saved with length "
-                       f"grouping ({state['group_batches']} batches), this one has none")
     super().load_state_dict(state)
     self.epoch_index = int(state["epoch_index"])
     self.position = int(state["position"])

@@ -178,6 +178,32 @@ def test_nan_guard_names_step_and_keeps_last_checkpoint(model_dir, tmp_path):
   assert all(np.isfinite(v).all() for v in flat_params(model).values())
 
 
+def test_nan_guard_without_step_saves_writes_no_checkpoint(model_dir, tmp_path):
+  # The only checkpoint would be the last step's: the guard stops before it and logs only
+  # finite steps.
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(learning_rate=1e30, schedule="constant", warmup_steps=0,
+                         max_grad_norm=0.0, weight_decay=0.0, save_every_steps=0,
+                         log_every_steps=1, optimizer="adam", num_epochs=6)
+  with pytest.raises(loop.NonFiniteError, match=r"step (\d+).*last good checkpoint: none"):
+    loop.train(cfg, make_data(), model_dir, run, progress=False)
+  assert checkpoints.list_steps(run) == []
+  lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+  assert all(np.isfinite(r["loss"]) for r in lines)
+  assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
+
+
+def test_metrics_log_every_step_in_order(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(save_every_steps=3, log_every_steps=1)  # 8 steps, saves at 3, 6, 8
+  result = loop.train(cfg, make_data(), model_dir, run, progress=False)
+  lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+  assert [r["step"] for r in lines] == list(range(1, 9))
+  assert [r["loss"] for r in lines] == list(result.losses)
+  assert [r["epoch"] for r in lines] == [0.5 * k for k in range(1, 9)]
+  assert checkpoints.list_steps(run) == [3, 6, 8]
+
+
 def test_sigterm_saves_then_stops(model_dir, tmp_path):
   run = str(tmp_path / "run")
 

@@ -220,7 +220,8 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
   def evaluate(model, run_name, step, split, examples, perturbation=None, p=params):
     if (run_name, step, split) in done:
       return
-    # One batch for the whole set: decoding cost on a CPU is per step, nearly flat in batch.
+    # The default eval_batch_size equals n_eval: one program per set and no padding rows
+    # (a padding row decodes as long as a real one).
     recs = evaluation.evaluate_examples(model, tokenizer, task, examples, split, params=p,
                                         perturbation=perturbation,
                                         batch_size=config.eval_batch_size)

@@ -40,9 +40,9 @@ class EmbeddedSpec:
   with no loss on problem statements, 0.17 / 0.09 / 0.08 for 3 layers on 32k documents,
   and worse with `task_format_fraction` 0 (0.06 / 0 / 0) or 1 (0 / 0.06 / 0.06): the
   capability scales with pre-training tokens, which CPU time bounds. `scaled(k)` gives a
-  bigger model and corpus for a real machine. The task fields pin the `synthetic_arith` configuration the model is built for
-  (`task()`): its splits are kept out of the corpus, and its number bound sets what
-  arithmetic the corpus teaches.
+  bigger model and corpus for a real machine. The task fields pin the `synthetic_arith`
+  configuration the model is built for (`task()`): its splits are kept out of the corpus,
+  and its number bound sets what arithmetic the corpus teaches.
 
   Attributes:
     task_max_steps: events per train/test problem (1..task_max_steps).

@@ -318,6 +318,11 @@ def _load_records(records_path):
   return by
 
 
+def _largest_positive(values: dict[str, float]) -> str | None:
+  """The key with the largest value, if that value is > 0."""
+  return max(values, key=values.get) if values and max(values.values()) > 0 else None
+
+
 def analyze(runs, run_info, records_path, metrics_path) -> dict:
   """Per-checkpoint table, PreMemAcc calibration, baselines, over-memorization."""
   import numpy as np
@@ -409,13 +414,12 @@ def analyze(runs, run_info, records_path, metrics_path) -> dict:
         config=overmemorization.OverMemorizationConfig(min_ppl_rise=OVERMEM_PPL_RISE,
                                                        max_acc_drop=OVERMEM_ACC_DROP))
   rise = {k: float(v.ppl_rise[v.in_stage].max()) if v.stages else 0.0 for k, v in om.items()}
-  most = max(rise, key=rise.get) if rise and max(rise.values()) > 0 else None
+  most = _largest_positive(rise)
   # With no run flagged (at this eval noise the conditions often fail), the merge still goes
   # to the run that ends furthest above its test-perplexity minimum (a late rise, not an
   # early-training spike).
   final_rise = {k: float(v.ppl_rise[-1]) if len(v.ppl_rise) else 0.0 for k, v in om.items()}
-  merge_run = most or (max(final_rise, key=final_rise.get)
-                       if final_rise and max(final_rise.values()) > 0 else None)
+  merge_run = most or _largest_positive(final_rise)
   merged = {}
   for run_name, steps in by.items():
     if run_name.startswith("merge("):
@@ -594,22 +598,25 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
         "not per run.")]
   lines += ["", "## Over-memorization (Ruan et al.)", ""]
   flagged = [k for k, v in a["om"].items() if v.stages]
+  merge_run = a["merge_run"]
+  if flagged:
+    outcome = (f"Flagged runs: {', '.join(flagged)}; the strongest rise is in "
+               f"{a['most_overmemorized']} (+{100 * a['om_rise'][a['most_overmemorized']]:.0f}% "
+               "over its minimum).")
+  elif merge_run:
+    last_rise = a["final_ppl_rise"][merge_run]
+    why = (f"below the {100 * OVERMEM_PPL_RISE:g}% threshold" if last_rise < OVERMEM_PPL_RISE
+           else f"but with test accuracy more than {OVERMEM_ACC_DROP:g} below its best")
+    outcome = ("No run is flagged at this budget: not reproduced by the detector (the largest "
+               f"rise of a run's last test perplexity over its minimum is +{100 * last_rise:.0f}% "
+               f"in {merge_run}, {why}; the merge below is of that run).")
+  else:
+    outcome = "No run is flagged at this budget: not reproduced by the detector."
   lines.append(
       f"Detector: test perplexity >= {1 + OVERMEM_PPL_RISE:g} x its running minimum while "
-      f"test accuracy stays within {OVERMEM_ACC_DROP:g} of its running best. "
-      + (f"Flagged runs: {', '.join(flagged)}; the strongest rise is in {a['most_overmemorized']} "
-         f"(+{100 * a['om_rise'][a['most_overmemorized']]:.0f}% over its minimum)."
-         if flagged else
-         "No run is flagged at this budget: not reproduced by the detector"
-         + (f" (the largest rise of a run's last test perplexity over its minimum is "
-            f"+{100 * a['final_ppl_rise'][a['merge_run']]:.0f}% in {a['merge_run']}, "
-            + (f"below the {100 * OVERMEM_PPL_RISE:g}% threshold"
-               if a["final_ppl_rise"][a["merge_run"]] < OVERMEM_PPL_RISE else
-               f"but with test accuracy more than {OVERMEM_ACC_DROP:g} below its best")
-            + "; the merge below is of that run)."
-            if a["merge_run"] else ".")))
+      f"test accuracy stays within {OVERMEM_ACC_DROP:g} of its running best. {outcome}")
   for name, m in a["merged"].items():
-    if name != f"merge({a['merge_run']})":  # left in records.jsonl by an earlier analysis
+    if name != f"merge({merge_run})":  # left in records.jsonl by an earlier analysis
       continue
     src = final[name[len("merge("):-1]]
     lines += ["", (

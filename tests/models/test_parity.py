@@ -78,14 +78,21 @@ def test_padding_never_changes_real_positions(case):
   np.testing.assert_allclose(alone[0], a[2, PADS[2]:], atol=1e-5)
 
 
-def test_kv_cache_prefill_and_decode_match_hf(case):
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_kv_cache_prefill_and_decode_match_hf(case, layout):
   name, hf, model, cfg = case
   if cfg.rope_type == "dynamic":
     pytest.skip("dynamic NTK rotates cached keys with the frequencies of their own step "
                 "(as HF's cache does), so incremental != full forward by design")
+  if layout == "stacked":  # remat keeps the layer scan, whose cache is one stacked array
+    from flax import nnx
+    scanned = models.build_model(cfg, remat="full")
+    nnx.update(scanned, nnx.state(model))
+    model = scanned
   ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   ref = _hf_logits(hf, ids, mask, positions)
   cache = model.init_cache(BATCH, LENGTH + 3)
+  assert cache.per_layer == (layout == "per_layer")
   split = 10
   logits, cache = model.forward_with_cache(jnp.asarray(ids[:, :split]), jnp.asarray(mask[:, :split]),
                                            cache)

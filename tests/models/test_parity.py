@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from memdyn_jax import models, testing
 
@@ -78,6 +79,13 @@ def test_padding_never_changes_real_positions(case):
   np.testing.assert_allclose(alone[0], a[2, PADS[2]:], atol=1e-5)
 
 
+def _rebuilt(model, cfg, **build_kwargs):
+  """The same weights in a model built with other options (dtype, remat, attention)."""
+  other = models.build_model(cfg, **build_kwargs)
+  nnx.update(other, nnx.state(model))
+  return other
+
+
 @pytest.mark.parametrize("layout", ["per_layer", "stacked"])
 def test_kv_cache_prefill_and_decode_match_hf(case, layout):
   name, hf, model, cfg = case
@@ -85,10 +93,7 @@ def test_kv_cache_prefill_and_decode_match_hf(case, layout):
     pytest.skip("dynamic NTK rotates cached keys with the frequencies of their own step "
                 "(as HF's cache does), so incremental != full forward by design")
   if layout == "stacked":  # remat keeps the layer scan, whose cache is one stacked array
-    from flax import nnx
-    scanned = models.build_model(cfg, remat="full")
-    nnx.update(scanned, nnx.state(model))
-    model = scanned
+    model = _rebuilt(model, cfg, remat="full")
   ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   ref = _hf_logits(hf, ids, mask, positions)
   cache = model.init_cache(BATCH, LENGTH + 3)
@@ -112,9 +117,7 @@ def test_bf16_forward_is_sane(case):
   name, hf, model, cfg = case
   ids, mask, _ = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   f32 = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  bf16_model = models.build_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-  from flax import nnx
-  nnx.update(bf16_model, nnx.state(model))
+  bf16_model = _rebuilt(model, cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
   bf16 = np.asarray(bf16_model(jnp.asarray(ids), jnp.asarray(mask)))
   real = mask.astype(bool)
   assert np.isfinite(bf16[real]).all()
@@ -131,9 +134,7 @@ def test_dot_product_attention_impl_matches_reference(case):
   (Gemma 2) fall back to the reference path by design."""
   impl = "xla"
   name, hf, model, cfg = case
-  from flax import nnx
-  fused = models.build_model(cfg, attention_impl=impl)
-  nnx.update(fused, nnx.state(model))
+  fused = _rebuilt(model, cfg, attention_impl=impl)
   ids, mask, _ = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   ref = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
   out = np.asarray(fused(jnp.asarray(ids), jnp.asarray(mask)))

@@ -52,7 +52,9 @@ class QuickstartConfig:
     max_length: longest fine-tuning example in tokens (longer ones are dropped).
     batch_length_multiple: trailing padding shared by a batch is cut to a multiple of this.
     group_by_length: batches of similar length, from chunks of this many batches (0 = off).
-    n_eval: train and test examples evaluated per checkpoint.
+    n_eval: test examples evaluated per checkpoint (more than train: test accuracy is the
+      regression target, and its sampling noise caps every R² of the report).
+    n_eval_train: train examples (of those a run trains on) evaluated per checkpoint.
     n_eval_extra: OOD and perturbed-test examples evaluated at each run's last checkpoint.
     n_samples: samples per example for accuracy (T = 0.8).
     max_new_tokens: generation budget on train/test (OOD: twice).
@@ -61,17 +63,18 @@ class QuickstartConfig:
   output_dir: str = "/tmp/memdyn_quickstart"
   scale: int = 1
   seed: int = 0
-  n_train: int = 224
-  learning_rates: tuple[float, ...] = (5e-4, 2e-3, 4e-3)
-  epochs: tuple[float, ...] = (1.0, 3.0, 6.0)
-  half_data_epochs: float = 10.0
+  n_train: int = 112
+  learning_rates: tuple[float, ...] = (5e-4, 2e-3, 5e-3)
+  epochs: tuple[float, ...] = (1.0, 3.0, 10.0)
+  half_data_epochs: float = 20.0
   checkpoint_every_epochs: float = 0.25
   evals_per_run: int = 4
   batch_size: int = 16
   max_length: int = 192
   batch_length_multiple: int = 32
   group_by_length: int = 4
-  n_eval: int = 32
+  n_eval: int = 64
+  n_eval_train: int = 32
   n_eval_extra: int = 16
   n_samples: int = 1
   max_new_tokens: int = 128
@@ -86,7 +89,7 @@ class QuickstartConfig:
       raise QuickstartError("learning_rates", "needs at least one, all > 0")
     if not self.epochs or min(self.epochs) <= 0:
       raise QuickstartError("epochs", "needs at least one, all > 0")
-    for name in ("n_train", "n_eval", "n_eval_extra", "n_samples", "batch_size",
+    for name in ("n_train", "n_eval", "n_eval_train", "n_eval_extra", "n_samples", "batch_size",
                  "max_new_tokens", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise QuickstartError(name, "must be >= 1")
@@ -96,6 +99,7 @@ class QuickstartConfig:
 
 
 PERTURBATIONS = ("First", "We know that")
+BASE_RUN = "base"  # records of the base model (before fine-tuning), step 0
 # Candidate PreMemAcc thresholds, as in Kang et al. App. A.1: log(log(ppl)) in [-4, -0.5].
 LOGLOG_CANDIDATES = tuple(-4.0 + 0.25 * i for i in range(15))
 # Over-memorization detector (Ruan et al.): a test-perplexity rise of OVERMEM_PPL_RISE over
@@ -207,7 +211,7 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
   params = sampling.SamplingParams(temperature=0.8, top_p=0.95, n=config.n_samples,
                                    max_new_tokens=config.max_new_tokens, seed=config.seed)
   ood_params = dataclasses.replace(params, max_new_tokens=2 * config.max_new_tokens)
-  base_model = models.from_pretrained(base_dir)
+  base_model, _ = models.from_pretrained(base_dir)
   base_leaves = _param_leaves(base_model)
 
   records_path = os.path.join(out, "records.jsonl")
@@ -220,8 +224,8 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
   def evaluate(model, run_name, step, split, examples, perturbation=None, p=params):
     if (run_name, step, split) in done:
       return
-    # The default eval_batch_size equals n_eval: one program per set and no padding rows
-    # (a padding row decodes as long as a real one).
+    # The default eval_batch_size divides n_eval and n_eval_train: no padding rows (a
+    # padding row decodes as long as a real one), and one compiled program for both sets.
     recs = evaluation.evaluate_examples(model, tokenizer, task, examples, split, params=p,
                                         perturbation=perturbation,
                                         batch_size=config.eval_batch_size)
@@ -229,6 +233,10 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
       for r in recs:
         f.write(json.dumps(dict(r.to_dict(), run=run_name, step=step)) + "\n")
     done.add((run_name, step, split))
+
+  # The reference every run starts from: how much fine-tuning moves test accuracy.
+  evaluate(base_model, BASE_RUN, 0, "test", test_examples)
+  stages.done("evaluated the base model")
 
   runs = sweep_runs(config)
   run_info = {}
@@ -251,7 +259,7 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
       with open(subset_path) as f:
         trained = np.asarray(json.load(f)["indices"])
     by_id = {e.id: e for e in all_train}
-    eval_train = [by_id[ids[i]] for i in trained[:config.n_eval]]
+    eval_train = [by_id[ids[i]] for i in trained[:config.n_eval_train]]
     # Kang et al. App. B.1: K fixed minibatches of this run's train examples.
     gv_config = gradient_variance.GradientVarianceConfig(
         batch_size=max(1, min(4, len(trained) // 5)), seed=config.seed)
@@ -426,9 +434,12 @@ def analyze(runs, run_info, records_path, metrics_path) -> dict:
       merged[run_name] = {split: dict(accuracy=mean(rs, "accuracy"),
                                       perplexity=mean(rs, "perplexity"))
                           for split, rs in steps[0].items()}
+  base_test = by.get(BASE_RUN, {}).get(0, {}).get("test")
+  base = (dict(accuracy=mean(base_test, "accuracy"), perplexity=mean(base_test, "perplexity"))
+          if base_test else None)
   return dict(rows=rows, calibration=cal, fits=fits, fits_high=fits_high, om=om,
               om_rise=rise, most_overmemorized=most, merge_run=merge_run,
-              final_ppl_rise=final_rise, merged=merged, runs=runs)
+              final_ppl_rise=final_rise, merged=merged, runs=runs, base=base)
 
 
 def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartConfig) -> None:
@@ -497,6 +508,9 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
     ax[0].plot(ep, [r["test_accuracy"] for r in rs], "o-", color=c, label=run.name, ms=3)
     ax[1].plot(ep, [r["test_perplexity"] for r in rs], "o-", color=c, ms=3)
     ax[2].plot(ep, [r["train_perplexity"] for r in rs], "o-", color=c, ms=3)
+  if a["base"] is not None:  # where every run starts
+    ax[0].axhline(a["base"]["accuracy"], color="gray", ls="--", lw=1, label="base model")
+    ax[1].axhline(a["base"]["perplexity"], color="gray", ls="--", lw=1)
   ax[0].set(xlabel="epoch", ylabel="test accuracy")
   ax[1].set(xlabel="epoch", ylabel="test target perplexity")
   ax[2].set(xlabel="epoch", ylabel="train target perplexity", yscale="log")
@@ -516,8 +530,8 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
       f"(final loss {base_info['final_loss']:.3f}). Fine-tuning data: "
       f"{config.n_train * config.scale} `synthetic_arith` problems (1-{spec.task_max_steps} "
       f"events, values <= {spec.task().train_max_value}); accuracy = mean over "
-      f"{config.n_samples} samples at T = 0.8 of {config.n_eval} train and {config.n_eval} test "
-      "examples per evaluated checkpoint.", "",
+      f"{config.n_samples} samples at T = 0.8 of {config.n_eval_train} train and {config.n_eval} "
+      "test examples per evaluated checkpoint.", "",
       "![PreMemAcc vs test accuracy](premem_vs_test.png)", "",
       "![dynamics](dynamics.png)", "",
       "## Runs (last checkpoint)", "",
@@ -534,6 +548,9 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
         f"{fmt(r['ood_accuracy'])} | "
         + " | ".join(fmt(r[f"{p}_accuracy"]) for p in PERTURBATIONS)
         + f" | {r['overmemorization_stages'] or '-'} |")
+  if a["base"] is not None:
+    lines += ["", f"Base model before fine-tuning (the start of every run): test accuracy "
+                  f"{fmt(a['base']['accuracy'])}, test perplexity {fmt(a['base']['perplexity'])}."]
   lines += ["", "## Findings", ""]
   spread = max(accs) - min(accs)
   # Binomial standard error of one accuracy point at the sweep's mean accuracy.

@@ -86,8 +86,8 @@ def _run_quickstart(out):
   # One LR x one epoch count + the half-data run: every stage runs, compiles stay few.
   config = quickstart.QuickstartConfig(
       output_dir=str(out), n_train=16, learning_rates=(3e-3,), epochs=(1,), half_data_epochs=1,
-      evals_per_run=2, n_eval=4, n_eval_extra=2, n_samples=1, batch_size=8, max_length=160,
-      eval_batch_size=4)
+      evals_per_run=2, n_eval=4, n_eval_train=4, n_eval_extra=2, n_samples=1, batch_size=8,
+      max_length=160, eval_batch_size=4)
   return quickstart.run_study(config, spec=TINY)
 
 
@@ -96,6 +96,7 @@ def test_tiny_quickstart(tmp_path, monkeypatch, cache_dir):
   out = tmp_path / "qs"
   text = open(_run_quickstart(out)).read()
   assert "PreMemAcc" in text and "| lr0.003_ep1 |" in text and "| lr0.003_ep1_half |" in text
+  assert "Base model before fine-tuning (the start of every run): test accuracy" in text
   for name in ("summary.csv", "runs.csv", "premem_vs_test.png", "dynamics.png", "stages.txt"):
     assert (out / name).stat().st_size > 0, name
   assert len((out / "runs.csv").read_text().splitlines()) == 1 + 2

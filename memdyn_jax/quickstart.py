@@ -68,12 +68,12 @@ class QuickstartConfig:
   epochs: tuple[float, ...] = (1.0, 3.0, 10.0)
   half_data_epochs: float = 20.0
   checkpoint_every_epochs: float = 0.25
-  evals_per_run: int = 4
+  evals_per_run: int = 3
   batch_size: int = 16
   max_length: int = 192
   batch_length_multiple: int = 32
   group_by_length: int = 4
-  n_eval: int = 64
+  n_eval: int = 128
   n_eval_train: int = 32
   n_eval_extra: int = 16
   n_samples: int = 1

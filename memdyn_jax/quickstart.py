@@ -5,8 +5,9 @@ offline on a CPU (experiments/quickstart.py is its flag parsing).
    Llama pre-trained by this project's trainer on the task's corpus (`memdyn_jax.embedded`);
 2. fine-tunes it on `synthetic_arith`: every learning rate x every epoch count, plus a
    half-data run, saving a checkpoint every `checkpoint_every_epochs`;
-3. evaluates checkpoints on train and test (accuracy of samples at T = 0.8, target-trace
-   perplexity), and each run's last checkpoint also on OOD and perturbed prompts;
+3. evaluates the base model on test (the reference every run starts from), checkpoints on
+   train and test (accuracy of samples at T = 0.8, target-trace perplexity), and each run's
+   last checkpoint also on OOD and perturbed prompts;
 4. calibrates the PreMemAcc threshold (Kang et al.) on the sweep and reports its R² against
    test accuracy next to baselines; detects over-memorization per run (Ruan et al.) and
    evaluates a merge of the most over-memorized run's checkpoints;
@@ -326,6 +327,29 @@ def _load_records(records_path):
   return by
 
 
+def spread_verdict(final_accs: list[float], base_acc: float | None, noise: float) -> str:
+  """The report's reading of the runs' final test accuracies, given one point's noise.
+
+  Spread within 4 standard errors is weak; if moreover no run ends 4 standard errors from
+  the base model's accuracy, fine-tuning did not move test accuracy at all.
+  """
+  moved = ""
+  if base_acc is not None:
+    moved = (f"The base model scores {base_acc:.3f} before fine-tuning, so the runs end "
+             f"{min(final_accs) - base_acc:+.3f} to {max(final_accs) - base_acc:+.3f} from "
+             "where they started. ")
+  if max(final_accs) - min(final_accs) >= 4 * noise:
+    return moved + "The sweep separates runs well beyond that noise."
+  if base_acc is not None and max(abs(x - base_acc) for x in final_accs) < 4 * noise:
+    return moved + ("That spread is within a few standard errors, and no run ends far from "
+                    "the base model: fine-tuning did not change how many test problems the "
+                    "model solves, so the R² values below have little to explain (use --scale "
+                    "on a bigger machine for a base that fine-tuning can improve).")
+  return moved + ("That spread is within a few standard errors: the sweep separates runs "
+                  "only weakly, and the R² values below rest on noisy points (raise --n_eval "
+                  "/ --n_samples, or --scale on a bigger machine).")
+
+
 def _largest_positive(values: dict[str, float]) -> str | None:
   """The key with the largest value, if that value is > 0."""
   return max(values, key=values.get) if values and max(values.values()) > 0 else None
@@ -560,10 +584,7 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
       f"**Spread.** Final test accuracy ranges {min(accs):.3f}-{max(accs):.3f} across the "
       f"{len(runs)} runs (spread {spread:.3f}); one accuracy point here has a standard error "
       f"of about {noise:.3f} ({config.n_eval} examples x {config.n_samples} sample(s)). "
-      + ("The sweep separates runs well beyond that noise." if spread >= 4 * noise else
-         "That spread is within a few standard errors: the sweep separates runs only weakly, "
-         "and the R² values below rest on noisy points (raise --n_eval / --n_samples, or "
-         "--scale on a bigger machine)."))
+      + spread_verdict(accs, a["base"]["accuracy"] if a["base"] else None, noise))
   below = [r["final_train_frac_ppl_below_1_1"] for r in run_rows]
   lines += ["", (
       f"**Memorization.** The share of train examples whose target perplexity is below 1.1 "

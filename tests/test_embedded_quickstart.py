@@ -115,6 +115,17 @@ def test_eval_steps_spread_over_the_run_last_included():
   assert quickstart.eval_steps([8, 16], 4) == [8, 16]
 
 
+def test_spread_verdict_reads_runs_against_noise_and_base():
+  wide = quickstart.spread_verdict([0.1, 0.5], 0.1, noise=0.05)
+  assert "well beyond that noise" in wide and "+0.000 to +0.400" in wide
+  flat = quickstart.spread_verdict([0.06, 0.1], 0.07, noise=0.025)
+  assert "no run ends far from the base model" in flat
+  # Weak spread, but the runs sit well above the base: noise, not a flat sweep.
+  weak = quickstart.spread_verdict([0.3, 0.36], 0.1, noise=0.025)
+  assert "separates runs only weakly" in weak and "base model scores 0.100" in weak
+  assert "The base model" not in quickstart.spread_verdict([0.3, 0.36], None, noise=0.025)
+
+
 def test_quickstart_config_and_binary_reject_bad_settings(tmp_path):
   with pytest.raises(quickstart.QuickstartError, match="epochs"):
     quickstart.QuickstartConfig(epochs=())

@@ -4,7 +4,7 @@ It is what runs with no hub access: the `synthetic_arith` tokenizer (trained on 
 pre-training corpus), a sub-million-parameter Llama config, pre-training by the project's
 own trainer on that corpus, and an HF-format export (config.json + safetensors +
 tokenizer), so every binary loads it like any HF model. Builds are cached under a key of
-the full spec and written atomically (a temp dir renamed into place).
+the full spec and `BUILD_VERSION`, and written atomically (a temp dir renamed into place).
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ import time
 from absl import logging
 
 EMBEDDED_NAME = "embedded"
+# Part of every cache key: bump it with any code change that alters what a build of the same
+# spec produces (corpus, tokenizer, packing, trainer), so stale caches are not reused.
+BUILD_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +115,8 @@ class EmbeddedSpec:
                                               max_value=self.task_max_value, **kwargs)
 
   def key(self) -> str:
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    blob = json.dumps({**dataclasses.asdict(self), "build_version": BUILD_VERSION},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
   def hf_config(self, tokenizer) -> dict:
@@ -272,7 +276,8 @@ def build(spec: EmbeddedSpec, work_dir: str, progress: bool = True) -> str:
   models.save_pretrained(model, cfg, out)
   tokenizer.save_pretrained(out)
   with open(os.path.join(out, "embedded.json"), "w") as f:
-    json.dump({"spec": dataclasses.asdict(spec), "pretrain_steps": result.step,
+    json.dump({"spec": dataclasses.asdict(spec), "build_version": BUILD_VERSION,
+               "pretrain_steps": result.step,
                "final_loss": result.losses[-1] if result.losses else None,
                "num_params": cfg.num_params, "tokens": int(data.input_ids.size),
                "pretrain_seconds": round(train_seconds, 1),

@@ -39,8 +39,11 @@ def test_corpus_texts_formats():
     embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=6, task_format_fraction=2.0))
 
 
-def test_spec_key_and_scaled():
+def test_spec_key_and_scaled(monkeypatch):
   assert TINY.key() != embedded.EmbeddedSpec().key()
+  key = TINY.key()
+  monkeypatch.setattr(embedded, "BUILD_VERSION", embedded.BUILD_VERSION + 1)
+  assert TINY.key() != key  # a new build version never reuses an old cache
   assert TINY.scaled(1) is TINY
   big = embedded.EmbeddedSpec().scaled(2)
   assert big.hidden_size == 256 and big.num_layers == 6

@@ -668,7 +668,10 @@ def write_outputs(out: str, a: dict, base_info: dict, spec, config: QuickstartCo
             f"{config.evals_per_run or 'all'} per run are evaluated (denser late) to fit the "
             "CPU budget; `--evals_per_run=0` evaluates all.",
             "- OOD and perturbed prompts are evaluated at each run's last checkpoint only.",
-            "- Accuracy uses few samples on small eval sets: expect +-0.05-0.1 noise per point.",
+            f"- Accuracy is {config.n_samples} sample(s) at T = 0.8 per example on "
+            f"{config.n_eval} test / {config.n_eval_train} train examples: the test-accuracy "
+            "standard error is in the Spread paragraph; train points are noisier, and OOD "
+            f"and perturbed ones ({config.n_eval_extra} examples) much noisier.",
             "", "Files: summary.csv (per checkpoint), runs.csv (per run), records.jsonl "
             "(per example), stages.txt (timings)."]
   with open(os.path.join(out, "report.md"), "w") as f:

@@ -332,15 +332,23 @@ def spread_verdict(final_accs: list[float], base_acc: float | None, noise: float
 
   Spread within 4 standard errors is weak; if moreover no run ends 4 standard errors from
   the base model's accuracy, fine-tuning did not move test accuracy at all.
+
+  Raises:
+    ValueError: no runs, or a noise that is not > 0.
   """
+  if not final_accs:
+    raise ValueError("spread_verdict needs the final test accuracy of at least one run")
+  if not noise > 0:
+    raise ValueError(f"noise (one accuracy point's standard error) must be > 0, got {noise}")
+  far = 4 * noise
   moved = ""
   if base_acc is not None:
     moved = (f"The base model scores {base_acc:.3f} before fine-tuning, so the runs end "
              f"{min(final_accs) - base_acc:+.3f} to {max(final_accs) - base_acc:+.3f} from "
              "where they started. ")
-  if max(final_accs) - min(final_accs) >= 4 * noise:
+  if max(final_accs) - min(final_accs) >= far:
     return moved + "The sweep separates runs well beyond that noise."
-  if base_acc is not None and max(abs(x - base_acc) for x in final_accs) < 4 * noise:
+  if base_acc is not None and max(abs(x - base_acc) for x in final_accs) < far:
     return moved + ("That spread is within a few standard errors, and no run ends far from "
                     "the base model: fine-tuning did not change how many test problems the "
                     "model solves, so the R² values below have little to explain (use --scale "

@@ -127,6 +127,10 @@ def test_spread_verdict_reads_runs_against_noise_and_base():
   weak = quickstart.spread_verdict([0.3, 0.36], 0.1, noise=0.025)
   assert "separates runs only weakly" in weak and "base model scores 0.100" in weak
   assert "The base model" not in quickstart.spread_verdict([0.3, 0.36], None, noise=0.025)
+  with pytest.raises(ValueError, match="at least one run"):
+    quickstart.spread_verdict([], 0.1, noise=0.025)
+  with pytest.raises(ValueError, match="must be > 0"):
+    quickstart.spread_verdict([0.1], 0.1, noise=0.0)
 
 
 def test_quickstart_config_and_binary_reject_bad_settings(tmp_path):

@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="JAX/Flax toolkit for studying memorization dynamics of LLMs fine-tuned on reasoning data",
     packages=find_packages(include=["memdyn_jax", "memdyn_jax.*"]),
+    package_data={"memdyn_jax": ["assets/embedded/*"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

@@ -11,18 +11,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
+from typing import Any, Mapping
 
 from absl import logging
 
 EMBEDDED_NAME = "embedded"
+# The shipped base (package data) and its manifest: spec, build command, sha256 of each file,
+# pre-training statistics and probe results.
+ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded")
+MANIFEST_FILE = "manifest.json"
+BUILD_COMMAND = "python experiments/build_embedded.py --output_dir=memdyn_jax/assets/embedded"
+
+
+class EmbeddedBaseError(RuntimeError):
+  """The embedded base model is missing, corrupt, or its build cannot continue."""
 # Part of every cache key: bump it with any code change that alters what a build of the same
 # spec produces (corpus, tokenizer, packing, trainer), so stale caches are not reused.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,18 +91,18 @@ class EmbeddedSpec:
   whole_numbers: int = 99
   task_max_steps: int = 3
   task_max_value: int = 30
-  corpus_docs: int = 24000
-  corpus_mix: tuple[tuple[str, float], ...] = (("facts", 0.45), ("numbers", 0.05),
-                                               ("sentences", 0.0), ("problems", 0.5))
+  corpus_docs: int = 220000
+  corpus_mix: tuple[tuple[str, float], ...] = (("facts", 0.25), ("numbers", 0.0),
+                                               ("sentences", 0.0), ("problems", 0.75))
   chain_fraction: float = 0.8
-  task_format_fraction: float = 0.35
-  seq_len: int = 128
+  task_format_fraction: float = 0.0
+  seq_len: int = 256
   packing: str = "whole_documents"
   pretrain_epochs: float = 1.0
-  batch_size: int = 16
-  learning_rate: float = 5e-3
+  batch_size: int = 8
+  learning_rate: float = 4e-3
   beta2: float = 0.99
-  warmup_ratio: float = 0.05
+  warmup_ratio: float = 0.02
   seed: int = 0
 
   def scaled(self, k: int) -> "EmbeddedSpec":
@@ -135,22 +146,64 @@ def default_cache_dir() -> str:
                                                      "memdyn_jax"))
 
 
-def model_dir(spec: EmbeddedSpec = EmbeddedSpec(), cache_dir: str | None = None,
-              progress: bool = True) -> str:
-  """The HF directory of the embedded model for `spec`, built on first use."""
+def shipped_manifest(path: str = ASSET_DIR) -> dict[str, Any]:
+  """The manifest of a built base model directory (the shipped one by default)."""
+  file = os.path.join(path, MANIFEST_FILE)
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise EmbeddedBaseError(f"{file} is missing: the embedded base is not installed; "
+                            f"rebuild it with `{BUILD_COMMAND}`") from None
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def verify(path: str = ASSET_DIR) -> dict[str, Any]:
+  """Checks every file listed in a base's manifest against its sha256; returns the manifest."""
+  manifest = shipped_manifest(path)
+  for name, expected in manifest["sha256"].items():
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+      raise EmbeddedBaseError(f"{file} is missing (listed in {MANIFEST_FILE})")
+    got = file_sha256(file)
+    if got != expected:
+      raise EmbeddedBaseError(f"{file}: sha256 {got[:12]}... does not match the manifest's "
+                              f"{expected[:12]}...; the file is corrupt or was changed")
+  return manifest
+
+
+def spec_of(manifest: Mapping[str, Any]) -> EmbeddedSpec:
+  """The EmbeddedSpec a manifest records (tuples restored from JSON lists)."""
+  fields = dict(manifest["spec"])
+  fields["corpus_mix"] = tuple(tuple(kv) for kv in fields["corpus_mix"])
+  return EmbeddedSpec(**fields)
+
+
+def model_dir(spec: EmbeddedSpec | None = None, cache_dir: str | None = None,
+              progress: bool = True, rebuild: bool = False) -> str:
+  """The HF directory of the embedded base model for `spec`.
+
+  The default spec is shipped with the package (`ASSET_DIR`, hash-checked on load); any other
+  spec, or `rebuild=True`, is built into the cache on first use (key: spec and
+  `BUILD_VERSION`), resuming an interrupted build from its checkpoints.
+  """
+  spec = spec or EmbeddedSpec()
+  if not rebuild and os.path.exists(os.path.join(ASSET_DIR, MANIFEST_FILE)):
+    manifest = shipped_manifest()
+    if spec_of(manifest) == spec and manifest["build_version"] == BUILD_VERSION:
+      verify(ASSET_DIR)
+      return ASSET_DIR
   root = os.path.join(cache_dir or default_cache_dir(), "embedded", spec.key())
   final = os.path.join(root, "model")
-  if os.path.exists(os.path.join(final, "embedded.json")):
-    return final
-  os.makedirs(root, exist_ok=True)
-  work = tempfile.mkdtemp(prefix="build-", dir=root)
-  try:
-    built = build(spec, work, progress=progress)
-    if os.path.exists(final):  # a concurrent build won; keep its result
-      return final
-    os.replace(built, final)
-  finally:
-    shutil.rmtree(work, ignore_errors=True)
+  if not os.path.exists(os.path.join(final, MANIFEST_FILE)):
+    build(spec, final, work_dir=os.path.join(root, "work"), progress=progress)
   return final
 
 
@@ -239,52 +292,201 @@ def pretraining_data(spec: EmbeddedSpec, tokenizer, task=None):
   return TrainData(tokens, mask, target)
 
 
-def build(spec: EmbeddedSpec, work_dir: str, progress: bool = True) -> str:
-  """Trains the tokenizer, pre-trains the model, exports it; returns the export dir."""
+def _atomic_dir(make, final: str) -> None:
+  """Runs `make(tmp_dir)` and renames the result to `final` (an existing `final` is replaced)."""
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
+  try:
+    make(tmp)
+    old = None
+    if os.path.exists(final):
+      old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(final) + "-", dir=parent)
+      os.rmdir(old)
+      os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _final_loss(run_dir: str, last: int = 100) -> float | None:
+  """Mean training loss over the last `last` logged steps (metrics.jsonl spans resumes)."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    losses = [json.loads(line)["loss"] for line in f if line.strip()]
+  return round(sum(losses[-last:]) / len(losses[-last:]), 4) if losses else None
+
+
+def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
+          progress: bool = True, save_every_steps: int = 250, probe_examples: int = 256,
+          command: str | None = None) -> dict[str, Any]:
+  """Builds the base model of `spec` into `output_dir`; returns its manifest.
+
+  Stages: tokenizer, initial weights, pre-training, export, probes, manifest. Everything
+  before the export lives in `work_dir` (default `<output_dir>.build`), and pre-training
+  checkpoints every `save_every_steps`, so an interrupted build re-run with the same
+  arguments continues where it stopped. `output_dir` is replaced atomically at the end and
+  the work directory removed.
+
+  Raises:
+    EmbeddedBaseError: `work_dir` holds a build of another spec, or pre-training stopped
+      (SIGTERM) before its last step.
+  """
   from memdyn_jax import checkpoints, models
   from memdyn_jax.tasks import synthetic_corpus
   from memdyn_jax.train.config import TrainConfig
   from memdyn_jax.train.loop import train
 
   start = time.time()
+  work_dir = work_dir or os.path.abspath(output_dir).rstrip(os.sep) + ".build"
+  os.makedirs(work_dir, exist_ok=True)
+  stamp = os.path.join(work_dir, "spec.json")
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      held = json.load(f)
+    if held.get("key") != spec.key():
+      raise EmbeddedBaseError(f"{work_dir} holds a build of another spec ({held.get('key')} vs "
+                              f"{spec.key()}); remove it or choose another work directory")
+  else:
+    with open(stamp, "w") as f:
+      json.dump({"key": spec.key(), "spec": dataclasses.asdict(spec)}, f, indent=2)
+
   task = spec.task()
   tok_dir = os.path.join(work_dir, "tokenizer")
-  tokenizer = synthetic_corpus.build_tokenizer(tok_dir, seed=spec.seed,
-                                               vocab_size=spec.tokenizer_vocab_size, task=task,
-                                               whole_numbers=spec.whole_numbers)
+  if not os.path.exists(tok_dir):
+    _atomic_dir(lambda d: synthetic_corpus.build_tokenizer(
+        d, seed=spec.seed, vocab_size=spec.tokenizer_vocab_size, task=task,
+        whole_numbers=spec.whole_numbers), tok_dir)
+  tokenizer = models.load_tokenizer(tok_dir)
   cfg = models.from_hf_config(spec.hf_config(tokenizer))
   init_dir = os.path.join(work_dir, "init")
-  models.save_pretrained(models.build_model(cfg, seed=spec.seed), cfg, init_dir)
-  tokenizer.save_pretrained(init_dir)
+  if not os.path.exists(init_dir):
+    def save_init(d):
+      models.save_pretrained(models.build_model(cfg, seed=spec.seed), cfg, d)
+      tokenizer.save_pretrained(d)
+    _atomic_dir(save_init, init_dir)
 
   data = pretraining_data(spec, tokenizer, task)
   train_cfg = TrainConfig(
       learning_rate=spec.learning_rate, num_epochs=spec.pretrain_epochs,
       global_batch_size=spec.batch_size, optimizer="adamw", weight_decay=0.01, beta2=spec.beta2,
       schedule="cosine", warmup_ratio=spec.warmup_ratio, max_grad_norm=1.0, seed=spec.seed,
-      max_length=spec.seq_len, save_every_steps=0, save_every_epochs=0.0, log_every_steps=10)
+      max_length=spec.seq_len, save_every_steps=save_every_steps, save_every_epochs=0.0,
+      log_every_steps=50)
   run_dir = os.path.join(work_dir, "pretrain")
   train_start = time.time()
   result = train(train_cfg, data, init_dir, run_dir, progress=progress, async_checkpoints=False)
   if result.preempted or result.step < result.total_steps:
-    # Never cache a half-trained model as the embedded default.
-    raise RuntimeError(f"embedded pre-training stopped at step {result.step} of "
-                       f"{result.total_steps}; nothing was cached, re-run to build again")
+    raise EmbeddedBaseError(f"embedded pre-training stopped at step {result.step} of "
+                            f"{result.total_steps}; re-run the same command to continue")
   train_seconds = time.time() - train_start
   model, _ = checkpoints.restore(run_dir, step=result.step)
-  out = os.path.join(work_dir, "export")
-  models.save_pretrained(model, cfg, out)
-  tokenizer.save_pretrained(out)
-  with open(os.path.join(out, "embedded.json"), "w") as f:
-    json.dump({"spec": dataclasses.asdict(spec), "build_version": BUILD_VERSION,
-               "pretrain_steps": result.step,
-               "final_loss": result.losses[-1] if result.losses else None,
-               "num_params": cfg.num_params, "tokens": int(data.input_ids.size),
-               "pretrain_seconds": round(train_seconds, 1),
-               "tokens_per_s": round(result.step * spec.batch_size * spec.seq_len
-                                     / max(train_seconds, 1e-9)),
-               "seconds": round(time.time() - start, 1)}, f,
-              indent=2)
-  logging.info("embedded model: %d params, %d pre-training steps, final loss %.3f, %.0f s",
-               cfg.num_params, result.step, result.losses[-1], time.time() - start)
-  return out
+
+  manifest: dict[str, Any] = {
+      "spec": dataclasses.asdict(spec), "spec_key": spec.key(), "build_version": BUILD_VERSION,
+      "build_command": command or BUILD_COMMAND, "seed": spec.seed,
+      "num_params": cfg.num_params, "pretrain_steps": result.step,
+      "resumed_from_step": result.step - len(result.losses),
+      "tokens_seen": result.step * spec.batch_size * spec.seq_len,
+      "real_tokens_seen": int(data.attention_mask.sum() * spec.pretrain_epochs),
+      "final_loss": _final_loss(run_dir),
+      "pretrain_seconds_this_run": round(train_seconds, 1),
+      "tokens_per_s": round(len(result.losses) * spec.batch_size * spec.seq_len
+                            / max(train_seconds, 1e-9)),
+      "cpu_count": os.cpu_count(),
+  }
+  probe_start = time.time()
+  manifest["probes"] = probe(model, tokenizer, spec, n=probe_examples)
+  manifest["probe_seconds"] = round(time.time() - probe_start, 1)
+  manifest["seconds_this_run"] = round(time.time() - start, 1)
+
+  def export(d):
+    models.save_pretrained(model, cfg, d)
+    tokenizer.save_pretrained(d)
+    manifest["sha256"] = {name: file_sha256(os.path.join(d, name))
+                          for name in sorted(os.listdir(d))}
+    with open(os.path.join(d, MANIFEST_FILE), "w") as f:
+      json.dump(manifest, f, indent=2)
+      f.write("\n")
+  _atomic_dir(export, output_dir)
+  shutil.rmtree(work_dir, ignore_errors=True)
+  logging.info("embedded model: %d params, %d pre-training steps, final loss %s, %.0f s",
+               cfg.num_params, result.step, manifest["final_loss"], time.time() - start)
+  return manifest
+
+
+# --------------------------------------------------------------------------- probes
+
+_WORK_PROMPT = "Problem: {question}\nWork:"
+_RESULT_RE = re.compile(r"Result:\s*(-?\d+)")
+
+
+def _greedy_accuracy(model, tokenizer, prompts, answers, extract, max_new_tokens, stop):
+  from memdyn_jax import sampling
+  params = sampling.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=stop)
+  outs = sampling.sample(model, tokenizer, prompts, params, batch_size=64)
+  right = [extract(o[0].text) == str(a) for o, a in zip(outs, answers)]
+  return sum(right) / len(right)
+
+
+def probe(model, tokenizer, spec: EmbeddedSpec, n: int = 256) -> dict[str, Any]:
+  """What the base model can do before fine-tuning, on test problems it never saw.
+
+  - `arithmetic`: teacher-forced argmax accuracy of the result of "a op b=" facts whose
+    operands and result lie in the task's train range (the corpus's fact format);
+  - `copy_numbers`: teacher-forced argmax accuracy of the first `Work:` line's two operands,
+    which the model must copy from the problem statement (in-context copying);
+  - `work_accuracy`: greedy accuracy in the corpus's own `Problem/Work/Result` format (what
+    the model can solve);
+  - `task_accuracy`: greedy accuracy in the task's prompt and trace format (what fine-tuning
+    starts from), with `task_accuracy_band`: the range a re-measurement must fall in.
+  Every figure is over `n` items drawn with a fixed seed, so a re-run gives the same numbers.
+  """
+  import random
+
+  from memdyn_jax import scoring
+
+  task = spec.task()
+  bound = task.split_config("test")["bound"]
+  rng = random.Random(f"embedded/{spec.seed}/probe")
+  facts = []
+  while len(facts) < n:
+    a, b, op = rng.randint(1, bound), rng.randint(1, bound), rng.choice("+-*/")
+    c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if a % b == 0 else -1}[op]
+    if 0 <= c <= bound:
+      facts.append((f"{a}{op}{b}=", str(c)))
+  scored = scoring.score_texts(model, tokenizer, [f[0] for f in facts], [f[1] for f in facts],
+                               batch_size=64, add_bos=True)
+  arithmetic = sum(r.exact_memorization for r in scored) / len(scored)
+
+  tests = task.load("test")[:n]
+  first_ops = [" " + _CALC_RE.findall(e.target)[0][0] for e in tests]
+  # The operands only ("a op b"): the first line's numbers come from the question.
+  operands = [re.match(r" \d+[-+*/]\d+", t).group(0) for t in first_ops]
+  scored = scoring.score_texts(model, tokenizer,
+                               [_WORK_PROMPT.format(question=e.question) for e in tests],
+                               operands, batch_size=64, add_bos=True, return_tokens=True)
+  number_hits = []
+  for r, text in zip(scored, operands):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for tok_id, ok in zip(ids, r.token_argmax_correct):
+      if tokenizer.decode([tok_id]).strip().isdigit():
+        number_hits.append(bool(ok))
+  copy_numbers = sum(number_hits) / max(len(number_hits), 1)
+
+  answers = [e.answer for e in tests]
+  work = _greedy_accuracy(
+      model, tokenizer, [_WORK_PROMPT.format(question=e.question) for e in tests], answers,
+      lambda t: (m.group(1) if (m := _RESULT_RE.search(t)) else None), 96, ("\n\n", "</s>"))
+  task_acc = _greedy_accuracy(
+      model, tokenizer, [task.format_prompt(e.question) for e in tests], answers,
+      task.extract_answer, 160, task.stop)
+  se = math.sqrt(max(task_acc * (1 - task_acc), 1.0 / len(tests)) / len(tests))
+  return {"n": n, "arithmetic": round(arithmetic, 4), "copy_numbers": round(copy_numbers, 4),
+          "work_accuracy": round(work, 4), "task_accuracy": round(task_acc, 4),
+          "task_accuracy_band": [round(max(0.0, task_acc - 3 * se - 0.02), 4),
+                                 round(min(1.0, task_acc + 3 * se + 0.02), 4)]}

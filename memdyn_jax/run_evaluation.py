@@ -52,6 +52,8 @@ class EvalSettings:
       App. B.1), drawn from the `num_train` subset with `subset_seed`.
     grad_variance_minibatches: minibatches of the gradient variance.
     grad_variance_batch_size: train examples per gradient-variance minibatch.
+    checkpoints_per_run: evaluate only this many of a run's checkpoints, spread over the
+      run (a bit denser late, the last included); 0 = every checkpoint.
   """
   splits: tuple[str, ...] = ("train", "test")
   task: str | None = None
@@ -75,6 +77,7 @@ class EvalSettings:
   grad_variance: bool = True
   grad_variance_minibatches: int = 5
   grad_variance_batch_size: int = 8
+  checkpoints_per_run: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "splits", tuple(self.splits))
@@ -83,7 +86,7 @@ class EvalSettings:
     bad = [s for s in self.splits if s not in SPLITS]
     if bad or not self.splits:
       raise EvalSettingsError("splits", f"unknown split(s) {bad}; choose from {list(SPLITS)}")
-    for name in ("num_train", "max_eval"):
+    for name in ("num_train", "max_eval", "checkpoints_per_run"):
       if getattr(self, name) < 0:
         raise EvalSettingsError(name, "must be >= 0")
     if self.batch_size < 1:
@@ -211,10 +214,32 @@ def check_mesh(settings: EvalSettings, mesh) -> None:
                             f"mesh's {shards} data shards (--mesh_data x --mesh_fsdp)")
 
 
+# Checkpoint i of k sits at fraction (i/k)**SPREAD_POWER of the run: a bit denser late, where
+# memorization sets in, but the first early enough to catch a test-perplexity minimum.
+SPREAD_POWER = 0.75
+
+
+def spread_steps(steps: Sequence[int], k: int) -> list[int]:
+  """k of `steps` (sorted checkpoint steps) spread over the run, the last included; all of
+  them when k <= 0 or there are at most k."""
+  steps = sorted(steps)
+  if k <= 0 or len(steps) <= k:
+    return list(steps)
+  picks = {steps[-1]}
+  for i in range(1, k):
+    at = round(len(steps) * (i / k) ** SPREAD_POWER) - 1
+    picks.add(steps[min(len(steps) - 1, max(at, 0))])
+  for s in reversed(steps):  # spacing collisions: fill from the end
+    if len(picks) >= k:
+      break
+    picks.add(s)
+  return sorted(picks)
+
+
 def _checked_steps(run_dir: str, steps: Sequence[int] | None,
-                   include_base: bool) -> list[int]:
-  """The checkpoint steps to evaluate (`steps`, default all), step 0 first with
-  `include_base`.
+                   include_base: bool, per_run: int = 0) -> list[int]:
+  """The checkpoint steps to evaluate (`steps`, default all or `per_run` of them spread
+  over the run), step 0 first with `include_base`.
 
   Raises:
     EvalSettingsError: no complete checkpoint (field "run_dir"), or a step that is not one
@@ -224,7 +249,7 @@ def _checked_steps(run_dir: str, steps: Sequence[int] | None,
   available = checkpoints.list_steps(run_dir)
   if not available:
     raise EvalSettingsError("run_dir", f"{run_dir} has no complete checkpoint")
-  wanted = list(available) if steps is None else [int(s) for s in steps]
+  wanted = spread_steps(available, per_run) if steps is None else [int(s) for s in steps]
   bad = [s for s in wanted if s not in available and not (s == 0 and include_base)]
   if bad:
     raise EvalSettingsError("steps", f"no checkpoint at step(s) {bad}; steps: {available}")
@@ -238,7 +263,7 @@ def pending_steps(run_dir: str, settings: EvalSettings,
   nothing is loaded (`evaluation.evaluate_run` also compares the minibatches' examples)."""
   from memdyn_jax import checkpoints, records
   if steps is None:
-    steps = checkpoints.list_steps(run_dir)
+    steps = spread_steps(checkpoints.list_steps(run_dir), settings.checkpoints_per_run)
   steps = sorted(set(steps) | ({0} if settings.include_base else set()))
   name = settings.eval_name
   gv_config = settings.grad_variance_config()
@@ -285,7 +310,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
       "eval_name").
   """
   from memdyn_jax import evaluation, records
-  wanted = _checked_steps(run_dir, steps, settings.include_base)
+  wanted = _checked_steps(run_dir, steps, settings.include_base, settings.checkpoints_per_run)
   task = load_task(run_dir, settings)
   params = sampling_params(task.name, settings)
   if mesh is not None:
@@ -306,7 +331,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
   _check_config(run_dir, config, settings)
   try:
     return evaluation.evaluate_run(
-        run_dir, task, tokenizer, units, params, steps=steps,
+        run_dir, task, tokenizer, units, params, steps=[s for s in wanted if s],
         include_base=settings.include_base, batch_size=settings.batch_size, mesh=mesh,
         keep_texts=settings.keep_texts, progress=progress, name=settings.eval_name, log=log,
         grad_variance=gv_config, grad_variance_examples=train)

@@ -57,6 +57,9 @@ class Grid:
     paper_grid: a preset whose paper grid gives the cells instead of the axes (every run
       the paper reports, in its order).
     overrides: TrainConfig fields set in every cell (not the axes' fields).
+    extra_runs: cells added after the grid, each a mapping of TrainConfig fields applied
+      on top of `overrides` (with the first preset), e.g. one long half-data run beside a
+      learning-rate x epochs grid.
   """
   presets: tuple[str, ...] = ("none",)
   learning_rates: tuple[float, ...] = ()
@@ -64,23 +67,27 @@ class Grid:
   data_fractions: tuple[float, ...] = ()
   paper_grid: str = ""
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  extra_runs: tuple[Mapping[str, Any], ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "presets", tuple(self.presets))
     for axis in AXES:
       object.__setattr__(self, axis, _floats(axis, getattr(self, axis)))
     object.__setattr__(self, "overrides", dict(self.overrides))
+    object.__setattr__(self, "extra_runs", tuple(dict(r) for r in self.extra_runs))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(self.overrides) - known)
-    if unknown:
-      raise SweepError("overrides", f"no such TrainConfig field(s) {unknown}")
+    for field, fields in [("overrides", self.overrides), *(("extra_runs", r)
+                                                           for r in self.extra_runs)]:
+      unknown = sorted(set(fields) - known)
+      if unknown:
+        raise SweepError(field, f"no such TrainConfig field(s) {unknown}")
     if self.paper_grid:
       if self.paper_grid not in config_lib.PRESETS:
         raise SweepError("paper_grid", f"{self.paper_grid!r} is not one of "
                          f"{sorted(config_lib.PRESETS)}")
-      if self.presets != ("none",) or any(getattr(self, a) for a in AXES):
+      if self.presets != ("none",) or any(getattr(self, a) for a in AXES) or self.extra_runs:
         raise SweepError("paper_grid", "gives the whole grid: drop --presets, "
-                         "--learning_rates, --epochs and --data_fractions")
+                         "--learning_rates, --epochs, --data_fractions and extra runs")
       set_by_grid = {k for run in config_lib.PRESETS[self.paper_grid].grid for k, _ in run}
       clash = sorted(set_by_grid & set(self.overrides))
       if clash:
@@ -99,6 +106,7 @@ class Grid:
   def to_dict(self) -> dict[str, Any]:
     return {"presets": list(self.presets), "paper_grid": self.paper_grid,
             "overrides": dict(self.overrides),
+            **({"extra_runs": [dict(r) for r in self.extra_runs]} if self.extra_runs else {}),
             **{axis: list(getattr(self, axis)) for axis in AXES}}
 
   def configs(self) -> list[tuple[str, TrainConfig]]:
@@ -116,6 +124,9 @@ class Grid:
               axes = {"learning_rate": lr, "num_epochs": epochs, "data_fraction": fraction}
               values = {**self.overrides, **{k: v for k, v in axes.items() if v is not None}}
               out.append((preset, config_lib.get_preset(preset, **values)))
+      for run in self.extra_runs:
+        out.append((self.presets[0], config_lib.get_preset(self.presets[0],
+                                                           **{**self.overrides, **run})))
       return out
     except config_lib.ConfigError as e:
       axis = {field: axis for axis, field in AXES.items()}.get(e.field, "overrides")
@@ -295,11 +306,14 @@ class CellOutcome:
     trained_steps: optimizer steps run by this call (0: training was already done).
     evaluated: checkpoints evaluated by this call.
     error: why the cell stopped (non-finite training), or None.
+    train_seconds, eval_seconds: wall time of this call's training and evaluation.
   """
   name: str
   trained_steps: int = 0
   evaluated: int = 0
   error: str | None = None
+  train_seconds: float = 0.0
+  eval_seconds: float = 0.0
 
 
 def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
@@ -309,9 +323,12 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
   A run whose training becomes non-finite (a too-high learning rate of the grid) is
   reported in the outcome, not raised: the other cells go on.
   """
+  import time
+
   from memdyn_jax import run_evaluation
   from memdyn_jax.train import loop, task_run
   trained = 0
+  start = time.time()
   if training_done(cell):
     log(f"{cell.name}: trained (final checkpoint present)")
   else:
@@ -326,11 +343,13 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
       return CellOutcome(cell.name, trained, error="stopped by SIGTERM after a checkpoint")
     log(f"{cell.name}: trained {trained} step(s), now at {result.step}/{result.total_steps}")
     del result
+  trained_at = time.time()
   timings = run_evaluation.evaluate(cell.run_dir, sweep.evaluation, mesh=mesh,
                                     progress=progress, log=lambda m: log(f"{cell.name}: {m}"))
   log(f"{cell.name}: evaluated {len(timings)} checkpoint(s)"
       + ("" if timings else " (all records present)"))
-  return CellOutcome(cell.name, trained, len(timings))
+  return CellOutcome(cell.name, trained, len(timings), train_seconds=trained_at - start,
+                     eval_seconds=time.time() - trained_at)
 
 
 def run_local(sweep: Sweep, cells: Sequence[Cell], **kwargs) -> list[CellOutcome]:

@@ -33,7 +33,8 @@ def test_corpus_texts_formats():
   assert count(work)[0] > 10 and count(work)[1] == 0
   task = embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=80, task_format_fraction=1.0))
   assert count(task) == (0, count(work)[0])  # same problems, the other format
-  mixed = count(embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=80)))
+  mixed = count(embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=80,
+                                                            task_format_fraction=0.5)))
   assert mixed[0] > 0 and mixed[1] > 0
   with pytest.raises(ValueError, match="task_format_fraction"):
     embedded.corpus_texts(embedded.EmbeddedSpec(corpus_docs=6, task_format_fraction=2.0))
@@ -59,18 +60,20 @@ def cache_dir(tmp_path_factory):
 
 def test_tiny_build_is_cached_and_loadable(cache_dir):
   path = embedded.model_dir(TINY, cache_dir=str(cache_dir), progress=False)
-  with open(os.path.join(path, "embedded.json")) as f:
-    info = json.load(f)
+  info = embedded.verify(path)  # every file's sha256 matches the manifest
   assert info["pretrain_steps"] > 0 and info["final_loss"] < 7.0 and info["tokens_per_s"] > 0
+  assert set(info["probes"]) >= {"arithmetic", "copy_numbers", "work_accuracy",
+                                 "task_accuracy", "task_accuracy_band"}
+  assert set(info["sha256"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
   tok = models.load_tokenizer(path)
   cfg = models.load_config(path)
   assert cfg.hidden_size == 32 and cfg.vocab_size == len(tok)
-  mtime = os.path.getmtime(os.path.join(path, "embedded.json"))
+  mtime = os.path.getmtime(os.path.join(path, embedded.MANIFEST_FILE))
   assert embedded.model_dir(TINY, cache_dir=str(cache_dir)) == path  # cache hit, no rebuild
-  assert os.path.getmtime(os.path.join(path, "embedded.json")) == mtime
+  assert os.path.getmtime(os.path.join(path, embedded.MANIFEST_FILE)) == mtime
 
 
-def test_preempted_build_is_not_cached(tmp_path, monkeypatch):
+def test_preempted_build_is_not_installed_and_keeps_its_work(tmp_path, monkeypatch):
   from memdyn_jax.train import loop
 
   def preempted_train(cfg, data, model_path, output_dir, **kwargs):
@@ -79,65 +82,146 @@ def test_preempted_build_is_not_cached(tmp_path, monkeypatch):
 
   monkeypatch.setattr(loop, "train", preempted_train)
   spec = dataclasses.replace(TINY, corpus_docs=60)
-  with pytest.raises(RuntimeError, match="step 3 of 10"):
+  with pytest.raises(embedded.EmbeddedBaseError, match="step 3 of 10"):
     embedded.model_dir(spec, cache_dir=str(tmp_path), progress=False)
   root = tmp_path / "embedded" / spec.key()
-  assert not (root / "model").exists() and not list(root.glob("build-*"))
+  assert not (root / "model").exists()
+  # The work directory stays for the re-run to continue; another spec is refused there.
+  assert (root / "work" / "tokenizer").exists() and (root / "work" / "init").exists()
+  with pytest.raises(embedded.EmbeddedBaseError, match="another spec"):
+    embedded.build(TINY, str(tmp_path / "other"), work_dir=str(root / "work"), progress=False)
+
+
+def test_shipped_base_loads_matches_manifest_and_probe_band():
+  manifest = embedded.verify(embedded.ASSET_DIR)
+  assert embedded.spec_of(manifest) == embedded.EmbeddedSpec()
+  assert embedded.model_dir() == embedded.ASSET_DIR
+  size = sum(os.path.getsize(os.path.join(embedded.ASSET_DIR, f))
+             for f in os.listdir(embedded.ASSET_DIR))
+  assert size <= 10 * 2**20
+  model, _ = models.from_pretrained(embedded.ASSET_DIR)
+  tok = models.load_tokenizer(embedded.ASSET_DIR)
+  task = embedded.EmbeddedSpec().task()
+  tests = task.load("test")[:manifest["probes"]["n"]]
+  acc = embedded._greedy_accuracy(model, tok, [task.format_prompt(e.question) for e in tests],
+                                  [e.answer for e in tests], task.extract_answer, 160, task.stop)
+  lo, hi = manifest["probes"]["task_accuracy_band"]
+  assert lo <= acc <= hi
+
+
+def test_corrupt_base_file_is_named(tmp_path):
+  import shutil
+  copy = tmp_path / "base"
+  shutil.copytree(embedded.ASSET_DIR, copy)
+  with open(copy / "config.json", "a") as f:
+    f.write(" ")
+  with pytest.raises(embedded.EmbeddedBaseError, match="config.json: sha256"):
+    embedded.verify(str(copy))
+
+
+def test_build_binary_end_to_end_at_tiny_size(tmp_path):
+  out = tmp_path / "base"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "experiments", "build_embedded.py"),
+       f"--output_dir={out}", "--corpus_docs=120", "--hidden_size=32", "--num_layers=1",
+       "--num_heads=2", "--num_kv_heads=2", "--intermediate_size=64", "--seq_len=64",
+       "--probe_examples=8", "--save_every_steps=4"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  manifest = embedded.verify(str(out))
+  assert manifest["build_command"].startswith("python experiments/build_embedded.py")
+  assert manifest["spec"]["num_layers"] == 1 and not (tmp_path / "base.build").exists()
 
 
 def _run_quickstart(out):
   # One LR x one epoch count + the half-data run: every stage runs, compiles stay few.
   config = quickstart.QuickstartConfig(
-      output_dir=str(out), n_train=16, learning_rates=(3e-3,), epochs=(1,), half_data_epochs=1,
-      evals_per_run=2, n_eval=4, n_eval_train=4, n_eval_extra=2, n_samples=1, batch_size=8,
-      max_length=160, eval_batch_size=4)
+      output_dir=str(out), n_train=16, learning_rates=(3e-3,), epochs=(1,), half_data_epochs=2,
+      evals_per_run=2, n_eval=4, n_eval_train=8, n_samples=1, batch_size=8,
+      max_length=160, max_new_tokens=32, eval_batch_size=4)
   return quickstart.run_study(config, spec=TINY)
 
 
-def test_tiny_quickstart(tmp_path, monkeypatch, cache_dir):
+def test_tiny_quickstart_runs_the_standard_pipeline(tmp_path, monkeypatch, cache_dir):
+  from memdyn_jax import report
   monkeypatch.setenv("MEMDYN_CACHE", str(cache_dir))
   out = tmp_path / "qs"
   text = open(_run_quickstart(out)).read()
-  assert "PreMemAcc" in text and "| lr0.003_ep1 |" in text and "| lr0.003_ep1_half |" in text
-  assert "Base model before fine-tuning (the start of every run): test accuracy" in text
-  for name in ("summary.csv", "runs.csv", "premem_vs_test.png", "dynamics.png", "stages.txt"):
-    assert (out / name).stat().st_size > 0, name
-  assert len((out / "runs.csv").read_text().splitlines()) == 1 + 2
-  # A re-run reuses every run and evaluation: records do not grow.
-  n_records = len((out / "records.jsonl").read_text().splitlines())
+  assert "PreMemAcc" in text and "| lr0.003_ep1_frac1 |" in text and "## Targets" in text
+  summary = json.loads((out / "summary.json").read_text())
+  for key in ("base_test_accuracy", "test_accuracy_standard_error", "runs",
+              "premem_threshold_perplexity", "base_memorized_fraction", "r2", "merge",
+              "wall_seconds"):
+    assert key in summary, key
+  assert set(summary["r2"]) == {"premem", "train_accuracy", "train_perplexity",
+                                "gradient_variance", "distance_from_init", "atc"}
+  assert set(summary["runs"]) == {"lr0.003_ep1_frac1", "lr0.003_ep2_frac0.5"}
+  for run in summary["runs"].values():
+    assert {"final_test_accuracy", "final_train_accuracy", "memorized_fraction",
+            "overmemorization_flagged", "test_perplexity_rise"} <= set(run)
+  assert summary["wall_seconds"]["total"] > 0
+  # The sweep layout: sweep.json, run directories with eval/ records, analysis/.
+  assert (out / "sweep.json").exists() and (out / "analysis" / "report.md").exists()
+  assert (out / "analysis" / "train_perplexity_distributions.png").stat().st_size > 0
+  # A re-run reuses every run and evaluation: the same figures.
   _run_quickstart(out)
-  assert len((out / "records.jsonl").read_text().splitlines()) == n_records
+  again = json.loads((out / "summary.json").read_text())
+  drop = lambda d: {k: v for k, v in d.items() if k != "wall_seconds"}
+  assert drop(again) == drop(summary)
+  assert report.analyze_sweep(str(out), str(tmp_path / "again")).summary["runs"] == \
+      summary["runs"]
 
 
-def test_eval_steps_spread_over_the_run_last_included():
+def test_spread_steps_spread_over_the_run_last_included():
+  from memdyn_jax.run_evaluation import spread_steps
   steps = list(range(4, 164, 4))  # 40 checkpoints
-  picks = quickstart.eval_steps(steps, 4)
+  picks = spread_steps(steps, 4)
   assert len(picks) == 4 and picks == sorted(picks) and picks[-1] == steps[-1]
   assert picks[0] <= steps[len(steps) // 2 - 1]  # the first one in the first half
-  assert quickstart.eval_steps(steps, 0) == steps == quickstart.eval_steps(steps, 40)
-  assert quickstart.eval_steps([8, 16], 4) == [8, 16]
+  assert spread_steps(steps, 0) == steps == spread_steps(steps, 40)
+  assert spread_steps([8, 16], 4) == [8, 16]
 
 
-def test_spread_verdict_reads_runs_against_noise_and_base():
-  wide = quickstart.spread_verdict([0.1, 0.5], 0.1, noise=0.05)
-  assert "well beyond that noise" in wide and "+0.000 to +0.400" in wide
-  flat = quickstart.spread_verdict([0.06, 0.1], 0.07, noise=0.025)
-  assert "no run ends far from the base model" in flat
-  # Weak spread, but the runs sit well above the base: noise, not a flat sweep.
-  weak = quickstart.spread_verdict([0.3, 0.36], 0.1, noise=0.025)
-  assert "separates runs only weakly" in weak and "base model scores 0.100" in weak
-  assert "The base model" not in quickstart.spread_verdict([0.3, 0.36], None, noise=0.025)
-  with pytest.raises(ValueError, match="at least one run"):
-    quickstart.spread_verdict([], 0.1, noise=0.025)
-  with pytest.raises(ValueError, match="must be > 0"):
-    quickstart.spread_verdict([0.1], 0.1, noise=0.0)
+def _summary(runs, **kw):
+  base = dict(final_test_accuracy_spread=0.4, best_gain_over_base=0.3,
+              test_accuracy_standard_error=0.02, base_memorized_fraction=0.0,
+              r2={"premem": 0.9, "train_accuracy": 0.8, "atc": None}, merge=None)
+  return {**base, "runs": runs, **kw}
 
+
+def _run(rise, flagged, mem=0.0, train=0.5, test=0.4):
+  return dict(test_perplexity_rise=rise, overmemorization_flagged=flagged,
+              memorized_fraction=mem, final_train_accuracy=train, final_test_accuracy=test)
+
+
+def test_merge_source_prefers_flagged_runs():
+  runs = {"a": _run(0.3, False), "b": _run(0.15, True), "c": _run(None, False)}
+  assert quickstart.merge_source(_summary(runs))[0] == "b"
+  runs = {"a": _run(0.3, False), "b": _run(0.1, False)}
+  name, why = quickstart.merge_source(_summary(runs))
+  assert name == "a" and "no run is flagged" in why
+  assert quickstart.merge_source(_summary({"a": _run(0.0, False)}))[0] is None
+
+
+def test_targets_read_off_the_summary():
+  runs = {"a": _run(0.3, True, mem=0.9, train=0.95, test=0.5), "b": _run(0.0, False)}
+  met = dict(quickstart.targets(_summary(runs, merge={"test_perplexity": 1.1,
+                                                      "source_test_perplexity": 1.2})))
+  assert all(met.values()), met
+  met = dict(quickstart.targets(_summary({"b": _run(0.0, False)},
+                                         r2={"premem": 0.82, "train_accuracy": 0.8})))
+  assert met["PreMemAcc R² ahead of every baseline by >= 0.05"] is False
+  assert met["merging that run's checkpoints lowers its test perplexity"] is None
+  assert met["over-memorization is flagged in at least one run"] is False
+  assert quickstart.accuracy_standard_error(0.5, 256) == pytest.approx(0.03125)
 
 def test_quickstart_config_and_binary_reject_bad_settings(tmp_path):
   with pytest.raises(quickstart.QuickstartError, match="epochs"):
     quickstart.QuickstartConfig(epochs=())
   with pytest.raises(quickstart.QuickstartError, match="scale"):
     quickstart.QuickstartConfig(scale=0)
+  with pytest.raises(quickstart.QuickstartError, match="checkpoint_every_epochs"):
+    quickstart.QuickstartConfig(checkpoint_every_epochs=0)
   proc = subprocess.run([sys.executable, os.path.join(_ROOT, "experiments", "quickstart.py"),
                          f"--output_dir={tmp_path}", "--n_eval=0"],
                         capture_output=True, text=True, timeout=120)

@@ -170,6 +170,8 @@ def calibrate_threshold(
     candidates,
     against: Literal["fit", "identity"] = "fit",
     require_positive_slope: bool = True,
+    base_perplexity=None,
+    max_base_memorized: float = 0.05,
 ) -> CalibrationResult:
   """Selects the memorization threshold p by sweeping candidates (Kang et al. App. A.1).
 
@@ -187,6 +189,11 @@ def calibrate_threshold(
       (PreMemAcc anti-correlated with test accuracy): R² alone is blind to the sign, and
       on noisy sweeps the best-R² threshold can be one the paper's account rules out. Their
       R² stays in the curve; only the choice skips them.
+    base_perplexity: train-target perplexities of the base model (before fine-tuning), any
+      shape. When given, thresholds under which more than `max_base_memorized` of them
+      count as memorized are skipped the same way: a threshold that calls the untrained
+      model's targets memorized makes PreMemAcc a constant 0, not a measure of learning.
+    max_base_memorized: the largest share of base-model targets allowed under the threshold.
 
   Returns:
     A `CalibrationResult` holding the chosen threshold and the whole R² curve.
@@ -213,6 +220,10 @@ def calibrate_threshold(
                        f"({a.shape[0]}), got {t.shape[0]}")
   r2 = np.empty(cands.shape, dtype=np.float64)
   eligible = np.ones(cands.shape, dtype=bool)
+  if base_perplexity is not None:
+    base = as_float_array("base_perplexity", np.ravel(base_perplexity), ndim=1, allow_inf=True)
+    check_nonempty("base_perplexity", base)
+    eligible &= np.array([np.mean(base < p) <= max_base_memorized for p in cands])
   for k, p in enumerate(cands):
     x, y = _pooled_xy(runs, p)
     if against == "fit":
@@ -227,7 +238,9 @@ def calibrate_threshold(
   choice = np.where(eligible, r2, np.nan)
   if np.isnan(choice).all():
     raise ValueError("every candidate threshold gives PreMemAcc falling with test accuracy "
-                     "(negative slope); the sweep cannot calibrate it")
+                     "(negative slope) or calls more than "
+                     f"{max_base_memorized:.0%} of the base model's train targets memorized; "
+                     "the sweep cannot calibrate it")
   best = int(np.nanargmax(choice))
   x, y = _pooled_xy(runs, cands[best])
   return CalibrationResult(float(cands[best]), best, cands, r2, regression.fit_r2(x, y))

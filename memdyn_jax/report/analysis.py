@@ -460,3 +460,72 @@ def distances_from_init(run_dir: str, steps: Sequence[int], *,
     records_lib.write_json_cache(run_dir, DISTANCE_CACHE, {str(k): v for k, v in cache.items()},
                                  name=name)
   return {int(s): cache[int(s)] for s in steps}
+
+
+BASE_STEP = 0  # evaluate.py --include_base records the base model as step 0
+
+
+def base_train_perplexity(runs: Sequence[RunRecords]) -> np.ndarray | None:
+  """Train-target perplexities of the base model (step 0 records of any trajectory), or None."""
+  values = []
+  for run in runs:
+    train = run.units.get(TRAIN)
+    if train is not None and train.example_ids and BASE_STEP in train.steps.tolist():
+      values.append(np.nan_to_num(train.at([BASE_STEP]).fields["perplexity"][0], nan=np.inf))
+  return np.concatenate(values) if values else None
+
+
+def last_train_perplexity(run: RunRecords) -> np.ndarray | None:
+  """Train-target perplexities at the run's last train checkpoint, or None."""
+  train = run.units.get(TRAIN)
+  if train is None or not train.example_ids or not train.steps.size:
+    return None
+  return np.nan_to_num(train.fields["perplexity"][-1], nan=np.inf)
+
+
+def memorized_fraction(perplexity: np.ndarray | None, threshold: float) -> float:
+  """Share of targets whose perplexity is under the memorization threshold (NaN if none)."""
+  if perplexity is None or not np.size(perplexity):
+    return math.nan
+  return float(np.mean(np.asarray(perplexity) < threshold))
+
+
+def finite_or_none(x) -> float | None:
+  return float(x) if x is not None and np.isfinite(x) else None
+
+
+def base_summary(runs: Sequence[RunRecords], rows: Sequence[Mapping[str, Any]],
+                 threshold: float) -> dict[str, Any] | None:
+  """The base model's figures (step 0 rows), or None when no run evaluated it."""
+  base_rows = [r for r in rows if r["kind"] == "trajectory" and r["step"] == BASE_STEP]
+  if not base_rows:
+    return None
+  row = base_rows[0]
+  return {"run": row["run"], "test_accuracy": finite_or_none(row.get("test_accuracy")),
+          "test_perplexity": finite_or_none(row.get("test_perplexity")),
+          "train_accuracy": finite_or_none(row.get("train_accuracy")),
+          "memorized_fraction": finite_or_none(
+              memorized_fraction(base_train_perplexity(runs), threshold))}
+
+
+def run_summary(run: RunRecords, rows: Sequence[Mapping[str, Any]], om: "OverMemRun | None",
+                threshold: float) -> dict[str, Any]:
+  """One trajectory's headline figures: final accuracies, memorized share of train targets at
+  its last checkpoint, over-memorization flag and the final test-perplexity rise over its
+  minimum."""
+  mine = [r for r in rows if r["run"] == run.name]
+  last = mine[-1] if mine else {}
+  out = {"final_step": last.get("step"),
+         "final_test_accuracy": finite_or_none(last.get("test_accuracy")),
+         "final_train_accuracy": finite_or_none(last.get("train_accuracy")),
+         "final_test_perplexity": finite_or_none(last.get("test_perplexity")),
+         "memorized_fraction": finite_or_none(
+             memorized_fraction(last_train_perplexity(run), threshold)),
+         "overmemorization_flagged": False, "test_perplexity_rise": None,
+         "best_test_accuracy": None}
+  if om is not None:
+    out.update(overmemorization_flagged=bool(om.detection.stage_steps),
+               test_perplexity_rise=finite_or_none(
+                   om.test_perplexity[-1] / np.min(om.test_perplexity) - 1.0),
+               best_test_accuracy=finite_or_none(np.max(om.test_accuracy)))
+  return out

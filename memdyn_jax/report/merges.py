@@ -159,6 +159,23 @@ def comparison_rows(merged_runs: Sequence[RunRecords], trajectories: Sequence[Ru
   return out
 
 
+def summary_rows(comparison: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Per (merged run, source run) of `comparison_rows`: the merged model's test accuracy and
+  perplexity beside its source trajectory's last checkpoint."""
+  out = []
+  for row in comparison:
+    if row["model"] != "merged":
+      continue
+    last = next((r for r in comparison if r["merged_run"] == row["merged_run"]
+                 and r["source_run"] == row["source_run"] and r["model"] == "last"), {})
+    out.append({"merged_run": row["merged_run"], "method": row["method"],
+                "source_run": row["source_run"], "source_steps": row["source_steps"],
+                "test_accuracy": row["test_accuracy"], "test_perplexity": row["test_perplexity"],
+                "source_test_accuracy": last.get("test_accuracy", math.nan),
+                "source_test_perplexity": last.get("test_perplexity", math.nan)})
+  return out
+
+
 def plot_markers(merged_runs: Sequence[RunRecords], trajectories: Sequence[RunRecords],
                  rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Merged models to mark on each source trajectory's over-memorization curves.

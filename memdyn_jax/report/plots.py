@@ -188,3 +188,29 @@ def sample_efficiency(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path:
   ax.set(xlabel="training examples", ylabel="test accuracy", title=title or "Sample efficiency")
   ax.legend(fontsize=8)
   return _save(fig, path)
+
+
+def perplexity_distributions(samples: Mapping[str, np.ndarray], path: str, *,
+                             threshold: float = np.nan) -> str:
+  """Histograms of train-target perplexity (log x axis), one panel per model (e.g. the base
+  and each run's last checkpoint), with the memorization threshold: memorized targets form
+  a mode of their own near perplexity 1."""
+  n = max(len(samples), 1)
+  cols = min(n, 4)
+  rows = (n + cols - 1) // cols
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+  finite = [np.asarray(v)[np.isfinite(v)] for v in samples.values()]
+  hi = max([float(v.max()) for v in finite if v.size] + [1.5])
+  bins = np.geomspace(1.0, hi * 1.05, 40)
+  for ax, (name, values) in zip(axes.ravel(), samples.items()):
+    v = np.clip(np.asarray(values, np.float64), 1.0, hi)
+    ax.hist(v, bins=bins, color="tab:blue")
+    if np.isfinite(threshold):
+      ax.axvline(threshold, c="r", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_title(name, fontsize=8)
+    ax.tick_params(labelsize=7)
+  for ax in axes.ravel()[len(samples):]:
+    ax.axis("off")
+  fig.suptitle("train-target perplexity (red: memorization threshold)", fontsize=9)
+  return _save(fig, path)

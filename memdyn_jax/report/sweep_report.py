@@ -123,11 +123,20 @@ class AnalysisResult:
     files: every file written, report.md last.
     runs: run directories analyzed (trajectories and merged models).
     checkpoints: rows of checkpoints.csv.
+    summary: the headline figures, as written to summary.json (`SUMMARY_KEYS`).
   """
   output_dir: str
   files: tuple[str, ...]
   runs: int
   checkpoints: int
+  summary: dict = dataclasses.field(default_factory=dict)
+
+
+# summary.json's R² keys -> the checkpoints.csv predictor they fit test accuracy on.
+R2_PREDICTORS = {"premem": "train_premem", "train_accuracy": "train_accuracy",
+                 "train_perplexity": "train_perplexity", "gradient_variance": "gradient_variance",
+                 "distance_from_init": "distance_from_init", "atc": "atc_predicted_accuracy"}
+SUMMARY_FILE = "summary.json"
 
 
 def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
@@ -177,10 +186,12 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
   # -- threshold calibration (Kang et al. App. A.1) --------------------------------------
   threshold_option = options.threshold_value
   cal, cal_note = None, ""
+  base_ppl = analysis.base_train_perplexity(trajs)
   if options.calibrate or threshold_option == "calibrated":
     cal_runs = analysis.calibration_runs(trajs)  # merged models are not trajectories
     try:
-      cal = metrics.calibrate_threshold(cal_runs, analysis.default_candidates())
+      cal = metrics.calibrate_threshold(cal_runs, analysis.default_candidates(),
+                                        base_perplexity=base_ppl)
     except ValueError as e:
       cal_note = f"Threshold calibration not possible: {e}."
   if threshold_option == "calibrated":
@@ -251,9 +262,7 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
 
   # -- baselines --------------------------------------------------------------------------
   report.heading("PreMemAcc vs baselines (Kang et al. Fig. 5, App. B)")
-  predictors = ["train_premem", "train_accuracy", "train_perplexity", "atc_predicted_accuracy",
-                "distance_from_init", records.GRADIENT_VARIANCE]
-  base_rows = analysis.correlation_table(traj_rows, predictors)
+  base_rows = analysis.correlation_table(traj_rows, list(R2_PREDICTORS.values()))
   written.append(markdown.write_csv(os.path.join(out, "baselines.csv"), base_rows))
   report.table(base_rows)
   has_gv = any(np.isfinite(row.get(records.GRADIENT_VARIANCE, np.nan)) for row in traj_rows)
@@ -272,10 +281,11 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
   config = metrics.OverMemorizationConfig(
       min_ppl_rise=options.overmem_ppl_rise, max_acc_drop=options.overmem_acc_drop,
       reference=options.overmem_reference, min_stage_len=options.overmem_min_stage_len)
-  om_rows, om_curves, selected = [], [], {}
+  om_rows, om_curves, selected, run_summaries = [], [], {}, {}
   markers = merges.plot_markers(merged, trajs, rows)
   for r in trajs:
     om = analysis.overmemorization(r, config, threshold)
+    run_summaries[r.name] = analysis.run_summary(r, rows, om, threshold)
     if om is None:
       continue
     selected[om.run] = om.pre_stage_best
@@ -302,9 +312,9 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     report.image(written[-1], "over-memorization curves", out)
 
   # -- merged models ----------------------------------------------------------------------
+  merge_rows = merges.comparison_rows(merged, trajs, rows, selected) if merged else []
   if merged:
     report.heading("Merged models vs their trajectories (Ruan et al.)")
-    merge_rows = merges.comparison_rows(merged, trajs, rows, selected)
     written.append(markdown.write_csv(os.path.join(out, "merges.csv"), merge_rows))
     report.paragraph("Each merged model beside its source trajectory's last checkpoint, its "
                      "best-test-accuracy checkpoint and the checkpoint the over-memorization "
@@ -373,5 +383,29 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     written.append(plots.per_checkpoint_lines(series, os.path.join(out, "diversity_ood.png")))
     report.image(written[-1], "diversity and OOD", out)
 
+  # -- memorization as a mode of its own: train-target perplexity distributions -----------
+  report.heading("Train-target perplexity: base model and each run's last checkpoint")
+  dists = {} if base_ppl is None else {"base model": base_ppl}
+  for r in trajs:
+    last = analysis.last_train_perplexity(r)
+    if last is not None:
+      dists[f"{r.name} (last)"] = last
+  if dists:
+    written.append(plots.perplexity_distributions(
+        dists, os.path.join(out, "train_perplexity_distributions.png"), threshold=threshold))
+    report.image(written[-1], "train-target perplexity distributions", out)
+
+  summary = {
+      "premem_threshold_perplexity": float(threshold), "threshold_source": options.threshold,
+      "calibrated_threshold_perplexity": None if cal is None else float(cal.threshold),
+      "base": analysis.base_summary(trajs, rows, threshold),
+      "base_memorized_fraction": analysis.finite_or_none(
+          analysis.memorized_fraction(base_ppl, threshold)),
+      "r2": {key: analysis.finite_or_none(next(
+          row["r2"] for row in base_rows if row["predictor"] == col))
+             for key, col in R2_PREDICTORS.items()},
+      "n_checkpoints": len(traj_rows), "runs": run_summaries,
+      "merges": merges.summary_rows(merge_rows)}
+  written.append(markdown.write_json(os.path.join(out, SUMMARY_FILE), summary))
   written.append(report.write(os.path.join(out, "report.md")))
-  return AnalysisResult(out, tuple(written), len(runs), len(rows))
+  return AnalysisResult(out, tuple(written), len(runs), len(rows), summary)

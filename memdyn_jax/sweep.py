@@ -362,16 +362,21 @@ def analysis_dir(sweep: Sweep) -> str:
   return os.path.join(sweep.sweep_dir, ANALYSIS_DIR)
 
 
-def analyze(sweep: Sweep):
-  """`report.analyze_sweep` over the sweep's runs into `analysis_dir(sweep)`, with the
-  default options (experiments/analyze.py's flags give others).
+def analyze(sweep: Sweep, **options):
+  """`report.analyze_sweep` over the sweep's runs into `analysis_dir(sweep)`.
+
+  Args:
+    sweep: the sweep.
+    **options: `report.AnalysisOptions` fields (experiments/analyze.py's flags); the rest
+      keep their defaults, and eval_name is always the sweep's.
 
   Returns:
     The `report.AnalysisResult`.
 
   Raises:
-    report.AnalysisError: nothing evaluated yet, or a malformed record file.
+    report.AnalysisError: nothing evaluated yet, a malformed record file, or a bad option.
   """
   from memdyn_jax import report
-  return report.analyze_sweep(sweep.sweep_dir, analysis_dir(sweep),
-                              report.AnalysisOptions(eval_name=sweep.evaluation.eval_name))
+  return report.analyze_sweep(
+      sweep.sweep_dir, analysis_dir(sweep),
+      report.AnalysisOptions(**{**options, "eval_name": sweep.evaluation.eval_name}))

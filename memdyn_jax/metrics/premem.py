@@ -229,7 +229,8 @@ def calibrate_threshold(
     if against == "fit":
       fit = regression.fit_r2(x, y)
       r2[k] = fit.r2
-      eligible[k] = not (require_positive_slope and fit.slope <= 0)
+      # AND, not assign: the base-model rule above must survive the slope rule.
+      eligible[k] &= not (require_positive_slope and fit.slope <= 0)
     else:
       r2[k] = regression.r2_identity(x, y)
   if np.isnan(r2).all():

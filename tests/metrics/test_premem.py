@@ -157,6 +157,21 @@ def test_calibration_skips_thresholds_with_a_falling_fit():
   assert mixed.threshold == 1.3 and mixed.fit.slope > 0
 
 
+def test_calibration_skips_thresholds_calling_base_targets_memorized():
+  runs = _planted_runs(1.3)
+  cands = np.array([1.05, 1.3, 2.0])
+  # Half of the base model's targets sit at 1.2: any p > 1.2 calls them memorized, so the
+  # planted 1.3 (rising fit, R² = 1) must be skipped for the best remaining candidate.
+  base = np.array([1.2, 1.2, 5.0, 5.0])
+  res = premem.calibrate_threshold(runs, cands, base_perplexity=base)
+  assert res.threshold == 1.05
+  assert res.r2[1] == pytest.approx(1.0)  # The skipped threshold stays in the curve.
+  loose = premem.calibrate_threshold(runs, cands, base_perplexity=base, max_base_memorized=0.5)
+  assert loose.threshold == 1.3
+  with pytest.raises(ValueError, match="base model"):
+    premem.calibrate_threshold(runs, [1.3, 2.0], base_perplexity=base)
+
+
 def test_calibration_bad_inputs():
   good = _planted_runs(1.3)
   bad = CalibrationRun(good[0].train_acc, good[0].train_perplexity, good[0].test_acc[:-1])

@@ -120,6 +120,23 @@ def resolve_split_path(path: str, split: str) -> str:
   return file
 
 
+def load_hub_dataset(name: str, config: str | None, split: str):
+  """`datasets.load_dataset(name, config, split=split)`, with one clear DataError when the Hub
+  cannot be reached (offline, or the dataset is gone): the fix is a local path.
+
+  Tasks whose `load` takes `path` read local jsonl without the Hub; binaries pass it as
+  --task_path.
+  """
+  import datasets  # Deferred: only Hub loading needs it, and it is slow to import.
+
+  try:
+    return datasets.load_dataset(name, config, split=split)
+  except (OSError, ConnectionError) as e:  # requests' and datasets' not-found errors are OSErrors.
+    raise DataError(f"cannot load {name}[{config}/{split}] from the Hugging Face Hub "
+                    f"({type(e).__name__}); offline, pass a local jsonl file or folder as "
+                    f"the task path (--task_path)") from e
+
+
 def ensure_nonempty(examples: Sequence[Example], source: str) -> None:
   """Raises DataError if a split loaded no examples; an empty split is always a mistake."""
   if not examples:

@@ -4,9 +4,11 @@ The target is the dataset's worked solution including its final `#### N` line, s
 fine-tuned on it ends its answer with `#### N` (then the template's `\\nDone.`). The
 `<<48/2=24>>` calculator annotations are kept unless `strip_calculator=True`.
 
-Answers are read from the text after the last "The answer is" or "#### " marker, up to the
-end of that line. Without a marker a completion is unparseable (`extract_answer` returns
-None), unless `flexible=True`, which falls back to the last number in the text.
+Answers are read from the line after the last "The answer is" or "#### " marker: its first
+number, commas, `$` and units stripped (`#### 8 pens` reads 8, as in the reference
+harnesses' strict match), or the whole normalized line when it holds no number. Without a
+marker a completion is unparseable (`extract_answer` returns None), unless `flexible=True`,
+which falls back to the last number in the text.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from memdyn_jax.tasks.base import (
     PromptTemplate,
     Task,
     ensure_nonempty,
+    load_hub_dataset,
     read_jsonl,
     register_task,
     resolve_split_path,
@@ -107,9 +110,7 @@ class GSM8KTask(Task):
     return examples
 
   def _hub_records(self, split: str) -> Iterable[tuple[str, Mapping[str, Any]]]:
-    import datasets  # Deferred: only Hub loading needs it, and it is slow to import.
-
-    data = datasets.load_dataset(HUB_NAME, "main", split=split)
+    data = load_hub_dataset(HUB_NAME, "main", split)
     for i, record in enumerate(data):
       where = f"{HUB_NAME}[main/{split}] record {i}"
       for key in ("question", "answer"):
@@ -131,7 +132,8 @@ class GSM8KTask(Task):
     matches = list(_MARKER_RE.finditer(text))
     if matches:
       line = text[matches[-1].end():].split("\n", 1)[0]
-      answer = normalize_answer(line)
+      number = _NUMBER_RE.search(line.replace("$", ""))
+      answer = normalize_answer(number.group() if number else line)
       if answer:
         return answer
     if self.flexible:

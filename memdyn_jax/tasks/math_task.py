@@ -25,6 +25,7 @@ from memdyn_jax.tasks.base import (
     PromptTemplate,
     Task,
     ensure_nonempty,
+    load_hub_dataset,
     read_jsonl,
     register_task,
     resolve_split_path,
@@ -235,10 +236,8 @@ class MathTask(Task):
     return examples
 
   def _hub_records(self, split: str) -> Iterable[tuple[str, str, Mapping[str, Any]]]:
-    import datasets  # Deferred: only Hub loading needs it, and it is slow to import.
-
     for subject in SUBJECTS:
-      data = datasets.load_dataset(HUB_NAME, subject, split=split)
+      data = load_hub_dataset(HUB_NAME, subject, split)
       for i, record in enumerate(data):
         where = f"{HUB_NAME}[{subject}/{split}] record {i}"
         missing = [k for k in ("problem", "solution", "level") if k not in record]

@@ -73,6 +73,13 @@ def test_strip_calculator_on_real_data(gsm8k_dir):
     ("She has 18 apples.", None),
     ("", None),
     ("#### \nDone.", None),
+    # Model-style endings: units, currency and trailing words after the number.
+    ("#### 8 pens", "8"),
+    ("#### 8 pens.\nDone.", "8"),
+    ("#### $1,250 dollars", "1250"),
+    ("The answer is 18 apples.", "18"),
+    ("#### -4 degrees", "-4"),
+    ("#### 3.5 hours", "3.5"),
 ])
 def test_extract_answer(text, expected):
   assert get_task("gsm8k").extract_answer(text) == expected
@@ -95,6 +102,9 @@ def test_extract_answer_flexible(text, expected):
     ("#### 18.0", "18", True),
     ("#### 18.5", "18", False),
     ("#### 17", "18", False),
+    ("#### 8 pens", "8", True),
+    ("Total: 4 + 4 = 8\n#### 8 pens\nDone.", "8", True),
+    ("#### 80 pens", "8", False),
     ("The answer is five", "five", True),  # Non-numeric: string comparison.
     ("The answer is five", "5", False),
     ("She has 18.", "18", False),  # Unparseable without flexible.
@@ -224,6 +234,17 @@ def test_hub_loading_path(monkeypatch):
       load_dataset=lambda *a, **k: [{"question": "Q?"}]))
   with pytest.raises(DataError, match=r"openai/gsm8k\[main/test\] record 0.*'answer'"):
     get_task("gsm8k").load("test")
+
+
+@pytest.mark.parametrize("task_name,hub", [("gsm8k", "openai/gsm8k"),
+                                           ("math", "EleutherAI/hendrycks_math")])
+def test_hub_unreachable_says_to_pass_a_local_path(monkeypatch, task_name, hub):
+  def offline(*args, **kwargs):
+    raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+  with pytest.raises(DataError, match=rf"cannot load {hub}\[.*ConnectionError.*--task_path"):
+    get_task(task_name).load("test")
 
 
 def test_write_jsonl_round_trips_through_read_jsonl(tmp_path):

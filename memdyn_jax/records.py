@@ -10,6 +10,10 @@ Layout under a run directory:
                                            the gradient variance and its settings
     eval/distance_from_init.json           cached parameter distances (analysis)
 
+Files are strict JSON (no NaN/Infinity tokens, which strict readers reject): a non-finite
+float is written as null and read back as NaN (the readers here do that for every top-level
+null except the text fields in `NULLABLE_TEXT_KEYS`; +inf therefore also reads as NaN).
+
 A record file is written to a temporary name and renamed into place, so it exists only
 once complete: a killed evaluation leaves either the whole file or none, and a re-run
 skips exactly the (step, split, perturbation) units whose files exist. Perturbations are
@@ -18,6 +22,7 @@ percent-encoded in file names ("We know that" -> "We%20know%20that"), so names r
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -31,6 +36,9 @@ CHECKPOINT_FILE = "checkpoint.json"
 # measured with (memdyn_jax.gradient_variance.settings).
 GRADIENT_VARIANCE = "gradient_variance"
 GRADIENT_VARIANCE_SETTINGS = "gradient_variance_settings"
+# Top-level record keys whose null is a real None (no perturbation, no greedy text), not a
+# non-finite float.
+NULLABLE_TEXT_KEYS = frozenset({"perturbation", "greedy_text", "category"})
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _SUFFIX = ".jsonl"
 
@@ -64,6 +72,31 @@ def record_path(run_dir: str, step: int, split: str, perturbation: str | None = 
   """Where the records of (step, split, perturbation) live."""
   return os.path.join(eval_dir(run_dir, name), f"step_{int(step):08d}",
                       unit_name(split, perturbation) + _SUFFIX)
+
+
+def _strict(value):
+  """`value` with numpy scalars as Python numbers and every non-finite float (nested too)
+  as None."""
+  if isinstance(value, Mapping):
+    return {str(k): _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def dumps_strict(value, **kwargs) -> str:
+  """`json.dumps` that writes non-finite floats as null (never NaN/Infinity tokens)."""
+  return json.dumps(_strict(value), allow_nan=False, **kwargs)
+
+
+def _nan_for_null(row: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of the writers' null for a non-finite float, on a row's top-level values."""
+  return {k: (float("nan") if v is None and k not in NULLABLE_TEXT_KEYS else v)
+          for k, v in row.items()}
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -107,7 +140,7 @@ def write_records(run_dir: str, step: int, split: str, rows: Iterable[Mapping[st
   for row in rows:
     out = dict(row)
     out.update(run=run, step=int(step), split=split, perturbation=perturbation)
-    lines.append(json.dumps(out, sort_keys=True))
+    lines.append(dumps_strict(out, sort_keys=True))
   if not lines:
     raise ValueError(f"no records for step {step}, split {unit_name(split, perturbation)!r}")
   path = record_path(run_dir, step, split, perturbation, name=name)
@@ -116,13 +149,14 @@ def write_records(run_dir: str, step: int, split: str, rows: Iterable[Mapping[st
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All JSON objects of a jsonl file (NaN/Infinity accepted); errors name path:line."""
+  """All JSON objects of a record file, top-level nulls read as NaN (`NULLABLE_TEXT_KEYS`
+  excepted); older files' NaN/Infinity tokens are accepted too. Errors name path:line."""
   rows = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if line.strip():
         try:
-          rows.append(json.loads(line))
+          rows.append(_nan_for_null(json.loads(line)))
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
   return rows
@@ -167,7 +201,7 @@ def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DI
       names every differing key.
   """
   path = os.path.join(eval_dir(run_dir, name), CONFIG_FILE)
-  config = json.loads(json.dumps(dict(config), sort_keys=True))  # tuples -> lists
+  config = json.loads(dumps_strict(dict(config), sort_keys=True))  # tuples -> lists
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
@@ -204,7 +238,7 @@ def write_json_cache(run_dir: str, filename: str, data: Mapping[str, Any], *,
                      name: str = EVAL_DIR) -> str:
   """Atomically writes a JSON dict into the eval folder; returns its path."""
   path = os.path.join(eval_dir(run_dir, name), filename)
-  atomic_write_text(path, json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
+  atomic_write_text(path, dumps_strict(dict(data), indent=2, sort_keys=True) + "\n")
   return path
 
 
@@ -220,7 +254,7 @@ def read_checkpoint_stats(run_dir: str, step: int, *, name: str = EVAL_DIR) -> d
     return {}
   with open(path, encoding="utf-8") as f:
     try:
-      return json.load(f)
+      return _nan_for_null(json.load(f))
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
 
@@ -235,7 +269,7 @@ def update_checkpoint_stats(run_dir: str, step: int, values: Mapping[str, Any], 
   stats = read_checkpoint_stats(run_dir, step, name=name)
   stats.update(values)
   path = checkpoint_stats_path(run_dir, step, name=name)
-  atomic_write_text(path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+  atomic_write_text(path, dumps_strict(stats, indent=2, sort_keys=True) + "\n")
   return path
 
 

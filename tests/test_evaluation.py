@@ -51,7 +51,13 @@ def test_write_list_load_records_atomically(tmp_path):
   rows = records.load_records(run)
   assert [(r["step"], r["example_id"]) for r in rows] == [(3, "a"), (3, "b"), (7, "a")]
   assert rows[0]["run"] == "run_x" and math.isnan(rows[0]["accuracy"])
-  assert rows[1]["accuracy"] == math.inf and rows[2]["perturbation"] == "We know that"
+  # Strict JSON on disk (non-finite floats as null), NaN again on reading; +inf too.
+  for f in (path, records.record_path(run, 3, "train")):
+    for line in open(f):
+      json.loads(line, parse_constant=lambda c: pytest.fail(f"{f}: {c} token"))
+  assert '"accuracy": null' in open(records.record_path(run, 3, "train")).read()
+  assert math.isnan(rows[1]["accuracy"]) and rows[2]["perturbation"] == "We know that"
+  assert rows[0]["perturbation"] is None  # Text fields keep their real None.
   # Nothing temporary is left behind, and an empty unit is refused (it would read as done).
   assert not [f for _, _, fs in os.walk(run) for f in fs if f.startswith(".tmp-")]
   with pytest.raises(ValueError, match="no records"):
@@ -72,6 +78,21 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     records.atomic_write_text(path, "new")
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_checkpoint_stats_and_caches_are_strict_json(tmp_path):
+  import numpy as np
+  run = str(tmp_path / "run")
+  path = records.update_checkpoint_stats(run, 4, {records.GRADIENT_VARIANCE: np.float64("nan"),
+                                                  "n": np.int64(3)})
+  json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"{c} token"))
+  stats = records.read_checkpoint_stats(run, 4)
+  assert math.isnan(stats[records.GRADIENT_VARIANCE]) and stats["n"] == 3
+  cache = records.write_json_cache(run, "c.json", {"1": float("inf")})
+  assert json.load(open(cache)) == {"1": None}
+  # Files written before strict JSON (NaN tokens) still read.
+  open(path, "w").write('{"gradient_variance": NaN}')
+  assert math.isnan(records.read_checkpoint_stats(run, 4)[records.GRADIENT_VARIANCE])
 
 
 def test_read_jsonl_names_bad_line(tmp_path):

@@ -62,23 +62,9 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
   return path
 
 
-def _json_safe(x: Any) -> Any:
-  """NaN and infinities as null (strict JSON), numpy scalars as Python numbers."""
-  if isinstance(x, Mapping):
-    return {str(k): _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_json(path: str, data: Mapping[str, Any]) -> str:
   """Writes `data` as indented strict JSON atomically (NaN/inf as null); returns the path."""
-  import json
-  records_lib.atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+  records_lib.atomic_write_text(path, records_lib.dumps_strict(data, indent=2) + "\n")
   return path
 
 

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from memdyn_jax import models
+from memdyn_jax import fileio, models
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.train.config import TrainConfig
 
@@ -86,10 +86,7 @@ def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
     return
   os.makedirs(run_dir, exist_ok=True)
   shutil.copyfile(os.path.join(model_dir, "config.json"), os.path.join(run_dir, MODEL_CONFIG))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # atomic: a run.json is always complete
+  fileio.atomic_write_json(path, info, indent=2, sort_keys=True)  # always complete
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from memdyn_jax import fileio
 from memdyn_jax import records as records_lib
 from memdyn_jax.errors import FieldError
 from memdyn_jax.sampling import SamplingParams
@@ -705,7 +706,7 @@ def ifd_difficulty(setup: CurationSetup, cfg: CurationConfig, out_dir: str, *,
                                    append_eos=train_cfg.append_eos)
   scores = ifd_scores(setup.task, setup.train_examples, scorer)
   out = {ex.id: float(s) for ex, s in zip(setup.train_examples, scores)}
-  records_lib.atomic_write_text(path, json.dumps({"key": key, "scores": out}, indent=1) + "\n")
+  fileio.atomic_write_text(path, json.dumps({"key": key, "scores": out}, indent=1) + "\n")
   return out
 
 
@@ -841,14 +842,14 @@ def run_curation(setup: CurationSetup, cfg: CurationConfig, generator: Generator
       new, sources = collect_examples(generator, pool, cfg.additions_per_iteration, rng,
                                       examples)
       name = f"added_{i + 1:03d}.jsonl"
-      records_lib.atomic_write_text(
+      fileio.atomic_write_text(
           os.path.join(method_dir, name),
           "".join(json.dumps(_example_row(ex)) + "\n" for ex in new))
       row.update(info, pool_size=len(pool), n_added=len(new), added_file=name,
                  sources=sources)
       added += new
     state["rounds"].append(row)
-    records_lib.atomic_write_text(os.path.join(method_dir, STATE_FILE),
+    fileio.atomic_write_text(os.path.join(method_dir, STATE_FILE),
                                   json.dumps(state, indent=1) + "\n")
     if log is not None:
       log(f"{cfg.method}: round {i}: {row['n_examples']} examples, test accuracy "

@@ -234,8 +234,8 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
   from memdyn_jax.report import markdown
   markdown.write_json(os.path.join(out, "summary.json"), summary)
   report = os.path.join(out, "report.md")
-  from memdyn_jax.records import atomic_write_text
-  atomic_write_text(report, narrative(config, summary, spec) + "\n")
+  from memdyn_jax import fileio
+  fileio.atomic_write_text(report, narrative(config, summary, spec) + "\n")
   print("stage wall seconds: " + json.dumps({k: round(v, 1) for k, v in wall.items()}),
         flush=True)
   return report

@@ -22,12 +22,12 @@ percent-encoded in file names ("We know that" -> "We%20know%20that"), so names r
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import tempfile
 import urllib.parse
 from typing import Any, Iterable, Mapping
+
+from memdyn_jax.fileio import atomic_write_json, atomic_write_text, dumps_strict
 
 EVAL_DIR = "eval"
 CONFIG_FILE = "config.json"
@@ -74,47 +74,10 @@ def record_path(run_dir: str, step: int, split: str, perturbation: str | None = 
                       unit_name(split, perturbation) + _SUFFIX)
 
 
-def _strict(value):
-  """`value` with numpy scalars as Python numbers and every non-finite float (nested too)
-  as None."""
-  if isinstance(value, Mapping):
-    return {str(k): _strict(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_strict(v) for v in value]
-  if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
-
-
-def dumps_strict(value, **kwargs) -> str:
-  """`json.dumps` that writes non-finite floats as null (never NaN/Infinity tokens)."""
-  return json.dumps(_strict(value), allow_nan=False, **kwargs)
-
-
 def _nan_for_null(row: dict[str, Any]) -> dict[str, Any]:
   """Inverse of the writers' null for a non-finite float, on a row's top-level values."""
   return {k: (float("nan") if v is None and k not in NULLABLE_TEXT_KEYS else v)
           for k, v in row.items()}
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file in the same folder and a rename."""
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are meant to be shared
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def write_records(run_dir: str, step: int, split: str, rows: Iterable[Mapping[str, Any]],
@@ -213,7 +176,7 @@ def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DI
           f"{path} was made with a different evaluation configuration ("
           + "; ".join(diffs) + "); use another eval folder name")
     return
-  atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+  atomic_write_json(path, config, indent=2, sort_keys=True)
 
 
 def read_config(run_dir: str, *, name: str = EVAL_DIR) -> dict[str, Any] | None:
@@ -238,7 +201,7 @@ def write_json_cache(run_dir: str, filename: str, data: Mapping[str, Any], *,
                      name: str = EVAL_DIR) -> str:
   """Atomically writes a JSON dict into the eval folder; returns its path."""
   path = os.path.join(eval_dir(run_dir, name), filename)
-  atomic_write_text(path, dumps_strict(dict(data), indent=2, sort_keys=True) + "\n")
+  atomic_write_json(path, dict(data), indent=2, sort_keys=True)
   return path
 
 
@@ -269,7 +232,7 @@ def update_checkpoint_stats(run_dir: str, step: int, values: Mapping[str, Any], 
   stats = read_checkpoint_stats(run_dir, step, name=name)
   stats.update(values)
   path = checkpoint_stats_path(run_dir, step, name=name)
-  atomic_write_text(path, dumps_strict(stats, indent=2, sort_keys=True) + "\n")
+  atomic_write_json(path, stats, indent=2, sort_keys=True)
   return path
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from memdyn_jax import evaluation, judge as judge_lib
+from memdyn_jax import fileio
 from memdyn_jax import records as records_lib
 from memdyn_jax.errors import FieldError
 from memdyn_jax.sampling import SamplingParams
@@ -336,7 +337,7 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
              "rows": rows,
              "judge": {n: {s: r.to_dict() for s, r in d.items()} for n, d in judged.items()}}
   files["summary_json"] = os.path.join(output_dir, "summary.json")
-  records_lib.atomic_write_text(files["summary_json"],
+  fileio.atomic_write_text(files["summary_json"],
                                 json.dumps(summary, indent=2, sort_keys=True) + "\n")
   report = write_report(cfg, task, rows, judged, files, output_dir, len(ids), len(heldout))
   files["report"] = report

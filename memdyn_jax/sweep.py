@@ -22,6 +22,7 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from memdyn_jax import fileio
 from memdyn_jax.errors import FieldError
 from memdyn_jax.run_evaluation import EvalSettings
 from memdyn_jax.train import config as config_lib
@@ -257,12 +258,11 @@ def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> None:
 
 def write_sweep(sweep: Sweep) -> None:
   """Writes sweep.json, or checks that the stored one describes the same sweep."""
-  from memdyn_jax.records import atomic_write_text
   stored = read_sweep_json(sweep.sweep_dir)
   if stored is not None:
     check_same(sweep, stored)
     return
-  atomic_write_text(sweep_file(sweep.sweep_dir),
+  fileio.atomic_write_text(sweep_file(sweep.sweep_dir),
                     json.dumps(sweep.to_json(), indent=2, sort_keys=True) + "\n")
 
 

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from memdyn_jax import evaluation, records
+from memdyn_jax import evaluation, fileio, records
 from memdyn_jax.tasks import Example
 from memdyn_jax.tasks import synthetic_arith as sa
 
@@ -69,14 +69,14 @@ def test_write_list_load_records_atomically(tmp_path):
 
 def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
   path = str(tmp_path / "f.json")
-  records.atomic_write_text(path, "old")
+  fileio.atomic_write_text(path, "old")
 
   def boom(*a):
     raise OSError("disk full")
 
   monkeypatch.setattr(os, "replace", boom)
   with pytest.raises(OSError):
-    records.atomic_write_text(path, "new")
+    fileio.atomic_write_text(path, "new")
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
 
 

@@ -6,7 +6,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from memdyn_jax import records as records_lib
+from memdyn_jax import fileio
 
 
 def format_value(x: Any, digits: int = 3) -> str:
@@ -58,14 +58,13 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
   for r in rows:
     writer.writerow({c: ("" if isinstance(r.get(c), float) and math.isnan(r[c]) else r.get(c, ""))
                      for c in cols})
-  records_lib.atomic_write_text(path, buf.getvalue())
+  fileio.atomic_write_text(path, buf.getvalue())
   return path
 
 
 def write_json(path: str, data: Mapping[str, Any]) -> str:
   """Writes `data` as indented strict JSON atomically (NaN/inf as null); returns the path."""
-  records_lib.atomic_write_text(path, records_lib.dumps_strict(data, indent=2) + "\n")
-  return path
+  return fileio.atomic_write_json(path, data, indent=2)
 
 
 class Report:
@@ -91,5 +90,5 @@ class Report:
     return "\n".join(self._parts)
 
   def write(self, path: str) -> str:
-    records_lib.atomic_write_text(path, self.text())
+    fileio.atomic_write_text(path, self.text())
     return path

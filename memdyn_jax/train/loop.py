@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memdyn_jax import checkpoints as ckpt
+from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import hf_io
 from memdyn_jax.train import step as step_lib
@@ -161,11 +162,30 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _metrics_lines_up_to(path: str, last_step: int) -> list[str]:
+  """The lines of metrics.jsonl with step <= last_step; a torn final line is skipped."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for k, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if k == len(lines) - 1:
+        break  # cut off by a kill mid-write; its step is recomputed after the resume
+      raise ValueError(f"{path}:{k + 1}: malformed metrics line") from None
+    if record["step"] <= last_step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  return keep
+
+
 class MetricsWriter:
   """metrics.jsonl (+ TensorBoard via tensorboardX when installed); process 0 only.
 
   On resume, records past the resumed-from step are dropped so the file has one line per
-  step.
+  step. The kept lines are written to a new file that replaces the old one atomically (a
+  kill then loses nothing logged up to the resume point), and a torn last line (a kill
+  mid-write) is dropped.
   """
 
   def __init__(self, run_dir: str, start_step: int, enabled: bool):
@@ -175,10 +195,7 @@ class MetricsWriter:
     if not enabled:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
+      fileio.atomic_write_text(self.path, "".join(_metrics_lines_up_to(self.path, start_step)))
     self._file = open(self.path, "a")
     try:
       import tensorboardX
@@ -279,8 +296,9 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   subset = getattr(sampler, "subset", None)
   subset_path = os.path.join(output_dir, "subset.json")
   if subset is not None and jax.process_index() == 0 and not os.path.exists(subset_path):
-    with open(subset_path, "w") as f:  # the fixed data_fraction subset, for analysis
-      json.dump({"data_fraction": cfg.data_fraction, "indices": np.asarray(subset).tolist()}, f)
+    # The fixed data_fraction subset, for analysis.
+    fileio.atomic_write_json(subset_path, {"data_fraction": cfg.data_fraction,
+                                           "indices": np.asarray(subset).tolist()})
   model = ckpt.load_base_model(model_dir, cfg, mesh, rules)
   model_hook = None
   wrt: Any = nnx.Param

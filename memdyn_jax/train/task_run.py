@@ -7,10 +7,10 @@ arrays = example `ids[i]`, which the evaluation reads back) and trained with `lo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
+from memdyn_jax import fileio
 from memdyn_jax.errors import FieldError
 from memdyn_jax.train.config import TrainConfig
 
@@ -89,11 +89,8 @@ def write_examples_listing(run_dir: str, spec: TaskSpec, ids) -> None:
   from memdyn_jax.evaluation import EXAMPLES_FILE
   os.makedirs(run_dir, exist_ok=True)
   path = os.path.join(run_dir, EXAMPLES_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({"task": spec.name, "task_kwargs": dict(spec.kwargs), "split": spec.split,
-               "ids": list(ids)}, f)
-  os.replace(tmp, path)
+  fileio.atomic_write_json(path, {"task": spec.name, "task_kwargs": dict(spec.kwargs),
+                                  "split": spec.split, "ids": list(ids)})
 
 
 def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *, mesh=None,

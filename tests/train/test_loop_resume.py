@@ -244,3 +244,33 @@ def test_mbc_sampler_refreshes_scores(model_dir, tmp_path):
   _, meta = checkpoints.restore(run)
   assert result.step == 4 and sum(meta["draw_counts"]) == 32
   assert meta["sampler"]  # sampler state (scores) is checkpointed
+
+
+def test_metrics_resume_rewrite_is_atomic_and_drops_a_torn_line(tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  run.mkdir()
+  path = run / "metrics.jsonl"
+  full = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+  path.write_text(full + '{"step": 6, "lo')  # killed mid-write of step 6
+  # A kill during the rewrite (here: the rename fails) leaves every logged line in place.
+  real_replace = os.replace
+
+  def killed(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    loop.MetricsWriter(str(run), start_step=3, enabled=True)
+  assert path.read_text().startswith(full) and os.listdir(run) == ["metrics.jsonl"]
+  monkeypatch.setattr(os, "replace", real_replace)
+  writer = loop.MetricsWriter(str(run), start_step=3, enabled=True)
+  writer.write({"step": 4, "loss": 0.5})
+  writer.close()
+  assert [json.loads(x)["step"] for x in open(path)] == [1, 2, 3, 4]
+  # A torn line at the end is dropped even when it is past nothing else.
+  path.write_text(full + '{"step"')
+  loop.MetricsWriter(str(run), start_step=5, enabled=True).close()
+  assert path.read_text() == full
+  path.write_text('{"step": 1}\n{bad\n{"step": 2}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+    loop.MetricsWriter(str(run), start_step=5, enabled=True)

@@ -1,0 +1,58 @@
+"""Crash-safe file writes, shared by every stage that owns files in a run directory.
+
+A file written here exists only once complete: text goes to a temporary file in the same
+folder, is flushed to disk, and is renamed over the target (atomic on POSIX), so a killed
+process leaves the old file or the new one, never a torn one. JSON is strict (no NaN or
+Infinity tokens, which strict readers reject): non-finite floats are written as null.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Mapping
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file in the same folder and a rename."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def strict_json_value(value: Any) -> Any:
+  """`value` with numpy scalars as Python numbers and every non-finite float (nested too)
+  as None, ready for strict JSON."""
+  if isinstance(value, Mapping):
+    return {str(k): strict_json_value(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json_value(v) for v in value]
+  if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def dumps_strict(value: Any, **kwargs) -> str:
+  """`json.dumps` that writes non-finite floats as null (never NaN/Infinity tokens)."""
+  return json.dumps(strict_json_value(value), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: str, value: Any, **kwargs) -> str:
+  """Writes `value` as strict JSON (`dumps_strict(value, **kwargs)` + newline) atomically;
+  returns `path`."""
+  atomic_write_text(path, dumps_strict(value, **kwargs) + "\n")
+  return path

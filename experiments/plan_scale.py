@@ -16,9 +16,9 @@ import json
 import math
 import os
 
-from absl import app, flags
+from absl import flags
 
-from memdyn_jax import model_presets, plan
+from memdyn_jax import cli, model_presets, plan
 
 flags.DEFINE_string("model", "llama3-8b", f"Preset ({model_presets.preset_names()}) or a "
                     "path to an HF config.json.")
@@ -68,8 +68,7 @@ def _attention_line(model, accelerator: str, seq_len: int, prompt_len: int) -> s
   return f"attention_impl=auto on {accelerator}: " + "; ".join(runs)
 
 
-def main(argv):
-  del argv
+def main() -> int:
   if FLAGS.search:
     counts = [int(x) for x in FLAGS.device_counts]
     plan.force_host_devices(max(counts))
@@ -101,8 +100,9 @@ def main(argv):
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(payload, f, indent=1, default=str)
+  return 0
 
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  app.run(main)
+  cli.run_binary("plan_scale.py", main)

@@ -15,6 +15,11 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 from absl import app, flags, logging
 
+# transformers warns "PyTorch was not found" on import when torch is absent; here torch is
+# only the tests' parity reference, so binaries (which import this module first) silence
+# that advice. A user's own setting of the variable wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 
 class UsageError(Exception):
   """A one-line user error."""

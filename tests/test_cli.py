@@ -74,3 +74,34 @@ def test_cpu_xla_defaults_add_flags_the_user_did_not_set(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", mine)
   cli.set_cpu_xla_defaults()
   assert os.environ["XLA_FLAGS"] == mine  # the user's value of the flag wins
+
+
+def test_binaries_do_not_print_the_no_pytorch_banner():
+  """A user without torch must not see transformers' "PyTorch was not found" advice from
+  any binary: each one imports memdyn_jax.cli (which silences it) before anything that
+  imports transformers. Checked in a subprocess where torch cannot be imported."""
+  import ast
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in sorted(os.listdir(os.path.join(repo, "experiments"))):
+    if not name.endswith(".py") or name == "convert_gguf.py":  # GGUF conversion needs torch.
+      continue
+    tree = ast.parse(open(os.path.join(repo, "experiments", name)).read())
+    first = next((n for n in tree.body if isinstance(n, ast.ImportFrom)
+                  and (n.module or "").startswith(("memdyn_jax", "transformers"))), None)
+    if first is None:
+      continue
+    names = [a.name for a in first.names]
+    assert first.module in ("memdyn_jax", "memdyn_jax.cli") and (
+        first.module == "memdyn_jax.cli" or names[0] == "cli"), (
+            f"experiments/{name}: import memdyn_jax.cli first (line {first.lineno})")
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "import memdyn_jax.cli, transformers\n")
+  env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       check=True)
+  assert "PyTorch was not found" not in out.stderr + out.stdout
+  shown = subprocess.run([sys.executable, "-c", code.replace("memdyn_jax.cli, ", "")],
+                         capture_output=True, text=True, env=env, check=True)
+  assert "PyTorch was not found" in shown.stderr  # The check above can fail.

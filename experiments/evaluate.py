@@ -20,11 +20,13 @@ compiled program reused across checkpoints), into `step_<step>/checkpoint.json`.
 Splits: "train" (a seeded subset of the examples the run was trained on, --num_train),
 "test", "ood" (tasks that have one), "perturbed" (the train subset with each
 --perturbations preamble after the answer cue; no greedy pass, no target scoring).
-Exit status: 0 done, 2 bad flags or inputs (one-line error naming the flag or path).
+Exit status: 0 done, 2 bad flags or inputs (one-line error naming the flag or path), 143 / 130
+stopped by SIGTERM / SIGINT (Ctrl-C) after the records in progress (a re-run continues).
 """
 from __future__ import annotations
 
 import os
+import signal
 
 from absl import flags
 
@@ -70,13 +72,19 @@ def run() -> int:
     raise cli.usage_error(e, _EVAL_FLAGS) from None
   steps = _ints("steps", FLAGS.steps) or None
   from memdyn_jax import run_evaluation
+  from memdyn_jax.train.loop import StopSignals
   mesh = cli.mesh_from_flags()
   try:
-    timings = run_evaluation.evaluate(
-        run_dir, settings, steps=steps, mesh=mesh, progress=FLAGS.progress,
-        log=lambda m: print(f"{PROG}: {m}", flush=True))
+    with StopSignals() as stop:
+      timings = run_evaluation.evaluate(
+          run_dir, settings, steps=steps, mesh=mesh, progress=FLAGS.progress,
+          log=lambda m: print(f"{PROG}: {m}", flush=True), should_stop=lambda: stop.fired)
   except EvalSettingsError as e:
     raise cli.usage_error(e, _EVAL_FLAGS) from None
+  if stop.fired:
+    print(f"{PROG}: {run_dir}: stopped by {signal.Signals(stop.signum).name} after writing "
+          f"the records in progress; re-run the same command to continue")
+    return cli.exit_status(stop.signum)
   print(f"{PROG}: {run_dir}: evaluated {len(timings)} checkpoint(s)"
         + ("" if timings else " (all records already present)"))
   return 0

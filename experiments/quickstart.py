@@ -31,7 +31,12 @@ def main() -> int:
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(embedded.default_cache_dir(), "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  report = quickstart.run_study(config)
+  from memdyn_jax import sweep
+  try:
+    report = quickstart.run_study(config)
+  except sweep.SweepStopped as e:
+    print(f"quickstart.py: run {e.cell}: {cli.stopped_note(e.signum)}", flush=True)
+    return cli.exit_status(e.signum)
   print(f"report written to {report}")
   return 0
 

@@ -22,7 +22,8 @@ sbatch job per cell (launch/launch.py's script; the sweep directory must be on s
 nodes share) and an analysis job after them; --launcher=tpu prepares the --tpu_name slice
 once, runs the cells on it one after the other, then the analysis on worker 0. --dry_run
 prints every command and script. Exit status: 0 done, 1 a cell failed (non-finite
-training) or the analysis did, 2 bad flags or inputs.
+training) or the analysis did, 2 bad flags or inputs, 143 / 130 stopped by SIGTERM / SIGINT
+(the cell in progress saved; the next cells are not started; a re-run continues).
 """
 from __future__ import annotations
 
@@ -169,6 +170,10 @@ def run_here(sweep, cells) -> int:
     outcomes = sweep_lib.run_local(sweep, cells, mesh=mesh, progress=FLAGS.progress, log=log)
   except (sweep_lib.SweepError, EvalSettingsError) as e:
     raise cli.usage_error(e) from None
+  stopped = next((o for o in outcomes if o.stop_signal is not None), None)
+  if stopped is not None:
+    log(f"{stopped.name}: {cli.stopped_note(stopped.stop_signal)} (not analyzed)")
+    return cli.exit_status(stopped.stop_signal)
   failed = [o for o in outcomes if o.error]
   status = 1 if failed else 0
   if FLAGS.analyze and jax.process_index() == 0:

@@ -7,7 +7,8 @@ Every `TrainConfig` field is a flag (default: the preset's value). Mesh flags pl
 run on the devices (`--mesh_data=-1` = data parallel over everything). On a pod the same
 command runs on every host (`jax.distributed` is initialised from the environment).
 A run directory that already holds this run is resumed (`--noresume` refuses instead).
-Exit status: 0 done, 2 bad flags/inputs, 143 stopped by SIGTERM after checkpointing.
+Exit status: 0 done, 2 bad flags/inputs, 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C)
+after checkpointing (a re-run continues).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from memdyn_jax.train import config as config_lib
 from memdyn_jax.train import task_run
 
 PROG = "train.py"
-SIGTERM_EXIT = 143
 
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
 _TASK_FLAGS = cli.define_task_flags()
@@ -58,8 +58,8 @@ def run() -> int:
     raise UsageError(str(e).splitlines()[0]) from None
   if jax.process_index() == 0:
     print(f"{PROG}: run {result.run_dir}: step {result.step}/{result.total_steps}"
-          + (" (stopped by SIGTERM after a checkpoint)" if result.preempted else ""))
-  return SIGTERM_EXIT if result.preempted else 0
+          + (f" ({cli.stopped_note(result.stop_signal)})" if result.preempted else ""))
+  return cli.exit_status(result.stop_signal)
 
 
 if __name__ == "__main__":

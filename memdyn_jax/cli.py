@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -49,6 +50,18 @@ def set_cpu_xla_defaults() -> None:
   extra = [f for f in CPU_XLA_DEFAULTS if f.split("=")[0] not in current]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def exit_status(stop_signal: int | None) -> int:
+  """0, or 128 + the signal that stopped the work after it saved (143 SIGTERM, 130 SIGINT),
+  as a shell reports a process the signal killed."""
+  return 0 if stop_signal is None else 128 + int(stop_signal)
+
+
+def stopped_note(stop_signal: int) -> str:
+  """"stopped by SIGTERM after a checkpoint; re-run the command to continue"."""
+  return (f"stopped by {signal.Signals(stop_signal).name} after a checkpoint; re-run the "
+          "same command to continue")
 
 
 def run_binary(prog: str, run: Callable[[], int]) -> None:

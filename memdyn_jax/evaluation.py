@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -389,8 +389,8 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
                  keep_texts: bool = False, progress: bool = True,
                  name: str = records_lib.EVAL_DIR, log=None,
                  grad_variance: GradientVarianceConfig | None = None,
-                 grad_variance_examples: Sequence[Example] | None = None
-                 ) -> list[StepTiming]:
+                 grad_variance_examples: Sequence[Example] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[StepTiming]:
   """Evaluates every pending (checkpoint, unit) of a run and writes its records atomically.
 
   Units whose record files already exist are skipped, and a checkpoint with nothing
@@ -418,6 +418,9 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
       the same settings is skipped, one with other settings is measured again.
     grad_variance_examples: the train examples its minibatches are drawn from; default
       the examples of the "train" unit.
+    should_stop: checked after each unit's records are written; when it returns True the
+      evaluation stops there (what is written stays; a re-run continues), e.g. the flag of
+      `train.loop.StopSignals` on SIGTERM / Ctrl-C.
 
   Returns:
     A StepTiming per checkpoint evaluated (skipped ones are absent).
@@ -485,6 +488,8 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
         records_lib.write_records(run_dir, step, unit.split, [r.to_dict() for r in recs],
                                   unit.perturbation, name=name)
         bar.update(1)
+        if should_stop is not None and should_stop():
+          break
       timing = StepTiming(step, load_s, time.perf_counter() - t1, len(todo), gv_s)
       timings.append(timing)
       if log is not None:
@@ -492,6 +497,8 @@ def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
             f"evaluated in {timing.eval_s:.1f}s"
             + (f", gradient variance in {gv_s:.1f}s" if step in gv_pending else ""))
       del model
+      if should_stop is not None and should_stop():
+        break
   finally:
     bar.close()
   return timings

@@ -176,6 +176,9 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
 
   Returns:
     The path of report.md.
+
+  Raises:
+    sweep.SweepStopped: SIGTERM / SIGINT stopped a run after it saved; a re-run continues.
   """
   from memdyn_jax import checkpoints, embedded, merged_run, merging, models, run_evaluation
   from memdyn_jax import sweep as sweep_lib
@@ -198,10 +201,11 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
 
   sweep = make_sweep(config, base_dir, spec)
   sweep_lib.write_sweep(sweep)
-  for cell in sweep.cells:
-    outcome = sweep_lib.run_cell(sweep, cell, progress=False)
+  for outcome in sweep_lib.run_local(sweep, sweep.cells, progress=False):
     if outcome.error:
-      raise RuntimeError(f"quickstart run {cell.name}: {outcome.error}")
+      raise RuntimeError(f"quickstart run {outcome.name}: {outcome.error}")
+    if outcome.stop_signal is not None:
+      raise sweep_lib.SweepStopped(outcome.name, outcome.stop_signal)
     wall["train"] = wall.get("train", 0.0) + outcome.train_seconds
     wall["evaluate"] = wall.get("evaluate", 0.0) + outcome.eval_seconds
     clock = time.time()

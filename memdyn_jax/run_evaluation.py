@@ -285,7 +285,8 @@ def pending_steps(run_dir: str, settings: EvalSettings,
 
 
 def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | None = None,
-             mesh=None, progress: bool = True, log: Callable[[str], None] | None = None):
+             mesh=None, progress: bool = True, log: Callable[[str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None):
   """Evaluates every pending checkpoint of `run_dir` (see `evaluation.evaluate_run`).
 
   The settings are checked against the run (task, sampling, mesh, and the records folder's
@@ -299,6 +300,8 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     mesh: device mesh (default the first local device).
     progress: tqdm bar.
     log: optional `log(message)` after each checkpoint.
+    should_stop: checked after each unit written; True stops there (see
+      `evaluation.evaluate_run`).
 
   Returns:
     The `evaluation.StepTiming` of each checkpoint evaluated ([] when all was done).
@@ -334,7 +337,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         run_dir, task, tokenizer, units, params, steps=[s for s in wanted if s],
         include_base=settings.include_base, batch_size=settings.batch_size, mesh=mesh,
         keep_texts=settings.keep_texts, progress=progress, name=settings.eval_name, log=log,
-        grad_variance=gv_config, grad_variance_examples=train)
+        grad_variance=gv_config, grad_variance_examples=train, should_stop=should_stop)
   except ValueError as e:
     message = str(e).splitlines()[0]
     raise EvalSettingsError("max_new_tokens" if "max_new_tokens" in message else "run_dir",

@@ -41,6 +41,14 @@ class SweepError(FieldError):
   """A bad sweep setting; `field` names it (and the sweep binary's flag)."""
 
 
+class SweepStopped(Exception):
+  """SIGTERM / SIGINT stopped the sweep after `cell` saved its state; a re-run continues."""
+
+  def __init__(self, cell: str, signum: int):
+    super().__init__(f"stopped by signal {signum} in cell {cell} after it saved")
+    self.cell, self.signum = cell, signum
+
+
 def _floats(field: str, values) -> tuple[float, ...]:
   try:
     return tuple(float(v) for v in values)
@@ -305,8 +313,10 @@ class CellOutcome:
     name: the cell.
     trained_steps: optimizer steps run by this call (0: training was already done).
     evaluated: checkpoints evaluated by this call.
-    error: why the cell stopped (non-finite training), or None.
+    error: why the cell failed (non-finite training), or None.
     train_seconds, eval_seconds: wall time of this call's training and evaluation.
+    stop_signal: the signal (SIGTERM / SIGINT) that stopped the cell after it saved its
+      checkpoint or records, else None; a re-run continues it.
   """
   name: str
   trained_steps: int = 0
@@ -314,14 +324,18 @@ class CellOutcome:
   error: str | None = None
   train_seconds: float = 0.0
   eval_seconds: float = 0.0
+  stop_signal: int | None = None
 
 
 def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
-             log: Callable[[str], None] = print) -> CellOutcome:
+             log: Callable[[str], None] = print, stop=None) -> CellOutcome:
   """Trains (or resumes) then evaluates one cell, skipping what is done.
 
   A run whose training becomes non-finite (a too-high learning rate of the grid) is
-  reported in the outcome, not raised: the other cells go on.
+  reported in the outcome, not raised: the other cells go on. SIGTERM / SIGINT during
+  training checkpoint and stop the cell (training installs its own handlers); during the
+  evaluation, `stop` (a `train.loop.StopSignals` the caller holds) stops it after the
+  records in progress. Either way the outcome's `stop_signal` says so.
   """
   import time
 
@@ -340,22 +354,39 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
       return CellOutcome(cell.name, error=str(e))
     trained = len(result.losses)
     if result.preempted:
-      return CellOutcome(cell.name, trained, error="stopped by SIGTERM after a checkpoint")
+      return CellOutcome(cell.name, trained, train_seconds=time.time() - start,
+                         stop_signal=result.stop_signal)
     log(f"{cell.name}: trained {trained} step(s), now at {result.step}/{result.total_steps}")
     del result
   trained_at = time.time()
-  timings = run_evaluation.evaluate(cell.run_dir, sweep.evaluation, mesh=mesh,
-                                    progress=progress, log=lambda m: log(f"{cell.name}: {m}"))
+  timings = run_evaluation.evaluate(
+      cell.run_dir, sweep.evaluation, mesh=mesh, progress=progress,
+      log=lambda m: log(f"{cell.name}: {m}"),
+      should_stop=None if stop is None else (lambda: stop.fired))
+  stopped = stop.signum if stop is not None else None
   log(f"{cell.name}: evaluated {len(timings)} checkpoint(s)"
-      + ("" if timings else " (all records present)"))
+      + ("" if timings else " (all records present)")
+      + (" and stopped (signal)" if stopped is not None else ""))
   return CellOutcome(cell.name, trained, len(timings), train_seconds=trained_at - start,
-                     eval_seconds=time.time() - trained_at)
+                     eval_seconds=time.time() - trained_at, stop_signal=stopped)
 
 
 def run_local(sweep: Sweep, cells: Sequence[Cell], **kwargs) -> list[CellOutcome]:
   """`run_cell` on each cell in turn (in this process: compiled evaluation programs are
-  reused across cells of one architecture)."""
-  return [run_cell(sweep, cell, **kwargs) for cell in cells]
+  reused across cells of one architecture). SIGTERM / SIGINT stop it after the cell in
+  progress saved its state: the last outcome then has `stop_signal` set, and the cells
+  after it are not started."""
+  from memdyn_jax.train.loop import StopSignals
+  outcomes = []
+  with StopSignals() as stop:
+    for cell in cells:
+      if stop.fired:  # between two cells: start nothing new
+        outcomes.append(CellOutcome(cell.name, stop_signal=stop.signum))
+      else:
+        outcomes.append(run_cell(sweep, cell, stop=stop, **kwargs))
+      if outcomes[-1].stop_signal is not None:
+        break
+  return outcomes
 
 
 def analysis_dir(sweep: Sweep) -> str:

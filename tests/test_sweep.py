@@ -242,3 +242,24 @@ def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
 def test_bad_flags_give_one_line_error(args, needle, tmp_path):
   proc = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
   assert_one_line_error(proc, "sweep.py", needle)
+
+
+def test_a_stop_signal_between_cells_starts_no_new_cell(tmp_path, monkeypatch):
+  import signal
+  sweep = sweep_lib.make_sweep(str(tmp_path), "m", TaskSpec("synthetic_arith"),
+                               sweep_lib.Grid(presets=("kang_llama3_gsm8k",),
+                                              learning_rates=(1e-3, 2e-3, 3e-3)),
+                               EvalSettings())
+  started, before = [], signal.getsignal(signal.SIGTERM)
+
+  def fake_run_cell(sweep, cell, stop=None, **kwargs):
+    started.append(cell.name)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives as the first cell finishes
+    return sweep_lib.CellOutcome(cell.name, evaluated=1)
+
+  monkeypatch.setattr(sweep_lib, "run_cell", fake_run_cell)
+  outcomes = sweep_lib.run_local(sweep, sweep.cells)
+  assert started == [sweep.cells[0].name]
+  assert [(o.name, o.stop_signal, o.evaluated) for o in outcomes] == [
+      (sweep.cells[0].name, None, 1), (sweep.cells[1].name, signal.SIGTERM, 0)]
+  assert signal.getsignal(signal.SIGTERM) == before

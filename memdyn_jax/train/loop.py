@@ -108,8 +108,10 @@ class TrainResult:
     step: optimizer steps completed.
     total_steps: steps the run asks for.
     losses: losses of the steps run by this call (not of resumed-from steps).
-    preempted: stopped by SIGTERM after saving a checkpoint.
+    preempted: stopped by SIGTERM or SIGINT (Ctrl-C) after saving a checkpoint.
     model: the trained model (LoRA adapters unmerged).
+    stop_signal: the signal that stopped it (signal.SIGTERM / signal.SIGINT), else None;
+      binaries exit 128 + its number (143, 130), as a shell does for a killed process.
   """
 
   run_dir: str
@@ -118,6 +120,7 @@ class TrainResult:
   losses: tuple[float, ...]
   preempted: bool
   model: nnx.Module
+  stop_signal: int | None = None
 
 
 def sampler_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -141,25 +144,38 @@ def make_default_sampler(cfg: TrainConfig, num_examples: int,
                       data_fraction=cfg.data_fraction, **kwargs)
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag that a loop checks between
+  units of work, so it saves and stops cleanly; a second SIGINT aborts at once
+  (KeyboardInterrupt). Installed on the main thread only; nests (the innermost holds)."""
 
   def __init__(self):
-    self.fired = False
-    self._old = None
+    self.signum: int | None = None
+    self._old = {}
+
+  @property
+  def fired(self) -> bool:
+    return self.signum is not None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    log.warning("SIGTERM received: will checkpoint and stop after the current step")
-    self.fired = True
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    log.warning("%s received: will checkpoint and stop after the current step%s",
+                signal.Signals(signum).name,
+                " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
+    self.signum = signum
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
 
 def _metrics_lines_up_to(path: str, last_step: int) -> list[str]:
@@ -357,7 +373,7 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   preempted = False
   last_time = time.perf_counter()
   try:
-    with _SigtermFlag() as sigterm:
+    with StopSignals() as stop:
       for s in range(start, total):
         if sampler.wants_scores(s):
           if ppl_fn is None:
@@ -402,7 +418,7 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
           last_saved = done
         for hook in hooks:
           hook(done, record)
-        if sigterm.fired:
+        if stop.fired:
           if last_saved != done:
             save(done)
             last_saved = done
@@ -415,7 +431,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
     mngr.close()
   final = start + len(losses)
   return TrainResult(run_dir=output_dir, step=final, total_steps=total, losses=tuple(losses),
-                     preempted=preempted, model=nnx.merge(graphdef, trained, rngs, frozen))
+                     preempted=preempted, model=nnx.merge(graphdef, trained, rngs, frozen),
+                     stop_signal=stop.signum)
 
 
 def task_train_data(tokenizer, task, examples, cfg: TrainConfig) -> tuple[TrainData, list[str]]:

@@ -204,18 +204,28 @@ def test_metrics_log_every_step_in_order(model_dir, tmp_path):
   assert checkpoints.list_steps(run) == [3, 6, 8]
 
 
-def test_sigterm_saves_then_stops(model_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_then_stops(model_dir, tmp_path, signum):
   run = str(tmp_path / "run")
+  before = {s: signal.getsignal(s) for s in loop.STOP_SIGNALS}
 
   def hook(step, record):
     if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
 
   result = loop.train(BASE_CFG.replace(save_every_steps=0), make_data(), model_dir, run,
                       progress=False, hooks=[hook])
-  assert result.preempted and result.step == 3
+  assert result.preempted and result.step == 3 and result.stop_signal == signum
   assert checkpoints.list_steps(run) == [3]
-  assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+  assert {s: signal.getsignal(s) for s in loop.STOP_SIGNALS} == before  # handlers restored
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+  with pytest.raises(KeyboardInterrupt):
+    with loop.StopSignals() as stop:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.signum == signal.SIGINT
+      os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_lora_trains_only_adapters(model_dir, tmp_path):

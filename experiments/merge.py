@@ -119,6 +119,7 @@ def _flag_error(e) -> UsageError:
 def greedy_scorer(first_run: str, settings: EvalSettings, tokenizer, mesh):
   """(soup_score, validation record) of --validation_split."""
   from memdyn_jax import checkpoints, run_evaluation
+  settings = run_evaluation.for_run(first_run, settings)
   task = run_evaluation.load_task(first_run, settings)
   try:
     examples = task.load(FLAGS.validation_split, settings.task_path)

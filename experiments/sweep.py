@@ -166,10 +166,13 @@ def run_here(sweep, cells) -> int:
   mesh = cli.mesh_from_flags()
   log = (lambda m: print(f"{PROG}: {m}", flush=True)) if jax.process_index() == 0 else (
       lambda m: None)
+  from memdyn_jax import checkpoints
   try:
     outcomes = sweep_lib.run_local(sweep, cells, mesh=mesh, progress=FLAGS.progress, log=log)
   except (sweep_lib.SweepError, EvalSettingsError) as e:
     raise cli.usage_error(e) from None
+  except (checkpoints.CheckpointReadError, checkpoints.RunDirError) as e:
+    raise UsageError(str(e)) from None
   stopped = next((o for o in outcomes if o.stop_signal is not None), None)
   if stopped is not None:
     log(f"{stopped.name}: {cli.stopped_note(stopped.stop_signal)} (not analyzed)")

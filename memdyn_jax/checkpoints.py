@@ -42,6 +42,55 @@ class RunMismatchError(ValueError):
   """The run directory was created by a different configuration / model / dataset."""
 
 
+class CheckpointReadError(ValueError):
+  """A checkpoint on disk cannot be read (truncated or corrupt array files).
+
+  Attributes:
+    run_dir, step: which checkpoint.
+    path: its folder; removing it lets training resume from the one before.
+  The underlying storage error is chained as `__cause__`.
+  """
+
+  def __init__(self, run_dir: str, step: int, cause: BaseException):
+    self.run_dir, self.step = run_dir, int(step)
+    self.path = os.path.join(checkpoint_dir(run_dir), str(int(step)))
+    status = str(cause).split(":", 1)[0].strip()  # tensorstore's status code, e.g. DATA_LOSS
+    super().__init__(
+        f"{run_dir}: checkpoint at step {step} cannot be read ({type(cause).__name__}: "
+        f"{status}); it is truncated or corrupt. Remove {self.path} (training resumes from "
+        f"the checkpoint before it and recomputes it) or leave this step out")
+
+
+def _restore(mngr: ocp.CheckpointManager, run_dir: str, step: int, args):
+  """`mngr.restore`, with a storage failure raised as one CheckpointReadError."""
+  try:
+    return mngr.restore(step, args=args)
+  except (ValueError, OSError) as e:  # tensorstore reports bad bytes as ValueError
+    raise CheckpointReadError(run_dir, step, e) from e
+
+
+class RunDirError(ValueError):
+  """The run directory path is a file, or a non-empty folder that holds no run."""
+
+
+def check_run_dir_path(run_dir: str) -> None:
+  """Refuses a path that cannot become (or resume) a run directory, before anything is
+  written: a file, or a non-empty folder without run.json (writing into it would mix a run
+  with someone else's files).
+
+  Raises:
+    RunDirError: names the path and what to do.
+  """
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise RunDirError(f"{run_dir} is a file, not a run directory; pass a new or empty folder")
+  if os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, RUN_INFO)):
+    entries = sorted(e for e in os.listdir(run_dir) if not e.startswith("."))
+    if entries:
+      shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+      raise RunDirError(f"{run_dir} is not empty ({shown}) and holds no run (no {RUN_INFO}); "
+                        f"pass a new or empty folder")
+
+
 def checkpoint_dir(run_dir: str) -> str:
   return os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
 
@@ -71,8 +120,10 @@ def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
   """Creates the run directory, or checks that an existing one describes the same run.
 
   Raises:
+    RunDirError: `run_dir` is a file, or a non-empty folder without run.json.
     RunMismatchError: `run.json` exists and differs from `info` (names every difference).
   """
+  check_run_dir_path(run_dir)
   path = os.path.join(run_dir, RUN_INFO)
   if os.path.exists(path):
     old = read_run_info(run_dir)
@@ -143,12 +194,15 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, *, params, opt_st
 
   Returns:
     (params, opt_state, rngs, meta).
+
+  Raises:
+    CheckpointReadError: the step's files cannot be read.
   """
   items = dict(params=ocp.args.StandardRestore(params),
                opt_state=ocp.args.StandardRestore(opt_state), meta=ocp.args.JsonRestore())
   if jax.tree.leaves(rngs):
     items["rngs"] = ocp.args.StandardRestore(_savable(rngs))
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  restored = _restore(mngr, str(mngr.directory.parent), step, ocp.args.Composite(**items))
   if not jax.tree.leaves(rngs):
     return restored["params"], restored["opt_state"], rngs, restored["meta"]
   new_rngs = jax.tree.map(
@@ -161,7 +215,8 @@ def read_meta(run_dir: str, step: int) -> dict[str, Any]:
   """The JSON metadata of one checkpoint."""
   mngr = make_manager(run_dir, read_only=True)
   try:
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _restore(mngr, run_dir, step,
+                    ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   finally:
     mngr.close()
 
@@ -192,6 +247,9 @@ def restore(run_dir: str, step: int | None = None, mesh: Mesh | None = None, *,
 
   Returns:
     (model, meta): meta is the checkpoint's JSON metadata plus "run" (run.json) and "step".
+
+  Raises:
+    CheckpointReadError: the step's files cannot be read.
   """
   info = read_run_info(run_dir)
   cfg = TrainConfig.from_dict(info["config"])
@@ -219,7 +277,7 @@ def restore(run_dir: str, step: int | None = None, mesh: Mesh | None = None, *,
   target = _abstract_like(params, mesh, rules)
   mngr = make_manager(run_dir, read_only=True)
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
+    restored = _restore(mngr, run_dir, step, ocp.args.Composite(
         params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   finally:
     mngr.close()

@@ -163,8 +163,8 @@ def define_dataclass_flags(cls, *, skip: Iterable[str] = (), only: Iterable[str]
                else field.default_factory())
     flag_default = None
     if use_defaults:
-      flag_default = (json.dumps(default) if kind is dict
-                      else list(default) if kind is tuple else default)
+      flag_default = (json.dumps(default) if kind is dict and default is not None
+                      else list(default) if kind is tuple and default is not None else default)
     name = rename.get(field.name, field.name)
     doc = docs.get(field.name, f"{cls.__name__}.{field.name}")
     definers[kind](name, flag_default, help_format.format(

@@ -54,7 +54,8 @@ class QuickstartConfig:
     n_train: training problems (per scale unit).
     learning_rates: fine-tuning learning rates.
     epochs: fine-tuning epoch counts (a grid with the learning rates).
-    half_data_epochs: epochs of the extra half-data run (middle learning rate); 0 = none.
+    small_data_fraction: share of the n_train problems the extra small-data run trains on.
+    small_data_epochs: epochs of that run (middle learning rate); 0 = no such run.
     checkpoint_every_epochs: checkpoint cadence in epochs.
     evals_per_run: checkpoints evaluated per run (spread over the run, denser late, last
       included; 0 = every checkpoint).
@@ -76,7 +77,8 @@ class QuickstartConfig:
   n_train: int = 256
   learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
   epochs: tuple[float, ...] = (1.0, 3.0, 8.0)
-  half_data_epochs: float = 24.0
+  small_data_fraction: float = 0.5
+  small_data_epochs: float = 24.0
   checkpoint_every_epochs: float = 0.5
   evals_per_run: int = 3
   batch_size: int = 16
@@ -102,9 +104,11 @@ class QuickstartConfig:
                  "max_new_tokens", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise QuickstartError(name, "must be >= 1")
-    if self.half_data_epochs < 0 or self.evals_per_run < 0:
-      raise QuickstartError("half_data_epochs" if self.half_data_epochs < 0
-                            else "evals_per_run", "must be >= 0")
+    for name in ("small_data_epochs", "evals_per_run"):
+      if getattr(self, name) < 0:
+        raise QuickstartError(name, "must be >= 0")
+    if not 0 < self.small_data_fraction <= 1:
+      raise QuickstartError("small_data_fraction", "must be in (0, 1]")
     if not self.checkpoint_every_epochs > 0:
       raise QuickstartError("checkpoint_every_epochs", "must be > 0")
 
@@ -131,10 +135,10 @@ def make_sweep(config: QuickstartConfig, base_dir: str, spec):
       group_by_length=config.group_by_length, save_every_epochs=config.checkpoint_every_epochs,
       log_every_steps=1)
   extra = ()
-  if config.half_data_epochs > 0:
+  if config.small_data_epochs > 0:
     lr = config.learning_rates[len(config.learning_rates) // 2]
-    extra = ({"learning_rate": lr, "num_epochs": config.half_data_epochs,
-              "data_fraction": 0.5},)
+    extra = ({"learning_rate": lr, "num_epochs": config.small_data_epochs,
+              "data_fraction": config.small_data_fraction},)
   grid = sweep.Grid(learning_rates=config.learning_rates, epochs=config.epochs,
                     overrides=overrides, extra_runs=extra)
   evaluation = EvalSettings(
@@ -333,8 +337,8 @@ def narrative(config: QuickstartConfig, summary: Mapping[str, Any], spec) -> str
            f"(1-{spec.task_max_steps} events); learning rates "
            f"{', '.join(f'{x:g}' for x in config.learning_rates)} x epochs "
            f"{', '.join(f'{x:g}' for x in config.epochs)}"
-           + (f", plus a {config.half_data_epochs:g}-epoch run on half the data"
-              if config.half_data_epochs else "")
+           + (f", plus a {config.small_data_epochs:g}-epoch run on "
+              f"{config.small_data_fraction:.0%} of the data" if config.small_data_epochs else "")
            + f". Each run is evaluated at {config.evals_per_run or 'every'} checkpoints on "
            f"{config.n_eval} test and {config.n_eval_train} train problems "
            f"({config.n_samples} sample(s) at T = 0.8).", "",

@@ -30,9 +30,11 @@ class EvalSettings:
 
   Attributes:
     splits: splits, any of train, test, ood, perturbed.
-    task: task name (default: the run's examples.json).
-    task_kwargs: JSON keyword arguments of the task constructor (must match training).
-    task_path: data file or directory of the task.
+    task: task name (default: the one the run was trained on, from its examples.json).
+    task_kwargs: JSON keyword arguments of the task constructor (default: the run's; given,
+      they must reproduce the trained data, which is checked).
+    task_path: data file or directory of the task (default: the run's, when it was trained
+      from a local path; else the task's own source).
     tokenizer: tokenizer directory (default: the run's base model).
     num_train: train examples evaluated (a seeded subset; 0 = all).
     max_eval: cap on test/OOD examples (first N; 0 = all).
@@ -57,7 +59,7 @@ class EvalSettings:
   """
   splits: tuple[str, ...] = ("train", "test")
   task: str | None = None
-  task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  task_kwargs: Mapping[str, Any] | None = None
   task_path: str | None = None
   tokenizer: str | None = None
   num_train: int = 256
@@ -82,7 +84,8 @@ class EvalSettings:
   def __post_init__(self):
     object.__setattr__(self, "splits", tuple(self.splits))
     object.__setattr__(self, "perturbations", tuple(self.perturbations))
-    object.__setattr__(self, "task_kwargs", dict(self.task_kwargs))
+    if self.task_kwargs is not None:
+      object.__setattr__(self, "task_kwargs", dict(self.task_kwargs))
     bad = [s for s in self.splits if s not in SPLITS]
     if bad or not self.splits:
       raise EvalSettingsError("splits", f"unknown split(s) {bad}; choose from {list(SPLITS)}")
@@ -142,15 +145,32 @@ def sampling_params(task_name: str, settings: EvalSettings):
     raise EvalSettingsError({"n": "n_samples"}.get(field, field), str(e)) from None
 
 
-def load_task(run_dir: str, settings: EvalSettings):
-  """The task of the settings, or of the run's examples.json."""
-  from memdyn_jax import evaluation, tasks
+def for_run(run_dir: str, settings: EvalSettings) -> EvalSettings:
+  """The settings with the unset task fields (task, task_kwargs, task_path) taken from what
+  the run was trained on (its examples.json); set fields are kept.
+
+  Raises:
+    EvalSettingsError: no task named and the run has no examples.json naming one.
+  """
+  from memdyn_jax import evaluation
   listing = evaluation.read_examples_listing(run_dir) or {}
-  name = settings.task or listing.get("task")
-  if not name:
+  task = settings.task or listing.get("task")
+  if not task:
     raise EvalSettingsError("task", f"is required ({run_dir} has no examples.json naming it)")
+  same_task = task == listing.get("task")
+  kwargs = settings.task_kwargs
+  if kwargs is None:
+    kwargs = dict(listing.get("task_kwargs") or {}) if same_task else {}
+  path = settings.task_path or (listing.get("task_path") if same_task else None)
+  return dataclasses.replace(settings, task=task, task_kwargs=kwargs, task_path=path)
+
+
+def load_task(run_dir: str, settings: EvalSettings):
+  """The task of the settings, with the run's task fields where they are unset."""
+  from memdyn_jax import tasks
+  settings = for_run(run_dir, settings)
   try:
-    return tasks.get_task(name, **settings.task_kwargs)
+    return tasks.get_task(settings.task, **settings.task_kwargs)
   except (ValueError, TypeError) as e:
     raise EvalSettingsError("task", f"{e} (task_kwargs {settings.task_kwargs})") from None
 
@@ -167,16 +187,43 @@ def load_tokenizer(run_dir: str, settings: EvalSettings):
                             ) from None
 
 
-def build_units(run_dir: str, task, settings: EvalSettings):
+def check_trained_data(run_dir: str, task, examples, tokenizer) -> None:
+  """Checks that `examples` (the run's training rows, by examples.json's ids) tokenize to
+  the data the run was trained on (run.json's data fingerprint): same ids with other task
+  arguments or another data file would otherwise be scored as if trained on.
+
+  Raises:
+    EvalSettingsError: the data differs (field "task_kwargs").
+  """
+  from memdyn_jax import checkpoints
+  from memdyn_jax.train.config import TrainConfig
+  from memdyn_jax.train.loop import task_train_data
+  info = checkpoints.read_run_info(run_dir)
+  want = (info.get("data") or {}).get("fingerprint")
+  if not want:
+    return
+  data, _ = task_train_data(tokenizer, task, examples, TrainConfig.from_dict(info["config"]))
+  if data.fingerprint() != want:
+    raise EvalSettingsError(
+        "task_kwargs", f"(or --task_path) the examples {run_dir}/examples.json lists are not "
+        f"the data the run was trained on (task {task.name!r}, data fingerprint differs from "
+        f"run.json's); leave --task_kwargs and --task_path unset to use the run's")
+
+
+def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
   """(the `evaluation.EvalUnit`s of the settings' splits, the train subset or None when no
-  unit nor the gradient variance needs it)."""
+  unit nor the gradient variance needs it). With `tokenizer`, the trained examples are
+  checked against the run's data (`check_trained_data`)."""
   from memdyn_jax import evaluation
+  settings = for_run(run_dir, settings)
   train = None
   if {"train", "perturbed"} & set(settings.splits) or settings.grad_variance:
     try:
       train = evaluation.trained_examples(run_dir, task, path=settings.task_path)
     except (ValueError, FileNotFoundError) as e:
       raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from None
+    if tokenizer is not None:
+      check_trained_data(run_dir, task, train, tokenizer)
     train = tuple(evaluation.subset(train, settings.num_train, settings.subset_seed))
   units = []
   for split, perturbation in settings.unit_keys():
@@ -314,6 +361,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
   """
   from memdyn_jax import evaluation, records
   wanted = _checked_steps(run_dir, steps, settings.include_base, settings.checkpoints_per_run)
+  settings = for_run(run_dir, settings)
   task = load_task(run_dir, settings)
   params = sampling_params(task.name, settings)
   if mesh is not None:
@@ -323,14 +371,14 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     if records.read_config(run_dir, name=settings.eval_name) is not None:
       _check_config(run_dir, config, settings)
     return []
-  units, train = build_units(run_dir, task, settings)
+  tokenizer = load_tokenizer(run_dir, settings)
+  units, train = build_units(run_dir, task, settings, tokenizer)
   gv_config = settings.grad_variance_config()
   if gv_config is not None and len(train) < gv_config.num_minibatches * gv_config.batch_size:
     raise EvalSettingsError(
         "grad_variance_batch_size", f"{gv_config.num_minibatches} minibatches of "
         f"{gv_config.batch_size} need {gv_config.num_minibatches * gv_config.batch_size} train "
         f"examples, the --num_train subset has {len(train)} (or --nograd_variance)")
-  tokenizer = load_tokenizer(run_dir, settings)
   _check_config(run_dir, config, settings)
   try:
     return evaluation.evaluate_run(

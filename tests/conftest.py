@@ -100,8 +100,6 @@ EVAL_TASK_KWARGS = {"n_train": 12, "n_test": 4, "n_ood": 4, "max_steps": 1}
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """(run_dir, base_dir): a run trained 4 steps with checkpoints at steps 2 and 4."""
-  import json
-
   from memdyn_jax import checkpoints, models, testing
   from memdyn_jax.tasks import synthetic_arith as sa
   from memdyn_jax.train import loop
@@ -116,8 +114,9 @@ def tiny_run(tmp_path_factory):
   data, ids = loop.task_train_data(tok, task, task.load("train"), cfg)
   run_dir = str(root / "sweep" / "run_a")
   loop.train(cfg, data, base, run_dir, progress=False, async_checkpoints=False)
-  with open(os.path.join(run_dir, "examples.json"), "w") as f:
-    json.dump({"task": "synthetic_arith", "split": "train", "ids": ids}, f)
+  from memdyn_jax.train import task_run
+  task_run.write_examples_listing(
+      run_dir, task_run.TaskSpec("synthetic_arith", {"seed": 0, **EVAL_TASK_KWARGS}), ids)
   assert checkpoints.list_steps(run_dir) == [2, 4]
   return run_dir, base
 

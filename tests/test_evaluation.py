@@ -416,3 +416,34 @@ def test_cli_run_without_checkpoints_is_an_error(tiny_run, tmp_path):
   (empty / "run.json").write_text(open(os.path.join(run_dir, "run.json")).read())
   proc = run_cli(f"--run_dir={empty}")
   assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr.strip()
+
+
+def test_evaluation_defaults_to_the_task_the_run_was_trained_on(tiny_run, tmp_path):
+  """No --task/--task_kwargs/--task_path: the run's examples.json gives all three; given
+  task arguments that make other data under the same ids are refused by the data check."""
+  from memdyn_jax import run_evaluation
+  from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+  run_dir, _ = tiny_run
+  resolved = run_evaluation.for_run(run_dir, EvalSettings())
+  assert (resolved.task, resolved.task_kwargs, resolved.task_path) == (
+      "synthetic_arith", {"seed": 0, **EVAL_TASK_KWARGS}, None)
+  # Explicit settings win; another task does not inherit the run's arguments.
+  assert run_evaluation.for_run(run_dir, EvalSettings(task_kwargs={"n_train": 3})
+                                ).task_kwargs == {"n_train": 3}
+  assert run_evaluation.for_run(run_dir, EvalSettings(task="gsm8k")).task_kwargs == {}
+  # A run trained from a local path records it (absolute) and is evaluated on it.
+  listing = tmp_path / "run"
+  listing.mkdir()
+  from memdyn_jax.train import task_run
+  task_run.write_examples_listing(str(listing), task_run.TaskSpec("gsm8k", path="data/gsm8k"),
+                                  ["gsm8k/train/0"])
+  resolved = run_evaluation.for_run(str(listing), EvalSettings())
+  assert resolved.task_path == os.path.abspath("data/gsm8k") and resolved.task == "gsm8k"
+  # Same ids, other content (another seed): refused, naming the fix.
+  settings = EvalSettings(splits=("train",), task_kwargs={**EVAL_TASK_KWARGS, "seed": 1},
+                          num_train=4, max_new_tokens=8, n_samples=1, batch_size=4,
+                          grad_variance=False, eval_name="other_seed")
+  with pytest.raises(EvalSettingsError, match="not the data the run was trained on") as e:
+    run_evaluation.evaluate(run_dir, settings, progress=False)
+  assert e.value.field == "task_kwargs"
+  assert not os.path.exists(os.path.join(run_dir, "other_seed"))  # nothing written

@@ -110,7 +110,8 @@ def test_eval_settings_are_evaluate_py_flags_with_its_defaults():
   assert proc.returncode == 0, proc.stderr[-2000:]
   defaults = json.loads(proc.stdout)
   settings = EvalSettings().to_dict()
-  settings["task_kwargs"] = json.dumps(settings["task_kwargs"])
+  if settings["task_kwargs"] is not None:
+    settings["task_kwargs"] = json.dumps(settings["task_kwargs"])
   for name, value in settings.items():
     assert name in defaults, f"EvalSettings.{name} is not an evaluate.py flag"
     assert defaults[name] == value, (name, defaults[name], value)

@@ -85,12 +85,16 @@ def load_train_data(model_dir: str, spec: TaskSpec, cfg: TrainConfig):
 
 
 def write_examples_listing(run_dir: str, spec: TaskSpec, ids) -> None:
-  """`examples.json`: which example each training row is (read by the evaluation)."""
+  """`examples.json`: the data a run trains on (task, its arguments, the local data path
+  if any, split) and which example each training row is; the evaluation reads its task
+  settings from here unless told otherwise."""
   from memdyn_jax.evaluation import EXAMPLES_FILE
   os.makedirs(run_dir, exist_ok=True)
   path = os.path.join(run_dir, EXAMPLES_FILE)
-  fileio.atomic_write_json(path, {"task": spec.name, "task_kwargs": dict(spec.kwargs),
-                                  "split": spec.split, "ids": list(ids)})
+  fileio.atomic_write_json(path, {
+      "task": spec.name, "task_kwargs": dict(spec.kwargs),
+      "task_path": os.path.abspath(spec.path) if spec.path else None,
+      "split": spec.split, "ids": list(ids)})
 
 
 def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *, mesh=None,
@@ -114,11 +118,19 @@ def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *,
   """
   import jax
 
+  from memdyn_jax import checkpoints
+  from memdyn_jax.models import hf_io
   from memdyn_jax.train import loop
   check_task_name(spec.name)
   model_dir = resolve_model(model)
   data, ids = load_train_data(model_dir, spec, cfg)
+  model_path = model if model != "embedded" else model_dir
+  # The run directory is checked (a file, someone else's folder, another run) before the
+  # examples listing is written into it, so a refused run overwrites nothing.
+  checkpoints.init_run_dir(run_dir, checkpoints.run_info(
+      cfg, model_path=model_path, data_fingerprint=data.fingerprint(),
+      num_examples=data.num_examples), hf_io.resolve_checkpoint_dir(model_path))
   if jax.process_index() == 0:
     write_examples_listing(run_dir, spec, ids)
-  return loop.train(cfg, data, model if model != "embedded" else model_dir, run_dir, mesh=mesh,
+  return loop.train(cfg, data, model_path, run_dir, mesh=mesh,
                     resume=resume, progress=progress, async_checkpoints=async_checkpoints)

@@ -10,6 +10,8 @@ import pytest
 
 from memdyn_jax import checkpoints, models
 
+from conftest import assert_one_line_error
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARY = os.path.join(REPO, "experiments", "train.py")
 
@@ -70,3 +72,25 @@ def test_end_to_end_on_a_task_then_unknown_task(model_dir, tmp_path):
   assert proc.returncode == 2 and "learning_rate" in proc.stderr.strip().splitlines()[-1]
   proc = run_cli(*common[:1], "--task=no_such_task", f"--output_dir={tmp_path / 'x'}")
   assert proc.returncode == 2 and "--task" in proc.stderr
+  # Different task data on the same run: refused before examples.json is touched.
+  listing = open(os.path.join(run, "examples.json")).read()
+  proc = run_cli(*[a.replace('"n_train": 16', '"n_train": 12') for a in common])
+  assert proc.returncode == 2 and "holds a run" in proc.stderr.strip().splitlines()[-1]
+  assert open(os.path.join(run, "examples.json")).read() == listing
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: open(p, "w").write("x"), "is a file"),
+    (lambda p: (os.makedirs(p), open(os.path.join(p, "notes.txt"), "w").write("mine")),
+     "not empty (notes.txt) and holds no run"),
+])
+def test_output_dir_that_is_no_run_is_refused_before_writing(model_dir, tmp_path, make, needle):
+  out = str(tmp_path / "out")
+  make(out)
+  before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+  proc = run_cli(f"--model={model_dir}", "--task=synthetic_arith",
+                 '--task_kwargs={"n_train": 16, "n_test": 4, "n_ood": 4}', f"--output_dir={out}",
+                 "--global_batch_size=8", "--num_epochs=1", "--max_length=256",
+                 "--overlength=truncate", "--noprogress", "--mesh_data=1")
+  assert_one_line_error(proc, "train.py", needle)
+  assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before

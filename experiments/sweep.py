@@ -201,6 +201,8 @@ def run() -> int:
     from memdyn_jax.train import task_run
     task_run.check_task_name(sweep.task.name)
     cells = sweep.select(FLAGS.cells)
+    if FLAGS.launcher == "local":  # cluster nodes may see data this machine does not
+      sweep_lib.check_inputs(sweep)  # before sweep.json is written
   except (task_run.TaskRunError, sweep_lib.SweepError) as e:
     raise cli.usage_error(e) from None
   if FLAGS.launcher == "local":

@@ -55,7 +55,8 @@ class QuickstartConfig:
     learning_rates: fine-tuning learning rates.
     epochs: fine-tuning epoch counts (a grid with the learning rates).
     small_data_fraction: share of the n_train problems the extra small-data run trains on.
-    small_data_epochs: epochs of that run (middle learning rate); 0 = no such run.
+    small_data_epochs: epochs of that run (at the largest learning rate: Ruan et al.'s
+      over-memorization comes with long training at a large one); 0 = no such run.
     checkpoint_every_epochs: checkpoint cadence in epochs.
     evals_per_run: checkpoints evaluated per run (spread over the run, denser late, last
       included; 0 = every checkpoint).
@@ -136,7 +137,7 @@ def make_sweep(config: QuickstartConfig, base_dir: str, spec):
       log_every_steps=1)
   extra = ()
   if config.small_data_epochs > 0:
-    lr = config.learning_rates[len(config.learning_rates) // 2]
+    lr = max(config.learning_rates)
     extra = ({"learning_rate": lr, "num_epochs": config.small_data_epochs,
               "data_fraction": config.small_data_fraction},)
   grid = sweep.Grid(learning_rates=config.learning_rates, epochs=config.epochs,

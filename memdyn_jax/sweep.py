@@ -327,6 +327,33 @@ class CellOutcome:
   stop_signal: int | None = None
 
 
+def check_inputs(sweep: Sweep) -> None:
+  """Resolves the base model and loads the training data and every evaluated split once,
+  so that a bad model, data path or task argument is reported before anything is written
+  or trained.
+
+  Raises:
+    SweepError: field "model", "task" (the training data) or "splits" (an evaluation split).
+  """
+  from memdyn_jax.train import task_run
+  try:
+    task_run.resolve_model(sweep.model)
+  except task_run.TaskRunError as e:
+    raise SweepError("model", e.message) from None
+  try:
+    task, _ = task_run.load_examples(sweep.task)
+  except task_run.TaskRunError as e:
+    raise SweepError("task", e.message) from None
+  for split in sweep.evaluation.splits:
+    if split in ("train", "perturbed"):  # drawn from the training data, loaded above
+      continue
+    try:
+      task.load(split, sweep.task.path)
+    except (ValueError, FileNotFoundError) as e:
+      raise SweepError("splits", f"task {task.name!r} cannot load split {split!r}: {e}"
+                       ) from None
+
+
 def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
              log: Callable[[str], None] = print, stop=None) -> CellOutcome:
   """Trains (or resumes) then evaluates one cell, skipping what is done.

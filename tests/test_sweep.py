@@ -237,12 +237,16 @@ def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
      "--overrides"),
     (["--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith", "--splits=bogus"], "--splits"),
     (["--sweep_dir={tmp}", "--model=m", "--task=no_such_task"], "--task"),
+    (["--sweep_dir={tmp}", "--model={tmp}/no_model", "--task=gsm8k"], "--model"),
+    (["--sweep_dir={tmp}", "--model=embedded", "--task=gsm8k", "--task_path={tmp}/nope"],
+     "nope: no such data file"),
     (["--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith", "--launcher=tpu",
       "--dry_run"], "--tpu_name"),
 ])
 def test_bad_flags_give_one_line_error(args, needle, tmp_path):
   proc = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
   assert_one_line_error(proc, "sweep.py", needle)
+  assert not os.path.exists(os.path.join(tmp_path, "sweep.json"))  # nothing written
 
 
 def test_a_stop_signal_between_cells_starts_no_new_cell(tmp_path, monkeypatch):

@@ -15,11 +15,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from typing import Any, Mapping
 
 from absl import logging
+
+from memdyn_jax import fileio
 
 EMBEDDED_NAME = "embedded"
 # The shipped base (package data) and its manifest: spec, build command, sha256 of each file,
@@ -292,25 +293,6 @@ def pretraining_data(spec: EmbeddedSpec, tokenizer, task=None):
   return TrainData(tokens, mask, target)
 
 
-def _atomic_dir(make, final: str) -> None:
-  """Runs `make(tmp_dir)` and renames the result to `final` (an existing `final` is replaced)."""
-  parent = os.path.dirname(os.path.abspath(final))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
-  try:
-    make(tmp)
-    old = None
-    if os.path.exists(final):
-      old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(final) + "-", dir=parent)
-      os.rmdir(old)
-      os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _final_loss(run_dir: str, last: int = 100) -> float | None:
   """Mean training loss over the last `last` logged steps (metrics.jsonl spans resumes)."""
   path = os.path.join(run_dir, "metrics.jsonl")
@@ -358,7 +340,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
   task = spec.task()
   tok_dir = os.path.join(work_dir, "tokenizer")
   if not os.path.exists(tok_dir):
-    _atomic_dir(lambda d: synthetic_corpus.build_tokenizer(
+    fileio.replace_dir(lambda d: synthetic_corpus.build_tokenizer(
         d, seed=spec.seed, vocab_size=spec.tokenizer_vocab_size, task=task,
         whole_numbers=spec.whole_numbers), tok_dir)
   tokenizer = models.load_tokenizer(tok_dir)
@@ -368,7 +350,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
     def save_init(d):
       models.save_pretrained(models.build_model(cfg, seed=spec.seed), cfg, d)
       tokenizer.save_pretrained(d)
-    _atomic_dir(save_init, init_dir)
+    fileio.replace_dir(save_init, init_dir)
 
   data = pretraining_data(spec, tokenizer, task)
   train_cfg = TrainConfig(
@@ -412,7 +394,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
     with open(os.path.join(d, MANIFEST_FILE), "w") as f:
       json.dump(manifest, f, indent=2)
       f.write("\n")
-  _atomic_dir(export, output_dir)
+  fileio.replace_dir(export, output_dir)
   shutil.rmtree(work_dir, ignore_errors=True)
   logging.info("embedded model: %d params, %d pre-training steps, final loss %s, %.0f s",
                cfg.num_params, result.step, manifest["final_loss"], time.time() - start)

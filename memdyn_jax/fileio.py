@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -56,3 +57,30 @@ def atomic_write_json(path: str, value: Any, **kwargs) -> str:
   returns `path`."""
   atomic_write_text(path, dumps_strict(value, **kwargs) + "\n")
   return path
+
+
+def replace_dir(make: Callable[[str], Any], final: str):
+  """Runs `make(tmp_dir)` in a fresh folder beside `final`, then puts it in place of
+  `final` (an existing one is replaced whole: nothing stale of it survives). A failure in
+  `make` leaves `final` as it was. Returns what `make` returned.
+
+  The swap is two renames (old out, new in); a kill between them leaves `final` absent
+  and the complete new folder under a `.tmp-` name, never a mix of the two.
+  """
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
+  try:
+    result = make(tmp)
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are meant to be shared
+    old = None
+    if os.path.exists(final):
+      old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(final) + "-", dir=parent)
+      os.rmdir(old)
+      os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+    return result
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

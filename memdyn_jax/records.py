@@ -8,6 +8,7 @@ Layout under a run directory:
     eval/step_00000012/perturbed@First.jsonl
     eval/step_00000012/checkpoint.json     per-checkpoint (not per-example) values, e.g.
                                            the gradient variance and its settings
+    eval/step_00000012/units.json          rows and bytes of each record file written
     eval/distance_from_init.json           cached parameter distances (analysis)
 
 Files are strict JSON (no NaN/Infinity tokens, which strict readers reject): a non-finite
@@ -15,8 +16,12 @@ float is written as null and read back as NaN (the readers here do that for ever
 null except the text fields in `NULLABLE_TEXT_KEYS`; +inf therefore also reads as NaN).
 
 A record file is written to a temporary name and renamed into place, so it exists only
-once complete: a killed evaluation leaves either the whole file or none, and a re-run
-skips exactly the (step, split, perturbation) units whose files exist. Perturbations are
+once complete: a killed evaluation leaves either the whole file or none. Its row and byte
+counts then go to the step's units.json; a unit is done when its file exists with the size
+recorded there, so a file damaged later (lines lost, truncated) is evaluated again by a
+re-run and refused by `load_records`, never read as a smaller unit. A file written but not
+yet in units.json (a kill between the two writes) is evaluated again too. Steps evaluated
+before units.json existed have none; their files are trusted as they are. Perturbations are
 percent-encoded in file names ("We know that" -> "We%20know%20that"), so names round-trip.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from memdyn_jax.fileio import atomic_write_json, atomic_write_text, dumps_strict
 EVAL_DIR = "eval"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.json"
+UNITS_FILE = "units.json"
 # Keys of checkpoint.json: the gradient variance (Kang et al. App. B.1) and what it was
 # measured with (memdyn_jax.gradient_variance.settings).
 GRADIENT_VARIANCE = "gradient_variance"
@@ -45,6 +51,16 @@ _SUFFIX = ".jsonl"
 
 class EvalConfigMismatchError(ValueError):
   """The eval directory holds records made with a different evaluation configuration."""
+
+
+class DamagedRecordsError(ValueError):
+  """A record file differs from what was written (lines lost or truncated); `path` names it.
+  experiments/evaluate.py evaluates it again."""
+
+  def __init__(self, path: str, detail: str):
+    super().__init__(f"{path}: {detail}; it was damaged after it was written: run "
+                     f"experiments/evaluate.py on this run again to redo it")
+    self.path = path
 
 
 def eval_dir(run_dir: str, name: str = EVAL_DIR) -> str:
@@ -107,8 +123,36 @@ def write_records(run_dir: str, step: int, split: str, rows: Iterable[Mapping[st
   if not lines:
     raise ValueError(f"no records for step {step}, split {unit_name(split, perturbation)!r}")
   path = record_path(run_dir, step, split, perturbation, name=name)
-  atomic_write_text(path, "\n".join(lines) + "\n")
+  text = "\n".join(lines) + "\n"
+  atomic_write_text(path, text)
+  units_path = os.path.join(os.path.dirname(path), UNITS_FILE)
+  units = _read_units(units_path) or {}
+  units[unit_name(split, perturbation)] = {"rows": len(lines), "bytes": len(text.encode())}
+  atomic_write_json(units_path, units, indent=1, sort_keys=True)
   return path
+
+
+def _read_units(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def unit_state(run_dir: str, step: int, split: str, perturbation: str | None = None, *,
+               name: str = EVAL_DIR) -> str:
+  """"done", "missing" (no file, or written but not yet in units.json) or "damaged" (its
+  size differs from what was written)."""
+  path = record_path(run_dir, step, split, perturbation, name=name)
+  if not os.path.exists(path):
+    return "missing"
+  units = _read_units(os.path.join(os.path.dirname(path), UNITS_FILE))
+  if units is None:
+    return "done"  # evaluated before units.json: nothing to check against
+  entry = units.get(unit_name(split, perturbation))
+  if entry is None:
+    return "missing"
+  return "done" if os.path.getsize(path) == entry["bytes"] else "damaged"
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -137,18 +181,35 @@ def list_done(run_dir: str, *, name: str = EVAL_DIR) -> set[tuple[int, str, str 
       continue
     for fname in os.listdir(os.path.join(root, entry)):
       if fname.endswith(_SUFFIX) and not fname.startswith(".tmp-"):
-        done.add((int(m.group(1)), *parse_unit_name(fname[:-len(_SUFFIX)])))
+        unit = (int(m.group(1)), *parse_unit_name(fname[:-len(_SUFFIX)]))
+        if unit_state(run_dir, *unit, name=name) == "done":
+          done.add(unit)
   return done
 
 
 def is_done(run_dir: str, step: int, split: str, perturbation: str | None = None, *,
             name: str = EVAL_DIR) -> bool:
-  """Whether the unit's record file exists (it is complete by construction)."""
-  return os.path.exists(record_path(run_dir, step, split, perturbation, name=name))
+  """Whether the unit's record file exists as it was written (see `unit_state`)."""
+  return unit_state(run_dir, step, split, perturbation, name=name) == "done"
 
 
 def load_records(run_dir: str, *, name: str = EVAL_DIR) -> list[dict[str, Any]]:
-  """Every record of a run, ordered by (step, split, perturbation, file order)."""
+  """Every record of a run, ordered by (step, split, perturbation, file order).
+
+  Raises:
+    DamagedRecordsError: a record file lost lines or bytes since it was written.
+  """
+  root = eval_dir(run_dir, name)
+  for entry in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+    m = _STEP_RE.match(entry)
+    units = _read_units(os.path.join(root, entry, UNITS_FILE)) if m else None
+    for unit, written in (units or {}).items():
+      path = os.path.join(root, entry, unit + _SUFFIX)
+      if not os.path.exists(path):
+        raise DamagedRecordsError(path, f"missing ({written['rows']} rows were written)")
+      if os.path.getsize(path) != written["bytes"]:
+        raise DamagedRecordsError(path, f"{os.path.getsize(path)} bytes, {written['bytes']} "
+                                  f"were written ({written['rows']} rows)")
   rows = []
   for step, split, pert in sorted(list_done(run_dir, name=name),
                                   key=lambda u: (u[0], u[1], u[2] or "")):

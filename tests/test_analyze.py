@@ -504,3 +504,36 @@ def test_bad_input_gives_one_line_error(args, needle, sweep, tmp_path):
   root, _ = sweep
   proc = run_cli(*[a.replace("{sweep}", root).replace("{tmp}", str(tmp_path)) for a in args])
   assert_one_line_error(proc, "analyze.py", needle)
+
+
+def test_reanalysis_replaces_the_whole_output_folder(sweep, tmp_path):
+  root, _ = sweep
+  out = tmp_path / "out"
+  report.analyze_sweep(root, str(out), report.AnalysisOptions(threshold=str(PLANTED)))
+  (out / "merges.csv").write_text("stale: from a merged run since removed\n")
+  before = sorted(os.listdir(out))
+  # A failing analysis leaves the earlier one untouched and no temporary folder behind.
+  with pytest.raises(report.AnalysisError):
+    report.analyze_sweep(root, str(out), report.AnalysisOptions(atc_reference="run_7:10"))
+  assert sorted(os.listdir(out)) == before and os.listdir(tmp_path) == ["out"]
+  result = report.analyze_sweep(root, str(out), report.AnalysisOptions(threshold=str(PLANTED)))
+  assert not (out / "merges.csv").exists() and "merges.csv" in before
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(f) for f in result.files)
+  assert os.listdir(tmp_path) == ["out"]
+
+
+def test_one_run_with_one_checkpoint_is_analyzed_as_far_as_it_can_be(tmp_path):
+  """A legitimate small sweep: one run, one checkpoint, every train example alike."""
+  run_dir = str(tmp_path / "sw" / "run_0")
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, "run.json"), "w") as f:
+    json.dump({"config": {"learning_rate": 1e-5}, "model": {"path": "none"}}, f)
+  records.check_config(run_dir, {"task": "gsm8k"})
+  records.write_records(run_dir, 4, "train", [_rec(f"tr{i}", "train", 1.0, exact_memorization=1.0)
+                                              for i in range(4)])
+  records.write_records(run_dir, 4, "test", [_rec(f"te{i}", "test", 0.5) for i in range(4)])
+  proc = run_cli(f"--sweep_dir={tmp_path / 'sw'}", f"--output_dir={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = open(tmp_path / "out" / "report.md").read()
+  assert "Not mapped: run_0" in text
+  assert json.load(open(tmp_path / "out" / "summary.json"))["n_checkpoints"] == 1

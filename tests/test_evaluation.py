@@ -447,3 +447,29 @@ def test_evaluation_defaults_to_the_task_the_run_was_trained_on(tiny_run, tmp_pa
     run_evaluation.evaluate(run_dir, settings, progress=False)
   assert e.value.field == "task_kwargs"
   assert not os.path.exists(os.path.join(run_dir, "other_seed"))  # nothing written
+
+
+def test_a_damaged_record_file_is_redone_and_never_read_short(tmp_path):
+  run = str(tmp_path / "run")
+  rows = [{"example_id": str(i), "accuracy": 1.0} for i in range(3)]
+  path = records.write_records(run, 5, "test", rows)
+  assert records.unit_state(run, 5, "test") == "done" and records.is_done(run, 5, "test")
+  lines = open(path).read().splitlines(keepends=True)
+  open(path, "w").writelines(lines[:2])  # a line lost after the write
+  assert records.unit_state(run, 5, "test") == "damaged"
+  assert not records.is_done(run, 5, "test") and records.list_done(run) == set()
+  with pytest.raises(records.DamagedRecordsError, match=r"test.jsonl: .*3 rows.*evaluate.py"):
+    records.load_records(run)
+  os.remove(path)
+  with pytest.raises(records.DamagedRecordsError, match="missing"):
+    records.load_records(run)
+  records.write_records(run, 5, "test", rows)  # what a re-run of evaluate.py does
+  assert records.is_done(run, 5, "test") and len(records.load_records(run)) == 3
+  # A file written but not yet listed (killed between the two writes) counts as not done.
+  units = os.path.join(os.path.dirname(path), records.UNITS_FILE)
+  os.remove(units)
+  assert records.is_done(run, 5, "test")  # no units.json at all: an older evaluation
+  records.write_records(run, 5, "train", rows)
+  open(units, "w").write('{"train": {"rows": 3, "bytes": %d}}' % os.path.getsize(
+      records.record_path(run, 5, "train")))
+  assert records.unit_state(run, 5, "test") == "missing"

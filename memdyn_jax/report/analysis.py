@@ -340,9 +340,12 @@ class RunDataMap:
   meta: tuple[Mapping[str, Any], ...] = ()
 
 
-def data_maps(runs: Sequence[RunRecords]) -> list[RunDataMap]:
+def data_maps(runs: Sequence[RunRecords], skipped: list[str] | None = None
+              ) -> list[RunDataMap]:
   """Data maps of train exact memorization across checkpoints, with quantile regions
-  (pass trajectories: a merged model has no checkpoints to vary over)."""
+  (pass trajectories: a merged model has no checkpoints to vary over). A run whose examples
+  all have the same mean memorization (tiny or untrained runs) has no quantile regions: it
+  is left out, with the reason appended to `skipped` when given."""
   out = []
   for run in runs:
     train = run.units.get(TRAIN)
@@ -353,7 +356,13 @@ def data_maps(runs: Sequence[RunRecords]) -> list[RunDataMap]:
     if not keep.any():
       continue
     dmap = metrics.data_map(em[:, keep])
-    th = metrics.quantile_thresholds(dmap)
+    try:
+      th = metrics.quantile_thresholds(dmap)
+    except ValueError:  # no spread between the quantiles: nothing to split into regions
+      if skipped is not None:
+        skipped.append(f"{run.name}: its {dmap.mean.size} train examples' mean exact "
+                       f"memorization has no spread between the thirds, so no regions")
+      continue
     meta = tuple(m for m, k in zip(train.meta, keep) if k) if train.meta else ()
     out.append(RunDataMap(run.name, dmap, metrics.partition(dmap, th), th, em[:, keep], meta))
   return out

@@ -76,10 +76,10 @@ class QuickstartConfig:
   rebuild_base: bool = False
   seed: int = 0
   n_train: int = 256
-  learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
   epochs: tuple[float, ...] = (1.0, 3.0, 8.0)
-  small_data_fraction: float = 0.5
-  small_data_epochs: float = 24.0
+  small_data_fraction: float = 0.125
+  small_data_epochs: float = 96.0
   checkpoint_every_epochs: float = 0.5
   evals_per_run: int = 3
   batch_size: int = 16

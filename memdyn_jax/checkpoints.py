@@ -335,3 +335,38 @@ def lora_config(cfg: TrainConfig):
   from memdyn_jax.train import lora as lora_lib
   return lora_lib.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              target_modules=tuple(cfg.lora_target_modules))
+
+
+def export_hf(run_dir: str, out_dir: str, step: int | None = None, *, dtype=None,
+              tokenizer_from: str | None = None) -> str:
+  """Writes one checkpoint of a run as an HF model directory (config.json, safetensors and
+  the base model's tokenizer files) that `transformers.AutoModelForCausalLM` and
+  `models.from_pretrained` load. LoRA adapters are merged into the weights. The folder
+  appears only when complete (an existing one is replaced).
+
+  Args:
+    run_dir: the training run directory.
+    out_dir: the HF directory to write.
+    step: checkpoint step; None = the latest.
+    dtype: stored dtype (e.g. "bfloat16"); None = the parameters' own.
+    tokenizer_from: where the tokenizer files come from; default the run's base model.
+
+  Returns:
+    `out_dir`.
+
+  Raises:
+    FileNotFoundError: not a run directory, or no checkpoint.
+    ValueError: no such step; CheckpointReadError: its files cannot be read.
+  """
+  model, meta = restore(run_dir, step)
+  with open(os.path.join(run_dir, MODEL_CONFIG)) as f:
+    model_cfg = models.from_hf_config(json.load(f))
+  source = tokenizer_from or meta["run"]["model"]["path"]
+
+  def write(tmp: str) -> None:
+    models.save_pretrained(model, model_cfg, tmp, dtype=dtype)
+    if jax.process_index() == 0:
+      models.load_tokenizer(source).save_pretrained(tmp)
+
+  fileio.replace_dir(write, out_dir)
+  return out_dir

@@ -129,6 +129,13 @@ def field_docs(cls) -> dict[str, str]:
   return docs
 
 
+def _binary_module() -> str | None:
+  """The name absl files a binary's own flags under (its main module, named by sys.argv[0]):
+  flags defined here for a binary then show in its --help, not only --helpfull."""
+  main = sys.modules.get("__main__")
+  return sys.argv[0] if sys.argv and getattr(main, "__file__", None) else None
+
+
 def define_dataclass_flags(cls, *, skip: Iterable[str] = (), only: Iterable[str] | None = None,
                            rename: Mapping[str, str] | None = None,
                            help_format: str = "{cls}.{field} (default {default!r}).",
@@ -168,7 +175,8 @@ def define_dataclass_flags(cls, *, skip: Iterable[str] = (), only: Iterable[str]
     name = rename.get(field.name, field.name)
     doc = docs.get(field.name, f"{cls.__name__}.{field.name}")
     definers[kind](name, flag_default, help_format.format(
-        cls=cls.__name__, field=field.name, default=default, doc=doc))
+        cls=cls.__name__, field=field.name, default=default, doc=doc),
+        module_name=_binary_module())
     names[field.name] = name
   return names
 
@@ -229,8 +237,9 @@ def dataclass_flag_args(obj, names: Mapping[str, str]) -> list[str]:
 def define_train_config_flags() -> dict[str, str]:
   """One flag per `TrainConfig` field, unset by default (= the chosen preset's value)."""
   from memdyn_jax.train.config import TrainConfig
-  return define_dataclass_flags(TrainConfig, use_defaults=False,
-                                help_format="TrainConfig.{field} (default: the preset's).")
+  return define_dataclass_flags(
+      TrainConfig, use_defaults=False,
+      help_format="{doc} (default: the --preset's value; {default!r} with --preset=none)")
 
 
 def train_config_from_flags(preset: str):
@@ -290,9 +299,11 @@ def resolve_model(model: str, flag: str = "--model") -> str:
 
 def define_mesh_flags() -> None:
   """--mesh_data/--mesh_fsdp/--mesh_tensor: the device mesh of a binary."""
-  flags.DEFINE_integer("mesh_data", -1, "Mesh 'data' axis size (-1 = remaining devices).")
-  flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' axis size.")
-  flags.DEFINE_integer("mesh_tensor", 1, "Mesh 'tensor' axis size.")
+  module = _binary_module()
+  flags.DEFINE_integer("mesh_data", -1, "Mesh 'data' axis size (-1 = remaining devices).",
+                       module_name=module)
+  flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' axis size.", module_name=module)
+  flags.DEFINE_integer("mesh_tensor", 1, "Mesh 'tensor' axis size.", module_name=module)
 
 
 def mesh_from_flags():

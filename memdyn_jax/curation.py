@@ -127,7 +127,7 @@ class CurationConfig:
 
   def resolved(self, task_name: str, num_train: int) -> "CurationConfig":
     """The config with every task- or size-dependent default filled in."""
-    from memdyn_jax.report.analysis import default_threshold
+    from memdyn_jax.tasks import memorization_threshold
 
     return dataclasses.replace(
         self,
@@ -137,7 +137,7 @@ class CurationConfig:
                        else DEFAULT_KEEP_FRACTION.get(task_name, 0.5)),
         memorization_perplexity=(self.memorization_perplexity
                                  if self.memorization_perplexity is not None
-                                 else default_threshold(task_name)))
+                                 else memorization_threshold(task_name)))
 
 
 @dataclasses.dataclass(frozen=True)

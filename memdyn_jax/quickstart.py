@@ -339,7 +339,8 @@ def narrative(config: QuickstartConfig, summary: Mapping[str, Any], spec) -> str
            f"{', '.join(f'{x:g}' for x in config.learning_rates)} x epochs "
            f"{', '.join(f'{x:g}' for x in config.epochs)}"
            + (f", plus a {config.small_data_epochs:g}-epoch run on "
-              f"{config.small_data_fraction:.0%} of the data" if config.small_data_epochs else "")
+              f"{config.small_data_fraction * 100:g}% of the data" if config.small_data_epochs
+              else "")
            + f". Each run is evaluated at {config.evals_per_run or 'every'} checkpoints on "
            f"{config.n_eval} test and {config.n_eval_train} train problems "
            f"({config.n_samples} sample(s) at T = 0.8).", "",

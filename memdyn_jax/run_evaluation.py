@@ -381,7 +381,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         f"examples, the --num_train subset has {len(train)} (or --nograd_variance)")
   _check_config(run_dir, config, settings)
   try:
-    return evaluation.evaluate_run(
+    timings = evaluation.evaluate_run(
         run_dir, task, tokenizer, units, params, steps=[s for s in wanted if s],
         include_base=settings.include_base, batch_size=settings.batch_size, mesh=mesh,
         keep_texts=settings.keep_texts, progress=progress, name=settings.eval_name, log=log,
@@ -390,6 +390,75 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     message = str(e).splitlines()[0]
     raise EvalSettingsError("max_new_tokens" if "max_new_tokens" in message else "run_dir",
                             message) from None
+  import jax
+  if timings and jax.process_index() == 0:
+    write_tensorboard(run_dir, task.name, [t.step for t in timings], name=settings.eval_name)
+  return timings
+
+
+def checkpoint_scalars(rows: Sequence[Mapping[str, Any]], threshold: float
+                       ) -> dict[int, dict[str, float]]:
+  """Per-checkpoint evaluation scalars from a run's records: for every unit, mean accuracy,
+  perplexity and exact memorization; for "train", also the share of targets memorized
+  (perplexity below `threshold`) and PreMemAcc over the checkpoints so far (Kang et al.,
+  on the train examples present at all of them).
+
+  Returns:
+    {step: {"<unit>/<metric>": value}}.
+  """
+  import numpy as np
+
+  from memdyn_jax import metrics, records
+  by_step: dict[int, dict[str, list]] = {}
+  for r in rows:
+    unit = records.unit_name(r["split"], r.get("perturbation"))
+    by_step.setdefault(int(r["step"]), {}).setdefault(unit, []).append(r)
+  out: dict[int, dict[str, float]] = {}
+  train_acc, train_ppl = [], []
+  for step in sorted(by_step):
+    scalars = {}
+    for unit, recs in by_step[step].items():
+      for key in ("accuracy", "perplexity", "exact_memorization"):
+        values = np.array([float(r.get(key, np.nan)) for r in recs])
+        if np.isfinite(values).any():
+          scalars[f"{unit}/{key}"] = float(np.nanmean(values))
+    train = {r["example_id"]: r for r in by_step[step].get("train", [])}
+    if train:
+      ppl = np.array([float(r["perplexity"]) for r in train.values()])
+      if np.isfinite(ppl).all():
+        scalars["train/memorized_fraction"] = float(np.mean(ppl < threshold))
+        train_acc.append({i: float(r["accuracy"]) for i, r in train.items()})
+        train_ppl.append({i: float(r["perplexity"]) for i, r in train.items()})
+        ids = sorted(set.intersection(*(set(a) for a in train_acc)))
+        if ids:
+          acc = np.array([[a[i] for i in ids] for a in train_acc])
+          ppl_m = np.array([[p[i] for i in ids] for p in train_ppl])
+          scalars["train/premem_accuracy"] = float(
+              metrics.dataset_premem_accuracy(acc, ppl_m, threshold)[-1])
+    out[step] = scalars
+  return out
+
+
+def write_tensorboard(run_dir: str, task_name: str, steps: Sequence[int], *,
+                      name: str = "eval") -> None:
+  """Adds the evaluation scalars of `steps` (`checkpoint_scalars`, at the task's default
+  PreMemAcc threshold) to the run's TensorBoard folder, beside the training scalars, under
+  "<eval name>/<unit>/<metric>". A no-op without tensorboardX."""
+  try:
+    import tensorboardX
+  except ImportError:
+    return
+  from memdyn_jax import records, tasks
+  scalars = checkpoint_scalars(records.load_records(run_dir, name=name),
+                               tasks.memorization_threshold(task_name))
+  writer = tensorboardX.SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                      filename_suffix=f".{name}")
+  try:
+    for step in steps:
+      for key, value in sorted(scalars.get(int(step), {}).items()):
+        writer.add_scalar(f"{name}/{key}", value, int(step))
+  finally:
+    writer.close()
 
 
 def _check_config(run_dir: str, config: Mapping[str, Any], settings: EvalSettings) -> None:

@@ -247,31 +247,51 @@ def sweep_from_json(sweep_dir: str, stored: Mapping[str, Any]) -> Sweep:
   return sweep
 
 
-def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> None:
-  """Raises SweepError (field "sweep_dir") naming every difference from a stored sweep.json;
-  run directories are derived from the sweep directory, so a moved sweep still matches."""
+def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> bool:
+  """Checks `sweep` against a stored sweep.json: the same sweep, or the same one with new
+  cells (an extended grid: its existing cells unchanged, more cells added).
+
+  Run directories are derived from the sweep directory, so a moved sweep still matches.
+
+  Returns:
+    True when `sweep` adds cells to the stored one (sweep.json is to be rewritten).
+
+  Raises:
+    SweepError: field "sweep_dir", naming only what differs: the model, task or evaluation;
+      an existing cell whose training settings changed (its name and fields); or stored cells
+      the new grid leaves out.
+  """
   from memdyn_jax.checkpoints import differences
-
-  def comparable(d):
-    d = json.loads(json.dumps(d))
-    for cell in d.get("cells", []):
-      cell.pop("run_dir", None)
-    return d
-
-  diffs = differences(comparable(stored), comparable(sweep.to_json()))
-  if diffs:
-    raise SweepError("sweep_dir", f"{sweep_file(sweep.sweep_dir)} holds a different sweep "
-                     f"(saved -> now: {'; '.join(diffs[:6])}); use a new --sweep_dir")
+  new = json.loads(json.dumps(sweep.to_json()))
+  old = json.loads(json.dumps(dict(stored)))
+  where = sweep_file(sweep.sweep_dir)
+  shared = [k for k in ("format", "model", "task", "evaluation") if old.get(k) != new.get(k)]
+  if shared:
+    diffs = [d for k in shared for d in differences({k: old.get(k)}, {k: new.get(k)})]
+    raise SweepError("sweep_dir", f"{where} holds a different sweep (saved -> now: "
+                     f"{'; '.join(diffs[:6])}); use a new --sweep_dir")
+  new_cells = {c["name"]: c for c in new["cells"]}
+  dropped = [c["name"] for c in old["cells"] if c["name"] not in new_cells]
+  if dropped:
+    raise SweepError("sweep_dir", f"{where} has cells the new grid leaves out ({dropped}); "
+                     "keep them in the grid (--cells selects which to run)")
+  for cell in old["cells"]:
+    diffs = differences({k: cell.get(k) for k in ("preset", "config")},
+                        {k: new_cells[cell["name"]].get(k) for k in ("preset", "config")})
+    if diffs:
+      raise SweepError("sweep_dir", f"{where}: cell {cell['name']} would change (saved -> "
+                       f"now: {'; '.join(diffs[:6])}); use a new --sweep_dir")
+  return len(new_cells) > len(old["cells"])
 
 
 def write_sweep(sweep: Sweep) -> None:
-  """Writes sweep.json, or checks that the stored one describes the same sweep."""
+  """Writes sweep.json, or checks that the stored one describes the same sweep; a grid that
+  adds cells to it (existing cells unchanged) is written over it."""
   stored = read_sweep_json(sweep.sweep_dir)
-  if stored is not None:
-    check_same(sweep, stored)
+  if stored is not None and not check_same(sweep, stored):
     return
-  fileio.atomic_write_text(sweep_file(sweep.sweep_dir),
-                    json.dumps(sweep.to_json(), indent=2, sort_keys=True) + "\n")
+  fileio.atomic_write_json(sweep_file(sweep.sweep_dir), sweep.to_json(), indent=2,
+                           sort_keys=True)
 
 
 # ------------------------------------------------------------------------------- progress

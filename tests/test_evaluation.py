@@ -473,3 +473,23 @@ def test_a_damaged_record_file_is_redone_and_never_read_short(tmp_path):
   open(units, "w").write('{"train": {"rows": 3, "bytes": %d}}' % os.path.getsize(
       records.record_path(run, 5, "train")))
   assert records.unit_state(run, 5, "test") == "missing"
+
+
+def test_checkpoint_scalars_and_tensorboard_events(evaluated_run):
+  from memdyn_jax import run_evaluation
+  rows = []
+  for step, accs, ppls in [(2, (1.0, 0.0), (1.5, 1.5)), (4, (1.0, 1.0), (1.01, 1.5))]:
+    for i, (a, p) in enumerate(zip(accs, ppls)):
+      rows.append({"step": step, "split": "train", "perturbation": None, "example_id": f"e{i}",
+                   "accuracy": a, "perplexity": p, "exact_memorization": 0.5})
+    rows.append({"step": step, "split": "test", "perturbation": None, "example_id": "t",
+                 "accuracy": 0.25, "perplexity": float("nan"), "exact_memorization": 0.1})
+  got = run_evaluation.checkpoint_scalars(rows, threshold=1.1)
+  assert got[2]["train/accuracy"] == 0.5 and got[2]["train/memorized_fraction"] == 0.0
+  # e0 memorized at step 4 keeps its pre-memorization accuracy 1.0; e1 solved: PreMemAcc 1.
+  assert got[4]["train/memorized_fraction"] == 0.5 and got[4]["train/premem_accuracy"] == 1.0
+  assert got[4]["test/accuracy"] == 0.25 and "test/perplexity" not in got[4]
+  pytest.importorskip("tensorboardX")
+  run_dir, _ = evaluated_run
+  events = [f for f in os.listdir(os.path.join(run_dir, "tensorboard")) if f.endswith(".eval")]
+  assert events, os.listdir(os.path.join(run_dir, "tensorboard"))

@@ -268,3 +268,23 @@ def test_a_stop_signal_between_cells_starts_no_new_cell(tmp_path, monkeypatch):
   assert [(o.name, o.stop_signal, o.evaluated) for o in outcomes] == [
       (sweep.cells[0].name, None, 1), (sweep.cells[1].name, signal.SIGTERM, 0)]
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_train_flags_changed_cell_refused_and_grid_extended_in_place(swept):
+  """Runs last: it adds a cell to the shared sweep."""
+  sweep_dir, _, args, _ = swept
+  # train.py's flag on an existing sweep: the refusal names the cell and field only.
+  proc = run_cli(*args, "--warmup_steps=2", "--noanalyze")
+  line = assert_one_line_error(proc, "sweep.py", "cell lr0.01_ep1_frac1 would change")
+  assert "warmup_steps: 1 -> 2" in line and "evaluation" not in line
+  before = _mtimes(sweep_dir)
+  grid = [a for a in args if not a.startswith("--learning_rates")]
+  proc = run_cli(*grid, "--learning_rates=1e-2,3e-3,1e-3", "--noanalyze")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "3 cell(s): 2 step(s) trained, 2 checkpoint(s) evaluated" in proc.stdout
+  stored = json.load(open(os.path.join(sweep_dir, "sweep.json")))
+  assert [c["name"] for c in stored["cells"]][-1] == "lr0.001_ep1_frac1"
+  assert {k: v for k, v in _mtimes(sweep_dir).items() if k in before} == before
+  # Leaving a cell out of the grid is refused (the sweep would silently shrink).
+  proc = run_cli(*grid, "--learning_rates=1e-2", "--noanalyze")
+  assert_one_line_error(proc, "sweep.py", "leaves out")

@@ -86,8 +86,8 @@ def _require_converter_deps() -> None:
   missing = [m for m in ("torch", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
   if missing:
     raise ImportError(
-        f"converting a GGUF file needs {', '.join(missing)} (not installed); install the test "
-        "extra: pip install -e '.[test]'")
+        f"converting a GGUF file needs {', '.join(missing)} (not installed); install the "
+        "gguf extra: pip install -e '.[gguf]'")
 
 
 def _convert_into(gguf_path: str, directory: str) -> None:

@@ -140,9 +140,10 @@ def default_candidates(num: int = 41) -> np.ndarray:
 
 
 def default_threshold(task_name: str | None) -> float:
-  """Kang et al.'s reference threshold for the task (MATH's for math, else GSM8K's)."""
-  t = metrics.MATH_LOGLOG_THRESHOLD if task_name == "math" else metrics.GSM8K_LOGLOG_THRESHOLD
-  return metrics.loglog_to_perplexity(t)
+  """The task's PreMemAcc threshold (`Task.memorization_threshold`: Kang et al.'s
+  reference values); GSM8K's for an unknown or unnamed task."""
+  from memdyn_jax import tasks
+  return tasks.memorization_threshold(task_name)
 
 
 def atc_predictions(runs: Sequence[RunRecords], reference: tuple[str, int] | None = None

@@ -13,6 +13,7 @@ from memdyn_jax.tasks.base import (
     Task,
     ensure_nonempty,
     get_task,
+    memorization_threshold,
     read_jsonl,
     write_jsonl,
     register_task,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -174,6 +175,9 @@ class Task:
 
   name: str = ""
   template: PromptTemplate = DEFAULT_TEMPLATE
+  # PreMemAcc memorization threshold on Kang et al.'s log(log(perplexity)) scale: their
+  # reference code's GSM8K value (-2.3, perplexity 1.105); MATH overrides it (-1.7).
+  memorization_loglog_threshold: float = -2.3
 
   def load(self, split: str, path: str | None = None) -> list[Example]:
     raise NotImplementedError
@@ -224,3 +228,11 @@ def get_task(name: str, **kwargs) -> Task:
 
 def task_names() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def memorization_threshold(task_name: str | None) -> float:
+  """The task's default PreMemAcc threshold in perplexity units, exp(exp(t)) of its
+  `memorization_loglog_threshold` (no instance needed); GSM8K's for an unknown or unnamed
+  task."""
+  cls = _REGISTRY.get(task_name, Task)
+  return math.exp(math.exp(cls.memorization_loglog_threshold))

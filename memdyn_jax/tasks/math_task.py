@@ -192,7 +192,7 @@ def subject_from_type(problem_type: str) -> str:
 
 @register_task("math")
 class MathTask(Task):
-  """MATH task.
+  """MATH task (PreMemAcc threshold: Kang et al.'s MATH value, log log perplexity -1.7).
 
   Args:
     levels: keep only these difficulty levels (1-5); None keeps all. Problems of unknown
@@ -201,6 +201,8 @@ class MathTask(Task):
     verify_timeout_s: math-verify timeout per parse/compare, seconds.
     template: prompt/target rendering.
   """
+
+  memorization_loglog_threshold = -1.7
 
   def __init__(self, levels: Sequence[int] | None = None, use_math_verify: bool = True,
                verify_timeout_s: int = 5, template: PromptTemplate = DEFAULT_TEMPLATE):

@@ -177,6 +177,24 @@ class TrainConfig:
     subset = subset_size(num_examples, self.data_fraction)
     return max(1, math.ceil(self.num_epochs * subset / self.global_batch_size))
 
+  def schedule_notes(self, num_examples: int) -> list[str]:
+    """What a user may not expect of the step count for `num_examples` examples: a batch
+    larger than the (subset of the) data, so examples repeat inside a batch; or epochs
+    that a whole number of steps can only approximate (2 epochs running as 2.24). Empty
+    when the run is what it says. The training loop logs them."""
+    notes = []
+    subset = subset_size(num_examples, self.data_fraction)
+    if self.global_batch_size > subset:
+      notes.append(f"global_batch_size {self.global_batch_size} exceeds the {subset} training "
+                   f"examples: examples repeat within a batch")
+    if not self.max_steps and not self.train_steps_as_full_epochs:
+      steps = self.total_steps(num_examples)
+      actual = steps * self.global_batch_size / subset
+      if abs(actual - self.num_epochs) > 1e-6 * max(1.0, self.num_epochs):
+        notes.append(f"num_epochs {self.num_epochs:g} of {subset} examples in batches of "
+                     f"{self.global_batch_size} rounds up to {steps} steps = {actual:.3g} epochs")
+    return notes
+
   def warmup(self, total_steps: int) -> int:
     if self.warmup_steps:
       return min(self.warmup_steps, total_steps)

@@ -296,6 +296,9 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   mesh = mesh if mesh is not None else sharding_lib.make_mesh()
   n = data.num_examples
   total = cfg.total_steps(n)
+  if jax.process_index() == 0:
+    for note in cfg.schedule_notes(n):
+      log.warning("%s: %s", output_dir, note)
   model_dir = hf_io.resolve_checkpoint_dir(model_path)
   info = ckpt.run_info(cfg, model_path=model_path, data_fingerprint=data.fingerprint(),
                        num_examples=n)

@@ -52,6 +52,17 @@ def test_total_steps_epochs_fraction_and_full_epoch_equivalent():
   assert cfg.replace(max_steps=7).total_steps(7473) == 7
 
 
+def test_schedule_notes_say_when_batches_repeat_or_epochs_round():
+  assert TrainConfig(global_batch_size=16, num_epochs=2).schedule_notes(64) == []
+  notes = TrainConfig(global_batch_size=16, num_epochs=2).schedule_notes(25)
+  assert notes == ["num_epochs 2 of 25 examples in batches of 16 rounds up to 4 steps = "
+                   "2.56 epochs"]
+  small = TrainConfig(global_batch_size=16, num_epochs=1).schedule_notes(8)
+  assert small[0].startswith("global_batch_size 16 exceeds the 8 training examples")
+  assert len(small) == 2  # and 1 step of 16 is 2 epochs of 8
+  assert TrainConfig(global_batch_size=16, max_steps=3).schedule_notes(8) == [small[0]]
+
+
 def test_presets_match_the_papers():
   g = config_lib.get_preset("kang_llama3_gsm8k")
   assert (g.optimizer, g.schedule, g.warmup_steps, g.global_batch_size, g.max_grad_norm,

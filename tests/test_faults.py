@@ -1,0 +1,189 @@
+"""Fault injection: the train, evaluate, sweep and merge binaries are interrupted (SIGTERM,
+SIGINT, SIGKILL, including while a checkpoint or record file is being written), run again,
+and their final outputs compared with an uninterrupted run's: nothing is lost, nothing
+differs, and a stop signal ends in one line and exit 128 + signal."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from memdyn_jax import checkpoints, records
+
+from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, REPO_ROOT, run_binary
+
+TASK_FLAGS = ("--task=synthetic_arith", f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}")
+# 12 examples in batches of 6: 2 steps an epoch; 60 epochs leave time to interrupt.
+TRAIN_FLAGS = (*TASK_FLAGS, "--global_batch_size=6", "--num_epochs=60", "--save_every_steps=10",
+               "--warmup_steps=1", "--learning_rate=1e-2", "--max_length=256",
+               "--overlength=truncate", "--noprogress", "--mesh_data=1")
+EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
+
+
+def start(name: str, *args) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(REPO_ROOT / "experiments" / name), *args],
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def interrupt_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 300):
+  """Sends `sig` as soon as `ready()` holds; returns (returncode, stdout, stderr)."""
+  deadline = time.time() + timeout
+  while not ready():
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      pytest.fail(f"finished (rc {proc.returncode}) before the fault point:\n{err[-3000:]}")
+    if time.time() > deadline:
+      proc.kill()
+      pytest.fail("fault point never reached")
+    time.sleep(0.01)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def assert_stopped_cleanly(rc, out, err, sig, prog):
+  assert rc == EXIT[sig], err[-3000:]
+  if sig != signal.SIGKILL:
+    assert "Traceback" not in err, err[-3000:]
+    assert f"{prog}: " in out and f"stopped by {signal.Signals(sig).name}" in out, out
+
+
+def params(run_dir: str, step: int):
+  model, _ = checkpoints.restore(run_dir, step)
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def losses(run_dir: str) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(run_dir,
+                                                                          "metrics.jsonl")))}
+
+
+def record_rows(run_dir: str, name: str = records.EVAL_DIR):
+  rows = records.load_records(run_dir, name=name)
+  return sorted((json.dumps({k: v for k, v in r.items() if k != "run"}, sort_keys=True,
+                            default=str) for r in rows))
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_run, tmp_path_factory):
+  _, base = tiny_run
+  run = str(tmp_path_factory.mktemp("straight") / "run")
+  proc = run_binary("train.py", f"--model={base}", f"--output_dir={run}", *TRAIN_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run
+
+
+def _checkpoint_being_written(run: str) -> bool:
+  folder = os.path.join(run, checkpoints.CHECKPOINT_DIR)
+  return os.path.isdir(folder) and any("tmp" in e for e in os.listdir(folder))
+
+
+@pytest.mark.parametrize("sig,point", [
+    (signal.SIGTERM, "after a checkpoint"),
+    (signal.SIGINT, "after a checkpoint"),
+    (signal.SIGKILL, "during a checkpoint write"),
+])
+def test_train_interrupted_then_rerun_equals_an_uninterrupted_run(tiny_run, straight_run,
+                                                                   tmp_path, sig, point):
+  _, base = tiny_run
+  run = str(tmp_path / "run")
+  args = (f"--model={base}", f"--output_dir={run}", *TRAIN_FLAGS)
+  ready = ((lambda: _checkpoint_being_written(run)) if point.startswith("during") else
+           (lambda: os.path.isdir(checkpoints.checkpoint_dir(run))
+            and bool(checkpoints.list_steps(run))))
+  rc, out, err = interrupt_when(start("train.py", *args), ready, sig)
+  assert_stopped_cleanly(rc, out, err, sig, "train.py")
+  done = run_binary("train.py", *args)
+  assert done.returncode == 0, done.stderr[-3000:]
+  final = checkpoints.list_steps(straight_run)[-1]
+  assert checkpoints.list_steps(run)[-1] == final
+  for a, b in zip(params(run, final), params(straight_run, final)):
+    np.testing.assert_array_equal(a, b)
+  assert losses(run) == losses(straight_run)  # one line per step, none lost
+
+
+# ------------------------------------------------------------------------------- evaluate
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_evaluate_interrupted_then_rerun_equals_an_uninterrupted_one(evaluated_run, tmp_path,
+                                                                     sig):
+  run_dir, _ = evaluated_run
+  copy = str(tmp_path / os.path.basename(run_dir))
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(records.EVAL_DIR))
+  args = (f"--run_dir={copy}", f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}",
+          *EVAL_CLI_FLAGS)
+  rc, out, err = interrupt_when(start("evaluate.py", *args),
+                                lambda: bool(records.list_done(copy)), sig)
+  assert_stopped_cleanly(rc, out, err, sig, "evaluate.py")
+  assert records.list_done(copy) != records.list_done(run_dir)  # it did stop early
+  done = run_binary("evaluate.py", *args)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert record_rows(copy) == record_rows(run_dir)
+  assert (records.load_checkpoint_stats(copy) == records.load_checkpoint_stats(run_dir))
+
+
+# ---------------------------------------------------------------------------------- sweep
+
+
+SWEEP_FLAGS = (*TASK_FLAGS, "--learning_rates=1e-2,3e-3", *EVAL_CLI_FLAGS,
+               '--overrides={"global_batch_size": 6, "num_epochs": 1, "save_every_steps": 1, '
+               '"warmup_steps": 1, "max_length": 256, "overlength": "truncate"}')
+
+
+def test_sweep_stopped_in_its_first_cell_then_rerun_equals_an_uninterrupted_one(tiny_run,
+                                                                               tmp_path):
+  _, base = tiny_run
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  proc = run_binary("sweep.py", f"--sweep_dir={straight}", f"--model={base}", *SWEEP_FLAGS,
+                    timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first, second = "lr0.01_ep1_frac1", "lr0.003_ep1_frac1"  # in grid order
+  args = (f"--sweep_dir={stopped}", f"--model={base}", *SWEEP_FLAGS)
+  rc, out, err = interrupt_when(
+      start("sweep.py", *args),
+      lambda: bool(records.list_done(os.path.join(stopped, first))), signal.SIGTERM, timeout=600)
+  assert_stopped_cleanly(rc, out, err, signal.SIGTERM, "sweep.py")
+  assert not os.path.exists(os.path.join(stopped, "analysis"))  # no analysis of half a sweep
+  assert not os.path.exists(os.path.join(stopped, second))      # the next cell never started
+  proc = run_binary("sweep.py", f"--sweep_dir={stopped}", timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for cell in (first, second):
+    assert record_rows(os.path.join(stopped, cell)) == record_rows(os.path.join(straight, cell))
+  assert os.path.exists(os.path.join(stopped, "analysis", "report.md"))
+
+
+# ---------------------------------------------------------------------------------- merge
+
+
+def test_merge_killed_while_writing_then_rerun_equals_an_uninterrupted_one(tiny_run, tmp_path):
+  run_dir, _ = tiny_run
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  proc = run_binary("merge.py", f"--checkpoints={run_dir}:2-4", f"--output_dir={straight}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  args = (f"--checkpoints={run_dir}:2-4", f"--output_dir={killed}")
+  rc, _, err = interrupt_when(
+      start("merge.py", *args),
+      lambda: any(e.startswith(os.path.basename(killed)) for e in os.listdir(tmp_path)
+                  if e != "straight"), signal.SIGKILL)
+  assert rc == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(killed, checkpoints.RUN_INFO)) or \
+      checkpoints.list_steps(killed)  # never a half-written merged run
+  proc = run_binary("merge.py", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  step = checkpoints.list_steps(straight)[-1]
+  for a, b in zip(params(killed, step), params(straight, step)):
+    np.testing.assert_array_equal(a, b)

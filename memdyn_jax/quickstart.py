@@ -4,8 +4,8 @@
 It is the standard pipeline on a small grid, nothing of its own:
 1. the shipped embedded base model (`memdyn_jax.embedded`; `rebuild_base` builds it again);
 2. a sweep (`memdyn_jax.sweep`) on `synthetic_arith`: every learning rate x every epoch
-   count, plus one long half-data run, each trained and then evaluated by the run
-   evaluation of experiments/evaluate.py (`run_evaluation`: samples at T = 0.8, target-trace
+   count, plus one long small-data run at the largest rate, each trained and then
+   evaluated by the run evaluation of experiments/evaluate.py (`run_evaluation`: samples at T = 0.8, target-trace
    perplexity, greedy scores for ATC, gradient variance, OOD and perturbed prompts) at
    `evals_per_run` checkpoints; the first run also evaluates the base model as its step 0;
 3. the analysis of experiments/analyze.py (`report.analyze_sweep`: calibrated PreMemAcc vs
@@ -176,6 +176,20 @@ def accuracy_standard_error(accuracy: float, n: int) -> float:
   return math.sqrt(p * (1 - p) / n)
 
 
+def analyze(sweep):
+  """`sweep.analyze` with `ANALYSIS_OPTIONS`; when the sweep cannot calibrate a threshold
+  (a tiny grid with no spread), with Kang et al.'s task threshold instead (the report
+  states which was used)."""
+  from memdyn_jax import report
+  from memdyn_jax import sweep as sweep_lib
+  try:
+    return sweep_lib.analyze(sweep, **ANALYSIS_OPTIONS)
+  except report.AnalysisError as e:
+    if e.field != "threshold":
+      raise
+    return sweep_lib.analyze(sweep, **{**ANALYSIS_OPTIONS, "threshold": "default"})
+
+
 def run_study(config: QuickstartConfig, spec=None) -> str:
   """Runs the study of `config`; `spec` overrides the embedded model (tests use a tiny one).
 
@@ -220,7 +234,7 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
                           steps=[], progress=False)
   lap("evaluate")
 
-  result = sweep_lib.analyze(sweep, **ANALYSIS_OPTIONS)
+  result = analyze(sweep)
   lap("analyze")
   source, why = merge_source(result.summary)
   if source is not None:
@@ -234,7 +248,7 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
         tokenizer=models.load_tokenizer(base_dir), log=lambda m: None)
     run_evaluation.evaluate(merged_dir, sweep.evaluation, progress=False)
     lap("merge")
-    result = sweep_lib.analyze(sweep, **ANALYSIS_OPTIONS)
+    result = analyze(sweep)
     lap("analyze")
   wall["total"] = time.time() - start
 
@@ -277,6 +291,7 @@ def quickstart_summary(config: QuickstartConfig, analysis: Mapping[str, Any],
       "best_gain_over_base": (max(finals) - base["test_accuracy"]
                               if finals and base.get("test_accuracy") is not None else None),
       "premem_threshold_perplexity": analysis["premem_threshold_perplexity"],
+      "threshold_source": analysis.get("threshold_source"),
       "r2": analysis["r2"], "runs": runs, "merge": merge,
       "base_model": {k: base_manifest.get(k) for k in ("spec_key", "num_params", "tokens_seen",
                                                        "final_loss", "probes")},
@@ -363,8 +378,11 @@ def narrative(config: QuickstartConfig, summary: Mapping[str, Any], spec) -> str
                  f"{'flagged' if r['overmemorization_flagged'] else '-'} |")
   r2 = summary["r2"]
   lines += ["", f"**PreMemAcc (Kang et al.).** Threshold: perplexity "
-                f"{_fmt(summary['premem_threshold_perplexity'], 4)} (calibrated on the sweep, "
-                f"never calling more than 5% of the base model's train targets memorized; "
+                f"{_fmt(summary['premem_threshold_perplexity'], 4)} "
+                + ("(calibrated on the sweep, never calling more than 5% of the base model's "
+                   "train targets memorized; " if summary.get("threshold_source") == "calibrated"
+                   else "(Kang et al.'s task default: this sweep has too little spread to "
+                   "calibrate one; ") +
                 f"at the base {_fmt(summary['base_memorized_fraction'], 2)} are). R² of "
                 "test accuracy on each predictor over every evaluated checkpoint: "
                 + ", ".join(f"{k} {_fmt(v)}" for k, v in r2.items()) + "."]

@@ -134,9 +134,11 @@ def test_build_binary_end_to_end_at_tiny_size(tmp_path):
 
 
 def _run_quickstart(out):
-  # One LR x one epoch count + the half-data run: every stage runs, compiles stay few.
+  # One LR x one epoch count + the small-data run (half the data here): every stage runs,
+  # compiles stay few.
   config = quickstart.QuickstartConfig(
       output_dir=str(out), n_train=16, learning_rates=(3e-3,), epochs=(1,), small_data_epochs=2,
+      small_data_fraction=0.5,
       evals_per_run=2, n_eval=4, n_eval_train=8, n_samples=1, batch_size=8,
       max_length=160, max_new_tokens=32, eval_batch_size=4)
   return quickstart.run_study(config, spec=TINY)

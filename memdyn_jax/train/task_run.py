@@ -122,6 +122,7 @@ def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *,
   from memdyn_jax.models import hf_io
   from memdyn_jax.train import loop
   check_task_name(spec.name)
+  checkpoints.check_run_dir_path(run_dir)  # before the (slow) data and model loading
   model_dir = resolve_model(model)
   data, ids = load_train_data(model_dir, spec, cfg)
   model_path = model if model != "embedded" else model_dir

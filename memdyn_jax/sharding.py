@@ -144,6 +144,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   return True
 
 
+def wait_for_all_processes(barrier_id: str, timeout_s: float = 900.0) -> None:
+  """Blocks until every process reaches `barrier_id` (a no-op for one process).
+
+  A barrier of the coordination service, which waits up to `timeout_s`: CPU (gloo)
+  collectives give a late peer only 30 s to set up a communicator, and a loaded host can
+  lag by more than that after loading a model, so call this before a run's first collective.
+  Every process passes the same `barrier_id` (an id may be reused once all have passed).
+  """
+  if jax.process_count() == 1:
+    return
+  # The coordination-service client has no public accessor; orbax reaches it the same way.
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+  client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+
+
 def host_local_to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES):
   """Each process passes its slice of the global batch; returns global jax Arrays."""
   out = {}

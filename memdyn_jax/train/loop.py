@@ -338,6 +338,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
     opt_state = jax.jit(tx.init)(trained)
   state_shardings = tuple(step_lib.shardings_of(s) for s in (trained, opt_state, rngs, frozen))
 
+  # Peers line up after loading the model, before orbax's first collective barrier.
+  sharding_lib.wait_for_all_processes(f"memdyn_jax.train:{os.path.abspath(output_dir)}")
   mngr = ckpt.make_manager(output_dir, async_save=async_checkpoints)
   start = 0
   latest = mngr.latest_step()

@@ -24,18 +24,22 @@ HF = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=6
 CFG = TrainConfig(learning_rate=3e-2, num_epochs=2, global_batch_size=8, micro_batch_size=4,
                   warmup_steps=1, weight_decay=0.01, save_every_steps=2)
 
+# Process 1 lags LAG_S behind process 0 before training (a slow host): longer than the 30 s
+# a gloo peer is given to set up a communicator, so training must line processes up first.
+LAG_S = 35
 _CHILD = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2,
-                               process_id=pid)
     import numpy as np
     from memdyn_jax import sharding
     from memdyn_jax.train import loop
     from memdyn_jax.train.config import TrainConfig
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid, out, lag = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2,
+                               process_id=pid)
     assert jax.device_count() == 4 and jax.local_device_count() == 2
+    time.sleep(lag * pid)  # after the backends met
     d = np.load(out + "/data.npz")
     data = loop.TrainData(d["input_ids"], d["attention_mask"], d["target_mask"])
     cfg = TrainConfig.from_dict(json.load(open(out + "/cfg.json")))
@@ -72,7 +76,8 @@ def test_two_processes_match_one(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", _CHILD, port, str(i), str(tmp_path)],
+  procs = [subprocess.Popen([sys.executable, "-c", _CHILD, port, str(i), str(tmp_path),
+                             str(LAG_S)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]
   outs = []

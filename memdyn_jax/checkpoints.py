@@ -116,6 +116,34 @@ def read_run_info(run_dir: str) -> dict[str, Any]:
     return json.load(f)
 
 
+SUBSET_FILE = "subset.json"
+
+
+def write_subset(run_dir: str, data_fraction: float, indices) -> None:
+  """Records the fixed `data_fraction` subset a run trains on (rows of its training data)."""
+  fileio.atomic_write_json(os.path.join(run_dir, SUBSET_FILE),
+                           {"data_fraction": float(data_fraction),
+                            "indices": [int(i) for i in indices]})
+
+
+def read_subset(run_dir: str) -> list[int] | None:
+  """Rows of its training data a run draws from, or None when it draws from all of them.
+
+  Raises:
+    RunDirError: subset.json is not the listing `write_subset` writes.
+  """
+  path = os.path.join(run_dir, SUBSET_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      indices = json.load(f)["indices"]
+    return [int(i) for i in indices]
+  except (ValueError, KeyError, TypeError) as e:
+    raise RunDirError(f"{path}: not a subset listing ({type(e).__name__}: {e}); "
+                              "it is rewritten by re-running training on this run") from e
+
+
 def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
   """Creates the run directory, or checks that an existing one describes the same run.
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from memdyn_jax import checkpoints
 from memdyn_jax import gradient_variance as gv_lib
 from memdyn_jax import records as records_lib
 from memdyn_jax import sampling, scoring
@@ -340,6 +341,23 @@ def trained_examples(run_dir: str, task: Task, split: str | None = None,
                      f"not in task {task.name!r} split {split!r}; use the task arguments "
                      "the run was trained with")
   return [by_id[i] for i in listing["ids"]]
+
+
+def drawn_examples(run_dir: str, trained: Sequence[Example]) -> list[Example]:
+  """Of a run's training rows (`trained_examples`), those its sampler draws from: the fixed
+  subset of a `data_fraction` < 1 run (subset.json), else all. A run's train split is scored
+  on these, so its memorization and PreMemAcc cover only examples it has seen.
+
+  Raises:
+    checkpoints.RunDirError: subset.json is damaged or names rows the run does not have.
+  """
+  indices = checkpoints.read_subset(run_dir)
+  if indices is None:
+    return list(trained)
+  if indices and max(indices) >= len(trained):
+    raise checkpoints.RunDirError(f"{run_dir}/{checkpoints.SUBSET_FILE} names row "
+                                  f"{max(indices)}; the run's training data has {len(trained)}")
+  return [trained[i] for i in indices]
 
 
 def subset(examples: Sequence[Example], n: int, seed: int = 0) -> list[Example]:

@@ -214,7 +214,7 @@ def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
   """(the `evaluation.EvalUnit`s of the settings' splits, the train subset or None when no
   unit nor the gradient variance needs it). With `tokenizer`, the trained examples are
   checked against the run's data (`check_trained_data`)."""
-  from memdyn_jax import evaluation
+  from memdyn_jax import checkpoints, evaluation
   settings = for_run(run_dir, settings)
   train = None
   if {"train", "perturbed"} & set(settings.splits) or settings.grad_variance:
@@ -224,6 +224,10 @@ def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
       raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from None
     if tokenizer is not None:
       check_trained_data(run_dir, task, train, tokenizer)
+    try:
+      train = evaluation.drawn_examples(run_dir, train)
+    except checkpoints.RunDirError as e:
+      raise EvalSettingsError("run_dir", str(e)) from None
     train = tuple(evaluation.subset(train, settings.num_train, settings.subset_seed))
   units = []
   for split, perturbation in settings.unit_keys():

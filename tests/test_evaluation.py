@@ -173,6 +173,34 @@ def test_trained_examples_follow_examples_json(tmp_path):
     evaluation.trained_examples(str(tmp_path), other)
 
 
+def test_a_data_fraction_run_is_scored_on_the_rows_it_draws(tiny_run, tmp_path):
+  """A run trained on a fixed subset (subset.json) has its train split (and the gradient
+  variance) built from that subset only, so memorization and PreMemAcc cover seen examples;
+  a damaged listing is one error naming the file."""
+  import shutil
+  from memdyn_jax import checkpoints, run_evaluation
+  from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+  run_dir, _ = tiny_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(run_dir, copy)
+  task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
+  trained = evaluation.trained_examples(copy, task)
+  assert evaluation.drawn_examples(copy, trained) == trained  # no subset.json: all rows
+  settings = EvalSettings(splits=("train",), num_train=0)
+  checkpoints.write_subset(copy, 0.5, [4, 1, 2])
+  assert evaluation.drawn_examples(copy, trained) == [trained[4], trained[1], trained[2]]
+  units, train = run_evaluation.build_units(copy, task, settings)
+  assert [u.examples for u in units] == [tuple(train)]
+  assert list(train) == [trained[4], trained[1], trained[2]]
+  checkpoints.write_subset(copy, 0.5, [len(trained)])
+  with pytest.raises(EvalSettingsError, match="subset.json names row") as e:
+    run_evaluation.build_units(copy, task, settings)
+  assert e.value.field == "run_dir"
+  open(os.path.join(copy, checkpoints.SUBSET_FILE), "w").write("{")
+  with pytest.raises(EvalSettingsError, match="not a subset listing"):
+    run_evaluation.build_units(copy, task, settings)
+
+
 def test_example_meta_names_categories_of_every_task():
   synth = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS).load("train")[0]
   meta = evaluation.example_meta(synth)

@@ -313,11 +313,9 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   sampler = (sampler if sampler is not None else
              make_default_sampler(cfg, n, data.attention_mask.sum(axis=1)))
   subset = getattr(sampler, "subset", None)
-  subset_path = os.path.join(output_dir, "subset.json")
-  if subset is not None and jax.process_index() == 0 and not os.path.exists(subset_path):
-    # The fixed data_fraction subset, for analysis.
-    fileio.atomic_write_json(subset_path, {"data_fraction": cfg.data_fraction,
-                                           "indices": np.asarray(subset).tolist()})
+  if subset is not None and jax.process_index() == 0:
+    # The fixed data_fraction subset: evaluation scores the run's train split on it.
+    ckpt.write_subset(output_dir, cfg.data_fraction, np.asarray(subset))
   model = ckpt.load_base_model(model_dir, cfg, mesh, rules)
   model_hook = None
   wrt: Any = nnx.Param

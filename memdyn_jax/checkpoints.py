@@ -141,7 +141,7 @@ def read_subset(run_dir: str) -> list[int] | None:
     return [int(i) for i in indices]
   except (ValueError, KeyError, TypeError) as e:
     raise RunDirError(f"{path}: not a subset listing ({type(e).__name__}: {e}); "
-                              "it is rewritten by re-running training on this run") from e
+                      "it is rewritten by re-running training on this run") from e
 
 
 def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:

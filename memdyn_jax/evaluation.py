@@ -319,7 +319,8 @@ def read_examples_listing(run_dir: str) -> dict[str, Any] | None:
 
 def trained_examples(run_dir: str, task: Task, split: str | None = None,
                      path: str | None = None) -> list[Example]:
-  """The examples a run was trained on, in training-row order.
+  """The rows of a run's training data, in training-row order (a `data_fraction` < 1 run
+  draws from a subset of them: `drawn_examples`).
 
   Uses `run_dir/examples.json` (written by experiments/train.py: row index -> example id)
   when present; otherwise the task's whole `split` (default "train").
@@ -354,9 +355,10 @@ def drawn_examples(run_dir: str, trained: Sequence[Example]) -> list[Example]:
   indices = checkpoints.read_subset(run_dir)
   if indices is None:
     return list(trained)
-  if indices and max(indices) >= len(trained):
-    raise checkpoints.RunDirError(f"{run_dir}/{checkpoints.SUBSET_FILE} names row "
-                                  f"{max(indices)}; the run's training data has {len(trained)}")
+  bad = [i for i in indices if not 0 <= i < len(trained)]
+  if bad:
+    raise checkpoints.RunDirError(f"{run_dir}/{checkpoints.SUBSET_FILE} names row {bad[0]}; "
+                                  f"the run's training data has rows 0..{len(trained) - 1}")
   return [trained[i] for i in indices]
 
 

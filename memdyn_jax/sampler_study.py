@@ -297,7 +297,8 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
     if units is None:  # every run trains on the same rows (examples.json)
       trained = evaluation.trained_examples(run_dir, task, path=spec.path)
       ids = [e.id for e in trained]
-      units = _units(cfg, evaluation.subset(trained, cfg.n_eval_train, cfg.subset_seed),
+      drawn = evaluation.drawn_examples(run_dir, trained)
+      units = _units(cfg, evaluation.subset(drawn, cfg.n_eval_train, cfg.subset_seed),
                      heldout, ood)
     records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME)
     evaluation.evaluate_run(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],

@@ -192,10 +192,11 @@ def test_a_data_fraction_run_is_scored_on_the_rows_it_draws(tiny_run, tmp_path):
   units, train = run_evaluation.build_units(copy, task, settings)
   assert [u.examples for u in units] == [tuple(train)]
   assert list(train) == [trained[4], trained[1], trained[2]]
-  checkpoints.write_subset(copy, 0.5, [len(trained)])
-  with pytest.raises(EvalSettingsError, match="subset.json names row") as e:
-    run_evaluation.build_units(copy, task, settings)
-  assert e.value.field == "run_dir"
+  for row in (len(trained), -1):  # rows the run does not have
+    checkpoints.write_subset(copy, 0.5, [0, row])
+    with pytest.raises(EvalSettingsError, match=f"subset.json names row {row};") as e:
+      run_evaluation.build_units(copy, task, settings)
+    assert e.value.field == "run_dir"
   open(os.path.join(copy, checkpoints.SUBSET_FILE), "w").write("{")
   with pytest.raises(EvalSettingsError, match="not a subset listing"):
     run_evaluation.build_units(copy, task, settings)

@@ -315,7 +315,7 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   subset = getattr(sampler, "subset", None)
   if subset is not None and jax.process_index() == 0:
     # The fixed data_fraction subset: evaluation scores the run's train split on it.
-    ckpt.write_subset(output_dir, cfg.data_fraction, np.asarray(subset))
+    ckpt.write_subset(output_dir, cfg.data_fraction, subset)
   model = ckpt.load_base_model(model_dir, cfg, mesh, rules)
   model_hook = None
   wrt: Any = nnx.Param

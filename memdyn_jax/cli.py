@@ -33,7 +33,10 @@ def usage_error(error, flag_names: Mapping[str, str] | None = None) -> UsageErro
 
 
 def fail(prog: str, message: str) -> NoReturn:
-  print(f"{prog}: error: {message}", file=sys.stderr)
+  """Prints `PROG: error: <message>` and exits 2. The message's first line only: a
+  library error may chain a multi-line storage or parser message after its own line."""
+  lines = [line for line in str(message).splitlines() if line.strip()] or ["(no message)"]
+  print(f"{prog}: error: {lines[0]}", file=sys.stderr)
   sys.exit(2)
 
 

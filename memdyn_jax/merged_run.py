@@ -42,7 +42,7 @@ import os
 import shutil
 from typing import Any, Callable, Mapping, Sequence
 
-from memdyn_jax import merging
+from memdyn_jax import checkpoints, merging
 from memdyn_jax.errors import FieldError
 from memdyn_jax.merging import MergeConfig
 
@@ -80,14 +80,13 @@ class BaseRef:
 
 
 def _run_steps(run_dir: str, field: str) -> list[int]:
-  from memdyn_jax import checkpoints
   if not os.path.exists(os.path.join(run_dir, checkpoints.RUN_INFO)):
     raise MergeInputError(field, f"{run_dir} is not a training run directory "
                           f"(no {checkpoints.RUN_INFO})")
   try:
     steps = checkpoints.list_steps(run_dir)
-  except Exception as e:  # an unreadable checkpoints folder: one line
-    raise MergeInputError(field, f"cannot list the checkpoints of {run_dir}: {e}") from None
+  except OSError as e:  # an unreadable checkpoints folder
+    raise MergeInputError(field, f"cannot list the checkpoints of {run_dir}: {e}") from e
   if not steps:
     raise MergeInputError(field, f"{run_dir} has no complete checkpoint")
   return steps
@@ -112,7 +111,6 @@ def parse_checkpoints(specs: Sequence[str], field: str = "checkpoints") -> list[
   Raises:
     MergeInputError: a malformed spec, not a run, no such step, or an empty selection.
   """
-  from memdyn_jax import checkpoints
   out: list[CheckpointRef] = []
   for spec in specs:
     run_dir, sep, selector = spec.rpartition(":")
@@ -161,14 +159,13 @@ def parse_base(spec: str) -> BaseRef:
 
 def default_base(source: CheckpointRef) -> BaseRef:
   """The base model the source run was fine-tuned from."""
-  from memdyn_jax import checkpoints
   from memdyn_jax.models import hf_io
   path = checkpoints.read_run_info(source.run_dir)["model"]["path"]
   try:
     return BaseRef(hf_dir=hf_io.resolve_checkpoint_dir(path))
-  except Exception as e:
+  except (OSError, ValueError) as e:  # a moved directory, an unreachable hub id
     raise MergeInputError("base", f"the base model of {source.run_dir} ({path}) cannot be "
-                          f"found ({e}); give --base") from None
+                          f"found ({e}); give --base") from e
 
 
 def merge_request(method: str, sources: Sequence[CheckpointRef], base: BaseRef | None,
@@ -190,17 +187,10 @@ def merge_request(method: str, sources: Sequence[CheckpointRef], base: BaseRef |
 
 def read_merge_info(run_dir: str) -> dict[str, Any] | None:
   """The "merge" field of a run directory (None for a training run)."""
-  from memdyn_jax import checkpoints
   return checkpoints.read_run_info(run_dir).get(MERGE_FIELD)
 
 
 # ------------------------------------------------------------------------------ sources
-
-
-def _first_line(e: Exception, limit: int = 240) -> str:
-  """An exception as one short line (tensorstore errors carry whole JSON specs)."""
-  text = str(e).splitlines()[0] if str(e) else repr(e)
-  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class _LabelledSource:
@@ -220,9 +210,8 @@ class _LabelledSource:
   def get(self, path):
     try:
       return self.source.get(path)
-    except Exception as e:  # a corrupt array file: one line naming the checkpoint
-      raise MergeInputError(self.field, f"cannot read {merging.path_str(path)} of "
-                            f"{self.label}: {_first_line(e)}") from None
+    except checkpoints.CheckpointReadError as e:  # names the run and step
+      raise MergeInputError(self.field, f"cannot read {merging.path_str(path)}: {e}") from e
 
   def close(self):
     if hasattr(self.source, "close"):
@@ -249,8 +238,8 @@ def _checkpoint_source(ref: CheckpointRef, shardings: Mapping[str, Any], field: 
         ref.run_dir, ref.step, sharding=lambda path, *_: shardings[merging.path_str(path)])
   except MergeInputError:
     raise
-  except Exception as e:  # missing item, unreadable metadata, a LoRA run
-    raise MergeInputError(field, f"cannot open checkpoint {ref}: {_first_line(e)}") from None
+  except ValueError as e:  # no such step or item, unreadable metadata, a LoRA run
+    raise MergeInputError(field, f"cannot open checkpoint {ref}: {e}") from e
   return _LabelledSource(source, field, str(ref))
 
 
@@ -265,8 +254,8 @@ def _base_source(base: BaseRef, shardings, cfg, mesh, rules):
     model, _ = models.from_pretrained(base.hf_dir, dtype=jnp.dtype(cfg.compute_dtype),
                                       param_dtype=jnp.dtype(cfg.param_dtype), mesh=mesh,
                                       rules=rules)
-  except Exception as e:  # another architecture, missing tensors: one line
-    raise MergeInputError("base", f"cannot load {base.hf_dir}: {_first_line(e)}") from None
+  except (OSError, ValueError) as e:  # another architecture, missing tensors
+    raise MergeInputError("base", f"cannot load {base.hf_dir}: {e}") from e
   # The whole base is held on the mesh (an HF checkpoint is not read lazily here).
   return _LabelledSource(merging.PytreeSource(nnx.state(model, nnx.Param)), "base", base.hf_dir)
 
@@ -302,7 +291,6 @@ class MergeOutcome:
 
 
 def _check_existing(out_dir: str, request: Mapping[str, Any]) -> Mapping[str, Any] | None:
-  from memdyn_jax import checkpoints
   if not os.path.exists(out_dir):
     return None
   try:
@@ -350,7 +338,7 @@ def merge_to_run_dir(out_dir: str, method: str, sources: Sequence[CheckpointRef]
   import jax
   from flax import nnx
 
-  from memdyn_jax import checkpoints, models
+  from memdyn_jax import models
   from memdyn_jax import sharding as sharding_lib
   from memdyn_jax.train.config import TrainConfig
 

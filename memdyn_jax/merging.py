@@ -325,6 +325,7 @@ class OrbaxCheckpointSource:
     ValueError: no such step, a LoRA run (its checkpoints hold adapters only: merge the
       models `checkpoints.restore(..., merge_lora=True)` returns, via `PytreeSource`), or
       a non-array leaf.
+    checkpoints.CheckpointReadError: the metadata (here) or an array (`get`) cannot be read.
   """
 
   def __init__(self, run_dir: str, step: int, *, item: str = "params",
@@ -344,9 +345,11 @@ class OrbaxCheckpointSource:
     if not self.directory.is_dir():
       raise ValueError(f"checkpoint {step} of {run_dir} has no item {item!r}")
     self._sharding = sharding
+    self._reading = functools.partial(checkpoints.reading_checkpoint, run_dir, step)
     self._handler = ocp.PyTreeCheckpointHandler()
     try:
-      meta_tree = self._handler.metadata(self.directory).tree
+      with self._reading():
+        meta_tree = self._handler.metadata(self.directory).tree
     except BaseException:
       self._handler.close()  # else its event loop is torn down at exit, noisily
       raise
@@ -378,8 +381,9 @@ class OrbaxCheckpointSource:
       sharding = self._sharding(tuple(path), shape, dtype)
     item = _nest(keys, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
     restore_args = _nest(keys, self._ocp.ArrayRestoreArgs(sharding=sharding))
-    restored = self._handler.restore(self.directory, args=self._ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    with self._reading():
+      restored = self._handler.restore(self.directory, args=self._ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
     for key in keys:
       restored = restored[key]
     return restored

@@ -16,14 +16,11 @@ default thread count, in eager and sdpa attention.
 """
 from __future__ import annotations
 
-import os
-import statistics
-import tempfile
-import time
-
 from absl import app, flags
 
-from memdyn_jax import testing
+from _common import (jnp_matmul_flops, machine_line, mean_seconds, random_token_ids,
+                     ratio_line, round_robin_median_seconds, smollm2_shaped_models,
+                     torch_matmul_flops)
 
 flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_integer("seq_len", 256, "Sequence length.")
@@ -36,43 +33,6 @@ flags.DEFINE_integer("seed", 0, "Seed for weights and token ids.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 FLAGS = flags.FLAGS
 
-SMOLLM2_135M = testing.SMOLLM2_135M_SHAPE
-
-
-def _median_seconds(runs: dict, warmup: int, iters: int) -> dict[str, float]:
-  """Median seconds per call of each contender. Timed round-robin (one call of each per
-  round), so load from other processes on a shared machine hits all of them alike."""
-  for fn in runs.values():
-    for _ in range(warmup):
-      fn()
-  times = {name: [] for name in runs}
-  for _ in range(iters):
-    for name, fn in runs.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _matmul_gflops(jnp, torch, n: int = 1536, reps: int = 5) -> tuple[float, float]:
-  """fp32 n x n matmul GFLOP/s of jnp and torch: how busy the machine is right now."""
-  import jax
-
-  a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)
-  mm(a, a).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    mm(a, a).block_until_ready()
-  jax_s = (time.perf_counter() - t0) / reps
-  at = torch.ones(n, n)
-  torch.mm(at, at)
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    torch.mm(at, at)
-  torch_s = (time.perf_counter() - t0) / reps
-  return 2 * n**3 / jax_s / 1e9, 2 * n**3 / torch_s / 1e9
-
 
 def main(argv):
   del argv
@@ -80,23 +40,15 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   import torch
-  import transformers
   from flax import nnx
-
-  from memdyn_jax import models, testing
 
   b, t = FLAGS.batch, FLAGS.seq_len
   if FLAGS.torch_threads:
     torch.set_num_threads(FLAGS.torch_threads)
-  hf_cfg = transformers.LlamaConfig(num_hidden_layers=FLAGS.num_layers, **SMOLLM2_135M)
-  with tempfile.TemporaryDirectory() as tmp:
-    testing.make_hf_model(hf_cfg, seed=FLAGS.seed, perturb=0.0).save_pretrained(tmp)
-    hf = {impl: transformers.AutoModelForCausalLM.from_pretrained(
-        tmp, dtype=torch.float32, attn_implementation=impl).eval() for impl in FLAGS.torch_attn}
-    model, _ = models.from_pretrained(tmp, dtype=jnp.float32)
+  hf, model, cfg = smollm2_shaped_models(FLAGS.num_layers, FLAGS.seed, "float32",
+                                         FLAGS.torch_attn)
 
-  rng = np.random.RandomState(FLAGS.seed)
-  ids = rng.randint(3, hf_cfg.vocab_size, (b, t)).astype(np.int32)
+  ids = random_token_ids(FLAGS.seed, cfg.vocab_size, b, t)
   mask = np.ones((b, t), np.int32)
   if FLAGS.left_pad:
     mask[::2, :t // 4] = 0
@@ -128,20 +80,22 @@ def main(argv):
   real = mask.astype(bool)
   max_diff = float(np.abs(ours - ref)[real].max())
 
-  print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
-        f"cpu count: {os.cpu_count()}")
+  print(machine_line())
   print(f"model: SmolLM2-135M shape, {FLAGS.num_layers} layers, fp32; batch {b} x {t} tokens"
         f"{' (left-padded)' if FLAGS.left_pad else ''}; warmup {FLAGS.warmup}, "
         f"median of {FLAGS.iters}")
   print(f"max |dlogit| jax vs torch: {max_diff:.2e}")
-  print("fp32 matmul GFLOP/s now: jax %.0f, torch %.0f" % _matmul_gflops(jnp, torch))
+  # A load gauge, not a peak: the mean of a smaller matmul, right before the timed rounds.
+  print("fp32 matmul GFLOP/s now: jax %.0f, torch %.0f"
+        % (jnp_matmul_flops(n=1536, timer=mean_seconds) / 1e9,
+           torch_matmul_flops(n=1536, timer=mean_seconds) / 1e9))
   tps = {}
-  for name, sec in _median_seconds(runs, FLAGS.warmup, FLAGS.iters).items():
+  for name, sec in round_robin_median_seconds(runs, FLAGS.warmup, FLAGS.iters).items():
     tps[name] = b * t / sec
     print(f"{name:<20s} {sec * 1e3:9.1f} ms/call  {tps[name]:9.0f} tokens/s")
   best_jax = max((k for k in tps if k.startswith("jax")), key=tps.get)
   for name in (k for k in tps if k.startswith("torch")):
-    print(f"ratio {best_jax} / {name}: {tps[best_jax] / tps[name]:.2f}x")
+    print(ratio_line(best_jax, name, tps[best_jax] / tps[name]))
 
 
 if __name__ == "__main__":

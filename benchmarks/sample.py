@@ -21,12 +21,13 @@ On these CPUs torch's bf16 runs on AMX units XLA does not use: compare framework
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 from absl import app, flags
 
-from memdyn_jax import testing
+from _common import (attention_flops, best_seconds, decoder_flops_per_token, jnp_matmul_flops,
+                     lm_head_flops_per_token, machine_line, random_token_ids, ratio_line,
+                     smollm2_shaped_models)
 
 flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (prompts) to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")
@@ -40,73 +41,48 @@ flags.DEFINE_bool("hf", True, "Also time HF generate.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 FLAGS = flags.FLAGS
 
-SMOLLM2_135M = testing.SMOLLM2_135M_SHAPE
-
-
-def _best_of(fn, reps: int) -> float:
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
-
 
 def machine_peaks() -> tuple[float, float]:
   """(fp32 jnp matmul FLOP/s, memory read bandwidth bytes/s), measured now."""
   import jax
   import jax.numpy as jnp
 
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  flops = 2 * n**3 / _best_of(lambda: mm(a).block_until_ready(), 5)
+  flops = jnp_matmul_flops()  # best of 5, 2048 x 2048
   big = jnp.ones((128 * 2**20,), jnp.float32)  # 512 MiB, about the model's fp32 weights
   total = jax.jit(jnp.sum)
-  total(big).block_until_ready()
-  bandwidth = big.nbytes / _best_of(lambda: total(big).block_until_ready(), 5)
+  bandwidth = big.nbytes / best_seconds(lambda: total(big).block_until_ready(), 5, warmup=1)
   return flops, bandwidth
 
 
 def roofline_seconds(cfg, batch: int, prompt: int, new: int, peak: float, bandwidth: float,
                      bytes_per_value: int) -> float:
   """Ideal time of prefill + `new` decode steps (see the module docstring)."""
-  h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
-  per_layer = 2 * h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 6 * h * cfg.intermediate_size
-  dense = layers * per_layer
-  head = 2 * h * cfg.vocab_size
-  attn = lambda q, ctx: layers * 4 * cfg.num_heads * d * q * ctx
-  prefill = batch * (prompt * dense + head + attn(1, prompt * (prompt + 1) / 2))
+  dense, head = decoder_flops_per_token(cfg), lm_head_flops_per_token(cfg)
+  # The prefill's logits are taken at the last position only.
+  prefill = batch * (prompt * dense + head + attention_flops(cfg, prompt * (prompt + 1) / 2))
   seconds = prefill / peak
-  weights = cfg.num_params * bytes_per_value
+  from memdyn_jax import models
+  weights = models.num_params(cfg) * bytes_per_value
   for step in range(1, new):  # the first new token comes from the prefill's logits
     ctx = prompt + step
-    flops = batch * (dense + head + attn(1, ctx))
-    kv = 2 * layers * batch * ctx * cfg.num_kv_heads * d * bytes_per_value
+    flops = batch * (dense + head + attention_flops(cfg, ctx))
+    kv = 2 * cfg.num_layers * batch * ctx * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
     seconds += max(flops / peak, (weights + kv) / bandwidth)
   return seconds
 
 
 def main(argv):
   del argv
-  import jax
   import jax.numpy as jnp
   import numpy as np
   import torch
-  import transformers
 
-  from memdyn_jax import models, sampling, testing
+  from memdyn_jax.evaluation import sampling
 
-  dtype = {"float32": (jnp.float32, torch.float32, 4),
-           "bfloat16": (jnp.bfloat16, torch.bfloat16, 2)}
-  jdtype, tdtype, nbytes = dtype[FLAGS.dtype]
-  hf_cfg = transformers.LlamaConfig(num_hidden_layers=FLAGS.num_layers, **SMOLLM2_135M)
-  with tempfile.TemporaryDirectory() as tmp:
-    testing.make_hf_model(hf_cfg, seed=FLAGS.seed, perturb=0.0).save_pretrained(tmp)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp, dtype=tdtype, attn_implementation="eager").eval() if FLAGS.hf else None
-    model, cfg = models.from_pretrained(tmp, dtype=jdtype)
+  nbytes = jnp.dtype(FLAGS.dtype).itemsize
+  hf_models, model, cfg = smollm2_shaped_models(FLAGS.num_layers, FLAGS.seed, FLAGS.dtype,
+                                                ["eager"] if FLAGS.hf else [])
+  hf = hf_models.get("eager")
 
   p, m = FLAGS.prompt_len, FLAGS.new_tokens
   params = sampling.SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p,
@@ -117,15 +93,14 @@ def main(argv):
   if not params.greedy:
     hf_kw.update(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k)
   peak, bandwidth = machine_peaks()
-  print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
-        f"cpu count: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}")
+  print(machine_line(load_average=True))
   print(f"model: SmolLM2-135M shape, {FLAGS.num_layers} layers, {FLAGS.dtype}; {p} prompt + "
         f"{m} new tokens; sampling: {'greedy' if params.greedy else hf_kw}")
   print(f"measured now: fp32 jnp matmul {peak / 1e9:.0f} GFLOP/s, memory read "
         f"{bandwidth / 1e9:.1f} GB/s")
 
   for b in (int(x) for x in FLAGS.batch_sizes):
-    ids = np.random.RandomState(FLAGS.seed).randint(3, cfg.vocab_size, (b, p)).astype(np.int32)
+    ids = random_token_ids(FLAGS.seed, cfg.vocab_size, b, p)
     mask = np.ones_like(ids)
     # Warm-up: a run stopped after one step compiles both programs (shapes are the same).
     sampling.generate(model, ids, mask, params, stop_fn=lambda t, n: np.ones(len(n), bool),
@@ -154,7 +129,7 @@ def main(argv):
       print(f"  {name:<13s} {sec:8.2f} s  {b * m / sec:8.1f} new tokens/s  "
             f"{ideal / sec:5.0%} of roofline")
     if "hf generate" in results:
-      print(f"  ratio jax / hf: {results['hf generate'] / results['jax generate']:.2f}x")
+      print("  " + ratio_line("jax", "hf", results["hf generate"] / results["jax generate"]))
   print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -19,13 +19,12 @@ On these CPUs torch's bf16 runs on AMX units XLA does not use: compare framework
 from __future__ import annotations
 
 import os
-import statistics
-import tempfile
-import time
 
 from absl import app, flags
 
-from memdyn_jax import testing
+from _common import (attention_flops, decoder_flops_per_token, jnp_matmul_flops,
+                     lm_head_flops_per_token, machine_line, random_token_ids, ratio_line,
+                     round_robin_median_seconds, smollm2_shaped_models)
 
 flags.DEFINE_list("batch_sizes", ["16"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")
@@ -36,64 +35,34 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and comp
 flags.DEFINE_integer("seed", 0, "Seed for weights and token ids.")
 FLAGS = flags.FLAGS
 
-SMOLLM2_135M = testing.SMOLLM2_135M_SHAPE
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-  """Measured fp32 jnp matmul FLOP/s (best of `reps`)."""
-  import jax
-  import jax.numpy as jnp
-
-  a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    mm(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
-
 
 def forward_flops(cfg, batch: int, seq: int) -> float:
   """Matmul FLOPs of one forward over (batch, seq) tokens, logits at every position."""
-  h, d = cfg.hidden_size, cfg.head_dim
-  per_layer = 2 * h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 6 * h * cfg.intermediate_size
-  dense = cfg.num_layers * per_layer + 2 * h * cfg.vocab_size
-  attention = cfg.num_layers * 2 * 2 * cfg.num_heads * d * seq * (seq + 1) / 2  # causal half
-  return batch * (seq * dense + attention)
+  dense = decoder_flops_per_token(cfg) + lm_head_flops_per_token(cfg)
+  return batch * (seq * dense + attention_flops(cfg, seq * (seq + 1) / 2))  # causal half
 
 
 def main(argv):
   del argv
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import torch
-  import transformers
 
-  from memdyn_jax import models, scoring, testing
+  from memdyn_jax.evaluation import scoring
 
-  dtype = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
-  jdtype, tdtype = dtype[FLAGS.dtype]
-  hf_cfg = transformers.LlamaConfig(num_hidden_layers=FLAGS.num_layers, **SMOLLM2_135M)
-  with tempfile.TemporaryDirectory() as tmp:
-    testing.make_hf_model(hf_cfg, seed=FLAGS.seed, perturb=0.0).save_pretrained(tmp)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp, dtype=tdtype, attn_implementation="eager").eval()
-    model, cfg = models.from_pretrained(tmp, dtype=jdtype)
+  hf_models, model, cfg = smollm2_shaped_models(FLAGS.num_layers, FLAGS.seed, FLAGS.dtype,
+                                                ["eager"])
+  hf = hf_models["eager"]
 
   p, t = FLAGS.prompt_len, FLAGS.prompt_len + FLAGS.target_len
-  peak = matmul_peak_flops()
-  print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
-        f"cpu count: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}")
+  peak = jnp_matmul_flops()
+  print(machine_line(load_average=True))
   print(f"model: SmolLM2-135M shape, {FLAGS.num_layers} layers, {FLAGS.dtype}; rows of {p} prompt "
         f"+ {FLAGS.target_len} target tokens; median of {FLAGS.iters} round-robin rounds")
   print(f"fp32 jnp matmul peak now: {peak / 1e9:.0f} GFLOP/s")
 
   for b in (int(x) for x in FLAGS.batch_sizes):
-    rng = np.random.RandomState(FLAGS.seed)
-    ids = rng.randint(3, cfg.vocab_size, (b, t)).astype(np.int32)
+    ids = random_token_ids(FLAGS.seed, cfg.vocab_size, b, t)
     mask = np.ones((b, t), np.int32)
     target = np.zeros((b, t), np.int32)
     target[:, p:] = 1
@@ -120,23 +89,18 @@ def main(argv):
     ref = hf_score().numpy()
     diff = float(np.abs(ours - ref)[target[:, 1:] == 1].max())
     hf_forward()
-    times = {name: [] for name in runs}
-    for _ in range(FLAGS.iters):
-      for name, fn in runs.items():
-        t0 = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - t0)
+    seconds = round_robin_median_seconds(runs, warmup=0, iters=FLAGS.iters)  # warmed up above
     flops = forward_flops(cfg, b, t)
     print(f"\nbatch {b} x {t} tokens   max |dlogprob| jax vs hf: {diff:.1e}")
     tps = {}
-    for name, ts in times.items():
-      sec = statistics.median(ts)
+    for name, sec in seconds.items():
       tps[name] = b * t / sec
       print(f"  {name:<11s} {sec:8.2f} s/call  {tps[name]:8.0f} tokens/s  "
             f"{flops / sec / 1e9:6.0f} GFLOP/s  {flops / sec / peak:5.0%} of fp32 matmul peak")
-    print(f"  ratio jax score / hf score:   {tps['jax score'] / tps['hf score']:.2f}x")
-    print(f"  ratio jax score / hf forward: {tps['jax score'] / tps['hf forward']:.2f}x")
-  print(f"\nfp32 jnp matmul peak at the end: {matmul_peak_flops() / 1e9:.0f} GFLOP/s  "
+    for hf_name in ("hf score", "hf forward"):
+      print("  " + ratio_line("jax score", hf_name, tps["jax score"] / tps[hf_name],
+                              label_width=len("hf forward:")))
+  print(f"\nfp32 jnp matmul peak at the end: {jnp_matmul_flops() / 1e9:.0f} GFLOP/s  "
         f"load average: {os.getloadavg()[0]:.1f}")
 
 

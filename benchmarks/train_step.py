@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from _common import jnp_matmul_flops, mean_seconds
 from memdyn_jax import models
 from memdyn_jax.train import optim
 from memdyn_jax.train import step as step_lib
@@ -41,17 +42,6 @@ def hf_dict():
               max_position_embeddings=max(FLAGS.seq, 128), tie_word_embeddings=False)
 
 
-def matmul_peak(n: int = 2048, iters: int = 5) -> float:
-  """Measured float32 jnp matmul FLOP/s."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(iters):
-    f(a).block_until_ready()
-  return 2 * n ** 3 * iters / (time.perf_counter() - t)
-
-
 def jax_step_time(batch) -> tuple[float, int]:
   cfg = models.from_hf_config(hf_dict())
   model = models.build_model(cfg, dtype=jnp.dtype(FLAGS.dtype), seed=0)
@@ -70,7 +60,7 @@ def jax_step_time(batch) -> tuple[float, int]:
   for s in range(FLAGS.iters):
     trained, opt_state, rngs, m = fn(trained, opt_state, rngs, frozen, mb, jnp.int32(s))
   jax.block_until_ready(m)
-  return (time.perf_counter() - t) / FLAGS.iters, cfg.num_params
+  return (time.perf_counter() - t) / FLAGS.iters, models.num_params(cfg)
 
 
 def torch_step_time(batch) -> float:
@@ -94,12 +84,7 @@ def torch_step_time(batch) -> float:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
-  for _ in range(2):
-    one()
-  t = time.perf_counter()
-  for _ in range(FLAGS.iters):
-    one()
-  return (time.perf_counter() - t) / FLAGS.iters
+  return mean_seconds(one, FLAGS.iters, warmup=2)
 
 
 def main(_):
@@ -110,7 +95,7 @@ def main(_):
   batch = {"input_ids": rng.randint(0, FLAGS.vocab, (b, t)).astype(np.int32),
            "attention_mask": np.ones((b, t), np.int32), "target_mask": tgt,
            "weights": np.ones((b,), np.float32)}
-  peak = matmul_peak()
+  peak = jnp_matmul_flops(timer=mean_seconds)  # mean of 5, 2048 x 2048
   dt, n_params = jax_step_time(batch)
   tok_s = b * t / dt
   mfu = 6 * n_params * tok_s / peak

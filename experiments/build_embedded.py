@@ -16,7 +16,7 @@ import sys
 from absl import flags
 
 from memdyn_jax import cli
-from memdyn_jax.embedded import EmbeddedSpec
+from memdyn_jax.studies.embedded import EmbeddedSpec
 
 flags.DEFINE_string("output_dir", None, "Directory the built model (HF format + manifest.json) "
                     "is written to; replaced atomically when the build finishes.")
@@ -32,7 +32,7 @@ def main() -> int:
   if not FLAGS.output_dir:
     raise cli.UsageError("--output_dir: required")
   spec = EmbeddedSpec(**cli.dataclass_kwargs_from_flags(EmbeddedSpec, FLAG_NAMES))
-  from memdyn_jax import embedded
+  from memdyn_jax.studies import embedded
   command = " ".join(["python", "experiments/build_embedded.py", *sys.argv[1:]])
   manifest = embedded.build(spec, FLAGS.output_dir, work_dir=FLAGS.work_dir,
                             save_every_steps=FLAGS.save_every_steps,

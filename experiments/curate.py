@@ -23,9 +23,11 @@ import os
 
 from absl import flags
 
-from memdyn_jax import cli, curation, run_evaluation
+from memdyn_jax import cli
+from memdyn_jax.studies import curation
+from memdyn_jax.evaluation import run as run_evaluation
 from memdyn_jax.cli import UsageError
-from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 
 PROG = "curate.py"
 GENERATORS = ("auto", "fresh", "rephrase", "jsonl", "model")

@@ -32,7 +32,7 @@ from absl import flags
 
 from memdyn_jax import cli
 from memdyn_jax.cli import UsageError
-from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 
 PROG = "evaluate.py"
 
@@ -71,7 +71,7 @@ def run() -> int:
   except EvalSettingsError as e:
     raise cli.usage_error(e, _EVAL_FLAGS) from None
   steps = _ints("steps", FLAGS.steps) or None
-  from memdyn_jax import run_evaluation
+  from memdyn_jax.evaluation import run as run_evaluation
   from memdyn_jax.train.loop import StopSignals
   mesh = cli.mesh_from_flags()
   try:

@@ -31,7 +31,7 @@ def run() -> int:
   for name in ("run_dir", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   try:
     out = checkpoints.export_hf(FLAGS.run_dir, os.path.abspath(FLAGS.output_dir), FLAGS.step,
                                 dtype=FLAGS.dtype)

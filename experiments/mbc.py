@@ -10,7 +10,7 @@ memorization_reweight) with the same TrainConfig, hence the same steps and examp
 evaluates each run's last checkpoint on training examples, the held-out test split, and
 (per --study) OOD and perturbed test prompts; judges each sampler's held-out responses
 against --baseline's (--judge); writes results.csv, sampling_frequency.csv/.png,
-judge_*.csv, summary.json and report.md to --output_dir (`memdyn_jax.sampler_study`).
+judge_*.csv, summary.json and report.md to --output_dir (`memdyn_jax.studies.sampler_study`).
 Every TrainConfig field is a flag (default: --preset's). Re-running resumes: finished
 runs and records are kept. Exit status: 0 done, 2 bad flags or inputs.
 """
@@ -62,8 +62,8 @@ _VALUE_ERROR_FLAGS = (("judge prompt", "judge_max_response_tokens"),
 
 def study_config():
   train_cfg = cli.train_config_from_flags(FLAGS.preset)  # checked before importing jax
-  from memdyn_jax import sampler_study
-  from memdyn_jax.sampling import SamplingParams
+  from memdyn_jax.studies import sampler_study
+  from memdyn_jax.evaluation.sampling import SamplingParams
 
   try:
     sampling = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p,
@@ -95,7 +95,8 @@ def run() -> int:
     raise UsageError("--max_train: must be >= 0")
   cfg = study_config()
   spec = cli.task_spec_from_flags(_TASK_FLAGS, split="train")
-  from memdyn_jax import checkpoints, sampler_study
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax.studies import sampler_study
   from memdyn_jax.train import task_run
 
   judge_model = cli.resolve_model(FLAGS.judge_model, "--judge_model") if FLAGS.judge_model else None

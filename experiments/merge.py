@@ -15,11 +15,11 @@ end of slerp): an HF directory or RUN_DIR:STEP; default the first run's base mod
 --method: linear (without --weights: the uniform soup), greedy_soup (add a checkpoint only
 if accuracy on --validation_split improves), slerp (--t), task_arithmetic (--lambda,
 --weights), ties and dare_ties (--density, --lambda, --weights), dare_linear; see
-memdyn_jax/merging.py for the formulas. Merging reads one tensor of each checkpoint at a
+memdyn_jax/merging/methods.py for the formulas. Merging reads one tensor of each checkpoint at a
 time.
 
-The output (memdyn_jax/merged_run.py) is laid out like a training run: run.json with a
-"merge" field, an orbax checkpoint that memdyn_jax.checkpoints.restore and
+The output (memdyn_jax/merging/run.py) is laid out like a training run: run.json with a
+"merge" field, an orbax checkpoint that memdyn_jax.train.checkpoints.restore and
 experiments/evaluate.py read, and an HF export in hf/. A re-run with the same flags skips
 the merge. --evaluate evaluates it with experiments/evaluate.py's flags and defaults
 (--eval_seed is evaluate.py's --seed). Exit status: 0 done, 2 bad flags or inputs.
@@ -32,10 +32,10 @@ import json
 from absl import flags
 
 from memdyn_jax import cli
-from memdyn_jax import merged_run
+from memdyn_jax.merging import run as merged_run
 from memdyn_jax.cli import UsageError
 from memdyn_jax.merging import MergeConfig, MergeConfigError
-from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 
 PROG = "merge.py"
 
@@ -118,7 +118,8 @@ def _flag_error(e) -> UsageError:
 
 def greedy_scorer(first_run: str, settings: EvalSettings, tokenizer, mesh):
   """(soup_score, validation record) of --validation_split."""
-  from memdyn_jax import checkpoints, run_evaluation
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax.evaluation import run as run_evaluation
   settings = run_evaluation.for_run(first_run, settings)
   task = run_evaluation.load_task(first_run, settings)
   try:
@@ -155,7 +156,7 @@ def run() -> int:
     raise cli.usage_error(e) from None
   settings = eval_settings(sources[0].run_dir)
 
-  from memdyn_jax import run_evaluation
+  from memdyn_jax.evaluation import run as run_evaluation
   mesh = cli.mesh_from_flags()
   log = lambda m: print(f"{PROG}: {m}", flush=True)
   try:

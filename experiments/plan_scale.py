@@ -18,7 +18,8 @@ import os
 
 from absl import flags
 
-from memdyn_jax import cli, model_presets, plan
+from memdyn_jax import cli, plan
+from memdyn_jax.models import presets as model_presets
 
 flags.DEFINE_string("model", "llama3-8b", f"Preset ({model_presets.preset_names()}) or a "
                     "path to an HF config.json.")

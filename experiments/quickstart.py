@@ -4,7 +4,7 @@
 
 Builds (and caches) the embedded base model, fine-tunes it over a learning-rate x epochs
 grid plus a half-data run, evaluates the checkpoints, and writes report.md with plots and
-CSV tables (`memdyn_jax.quickstart`; the flags are `QuickstartConfig`'s fields).
+CSV tables (`memdyn_jax.studies.quickstart`; the flags are `QuickstartConfig`'s fields).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 from absl import flags
 
 from memdyn_jax import cli
-from memdyn_jax.quickstart import QuickstartConfig, QuickstartError
+from memdyn_jax.studies.quickstart import QuickstartConfig, QuickstartError
 
 FLAG_NAMES = cli.define_dataclass_flags(QuickstartConfig, help_format="{doc}")
 FLAGS = flags.FLAGS
@@ -26,12 +26,12 @@ def main() -> int:
     raise cli.usage_error(e, FLAG_NAMES) from None
   import jax
 
-  from memdyn_jax import embedded, quickstart
+  from memdyn_jax.studies import embedded, quickstart
   # Re-runs reuse compiled programs too (train steps, sampling and scoring buckets).
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(embedded.default_cache_dir(), "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from memdyn_jax import sweep
+  from memdyn_jax.studies import sweep
   try:
     report = quickstart.run_study(config)
   except sweep.SweepStopped as e:

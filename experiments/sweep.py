@@ -38,8 +38,8 @@ from absl import flags
 
 from memdyn_jax import cli
 from memdyn_jax.cli import UsageError
-from memdyn_jax import sweep as sweep_lib
-from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+from memdyn_jax.studies import sweep as sweep_lib
+from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 from memdyn_jax.train.config import TrainConfig
 
 # launch/ is a folder beside experiments/, not an installed package.
@@ -55,7 +55,7 @@ flags.DEFINE_string("sweep_dir", None, "Sweep directory (holds sweep.json and th
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
 _TASK_FLAGS = cli.define_task_flags(help_format="Training data: {doc}")
 _GRID_FLAGS = cli.define_dataclass_flags(
-    sweep_lib.Grid, help_format="Grid.{field}: see memdyn_jax.sweep.Grid (default {default!r}).")
+    sweep_lib.Grid, help_format="Grid.{field}: see memdyn_jax.studies.sweep.Grid (default {default!r}).")
 _EVAL_FLAGS = cli.define_dataclass_flags(
     EvalSettings, skip=("task", "task_kwargs", "task_path"),
     help_format="Evaluation: EvalSettings.{field}, as evaluate.py's flag (default {default!r}).")
@@ -180,7 +180,7 @@ def run_here(sweep, cells) -> int:
   mesh = cli.mesh_from_flags()
   log = (lambda m: print(f"{PROG}: {m}", flush=True)) if jax.process_index() == 0 else (
       lambda m: None)
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   try:
     outcomes = sweep_lib.run_local(sweep, cells, mesh=mesh, progress=FLAGS.progress, log=log)
   except (sweep_lib.SweepError, EvalSettingsError) as e:

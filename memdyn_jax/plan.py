@@ -11,7 +11,7 @@ partitioner, so the compiled module is what one device of the mesh would run. Ru
 What is compiled is the project's own code: `memdyn_jax.train.step.make_train_step` (with
 the optimizer of `memdyn_jax.train.optim.make_optimizer`, shardings as `train.loop.train`
 places them) and the sampler's jitted prefill and decode programs
-(`memdyn_jax.sampling._prefill` / `_decode`, lowered with abstract inputs).
+(`memdyn_jax.evaluation.sampling._prefill` / `_decode`, lowered with abstract inputs).
 
 Caveat (see README): the numbers are XLA:CPU's buffer assignment for the partitioned
 program. Parameter, optimizer-state and batch bytes are exact; temporaries are an
@@ -33,9 +33,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from memdyn_jax import model_presets
+from memdyn_jax import models
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import ModelConfig, abstract_model
+from memdyn_jax.models import presets as model_presets
 from memdyn_jax.train import step as step_lib
 from memdyn_jax.train.config import TrainConfig
 from memdyn_jax.train.optim import make_optimizer
@@ -522,13 +523,13 @@ def plan_train_step(cfg: ModelConfig, mesh: Mesh, global_batch: int, seq_len: in
 def plan_sampling(cfg: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, max_new_tokens: int,
                   *, compute_dtype: str, param_dtype: str, rules=sharding_lib.DEFAULT_RULES
                   ) -> tuple[ProgramReport, ProgramReport]:
-  """Compiles the sampler's prefill and decode programs (`memdyn_jax.sampling`) on `mesh`.
+  """Compiles the sampler's prefill and decode programs (`memdyn_jax.evaluation.sampling`) on `mesh`.
 
   The programs are the ones `sampling.generate` runs (temperature sampling, one sample per
   prompt), lowered with abstract parameters, prompts and decode state; `batch` prompts of
   `prompt_len` tokens and a KV cache of `prompt_len + max_new_tokens` slots.
   """
-  from memdyn_jax import sampling  # the sampler's jitted programs (private but stable hooks)
+  from memdyn_jax.evaluation import sampling  # the sampler's jitted programs (private but stable hooks)
 
   model = abstract_model(cfg, dtype=jnp.dtype(compute_dtype), param_dtype=jnp.dtype(param_dtype))
   graphdef, state = nnx.split(model)
@@ -572,7 +573,7 @@ def plan_scale(model_config: ModelConfig | str, mesh_shape: Sequence[int] = (1, 
   `XLA_FLAGS=--xla_force_host_platform_device_count=N`).
 
   Args:
-    model_config: a `ModelConfig` or a `memdyn_jax.model_presets` name ("llama3-8b", ...).
+    model_config: a `ModelConfig` or a `memdyn_jax.models.presets` name ("llama3-8b", ...).
     mesh_shape: (data, fsdp, tensor) mesh sizes.
     global_batch: examples per optimizer step.
     seq_len: tokens per example.
@@ -616,7 +617,8 @@ def plan_scale(model_config: ModelConfig | str, mesh_shape: Sequence[int] = (1, 
                                     compute_dtype=compute_dtype, param_dtype=param_dtype,
                                     rules=rules)
   return PlanReport(
-      model=name, num_params=cfg.num_params, mesh_shape=mesh_shape, global_batch=global_batch,
+      model=name, num_params=models.num_params(cfg), mesh_shape=mesh_shape,
+      global_batch=global_batch,
       seq_len=seq_len, micro_batch=micro, remat=remat, compute_dtype=compute_dtype,
       param_dtype=param_dtype, pin_activations=pin_activations, accelerator=accelerator,
       capacity_bytes=ACCELERATORS[accelerator], param_bytes=param_bytes,
@@ -669,7 +671,7 @@ def state_lower_bound(cfg: ModelConfig, mesh_shape: Sequence[int], precision: st
   shards = mesh_shape[1] * mesh_shape[2]  # parameters are split over fsdp and tensor only
   p = jnp.dtype(param_dtype).itemsize
   moments = {"adamw": 2, "adam": 2, "sgd": 1}[optimizer]
-  return int(cfg.num_params * (p * (1 + moments) + 4) / shards)
+  return int(models.num_params(cfg) * (p * (1 + moments) + 4) / shards)
 
 
 def candidate_space(devices: int, global_batch: int, *, tensor_options: Sequence[int] = (1,),

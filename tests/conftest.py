@@ -100,7 +100,8 @@ EVAL_TASK_KWARGS = {"n_train": 12, "n_test": 4, "n_ood": 4, "max_steps": 1}
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """(run_dir, base_dir): a run trained 4 steps with checkpoints at steps 2 and 4."""
-  from memdyn_jax import checkpoints, models, testing
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import models, testing
   from memdyn_jax.tasks import synthetic_arith as sa
   from memdyn_jax.train import loop
   from memdyn_jax.train.config import TrainConfig

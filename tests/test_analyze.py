@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from memdyn_jax import evaluation, metrics, records, report
+from memdyn_jax import evaluation, metrics, report
+from memdyn_jax.evaluation import records
 from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
 from conftest import assert_one_line_error, run_binary
@@ -485,7 +486,7 @@ def test_cli_on_evaluated_run_with_distance_from_init(evaluated_run, tmp_path, m
   assert {c["key"] for c in cats} == {"level", "n_lines"}
   assert sum(int(c["n"]) for c in cats if c["key"] == "level") == 4  # the 4 train examples
   # Cached: a second call restores nothing.
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   monkeypatch.setattr(checkpoints, "restore", lambda *a, **k: pytest.fail("restored"))
   assert analysis.distances_from_init(run_dir, [2, 4]) == pytest.approx({2: d2, 4: d4})
 

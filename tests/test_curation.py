@@ -13,7 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from memdyn_jax import curation, sampling, testing
+from memdyn_jax.studies import curation
+from memdyn_jax.evaluation import sampling
+from memdyn_jax import testing
 from memdyn_jax.tasks import DataError, Example, write_jsonl
 from memdyn_jax.tasks import synthetic_arith as sa
 
@@ -301,7 +303,7 @@ def test_one_iteration_of_every_method_end_to_end(study):
 
 def test_resume_skips_finished_rounds_and_refuses_changed_settings(base_model, study, tmp_path,
                                                                    monkeypatch):
-  from memdyn_jax import evaluation
+  from memdyn_jax.evaluation import examples as example_eval
   from memdyn_jax.train import loop
 
   out = str(tmp_path / "study")
@@ -315,7 +317,7 @@ def test_resume_skips_finished_rounds_and_refuses_changed_settings(base_model, s
     raise AssertionError("a finished round was redone")
 
   monkeypatch.setattr(loop, "train", forbidden)
-  monkeypatch.setattr(evaluation, "evaluate_examples", forbidden)
+  monkeypatch.setattr(example_eval, "evaluate_examples", forbidden)
   assert curation.run_curation(setup, cfg, gen, out).rounds == first.rounds
   # Round 1 unfinished (state lost after its run trained): only its bookkeeping is redone.
   state_path = os.path.join(out, "iid", curation.STATE_FILE)

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from memdyn_jax import embedded, models, quickstart
+from memdyn_jax.studies import embedded, quickstart
+from memdyn_jax import models
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,7 +176,7 @@ def test_tiny_quickstart_runs_the_standard_pipeline(tmp_path, monkeypatch, cache
 
 
 def test_spread_steps_spread_over_the_run_last_included():
-  from memdyn_jax.run_evaluation import spread_steps
+  from memdyn_jax.evaluation.run import spread_steps
   steps = list(range(4, 164, 4))  # 40 checkpoints
   picks = spread_steps(steps, 4)
   assert len(picks) == 4 and picks == sorted(picks) and picks[-1] == steps[-1]

@@ -13,7 +13,9 @@ import re
 
 import pytest
 
-from memdyn_jax import evaluation, fileio, records
+from memdyn_jax import evaluation, fileio
+from memdyn_jax.train import checkpoints
+from memdyn_jax.evaluation import records
 from memdyn_jax.tasks import Example
 from memdyn_jax.tasks import synthetic_arith as sa
 
@@ -162,15 +164,15 @@ def test_subset_is_seeded_ordered_and_total_when_asked():
 def test_trained_examples_follow_examples_json(tmp_path):
   task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
   train = task.load("train")
-  assert evaluation.trained_examples(str(tmp_path), task) == train  # no listing: whole split
+  assert checkpoints.trained_examples(str(tmp_path), task) == train  # no listing: whole split
   (tmp_path / "examples.json").write_text(json.dumps(
       {"task": "synthetic_arith", "split": "train", "ids": [train[3].id, train[1].id]}))
-  assert evaluation.trained_examples(str(tmp_path), task) == [train[3], train[1]]
+  assert checkpoints.trained_examples(str(tmp_path), task) == [train[3], train[1]]
   other = sa.SyntheticArithTask(seed=0, n_train=2, n_test=4, n_ood=4, max_steps=1)
   (tmp_path / "examples.json").write_text(json.dumps(
       {"task": "synthetic_arith", "split": "train", "ids": [train[5].id]}))
   with pytest.raises(ValueError, match="not in task"):
-    evaluation.trained_examples(str(tmp_path), other)
+    checkpoints.trained_examples(str(tmp_path), other)
 
 
 def test_a_data_fraction_run_is_scored_on_the_rows_it_draws(tiny_run, tmp_path):
@@ -178,17 +180,18 @@ def test_a_data_fraction_run_is_scored_on_the_rows_it_draws(tiny_run, tmp_path):
   variance) built from that subset only, so memorization and PreMemAcc cover seen examples;
   a damaged listing is one error naming the file."""
   import shutil
-  from memdyn_jax import checkpoints, run_evaluation
-  from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
   run_dir, _ = tiny_run
   copy = str(tmp_path / "run")
   shutil.copytree(run_dir, copy)
   task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
-  trained = evaluation.trained_examples(copy, task)
-  assert evaluation.drawn_examples(copy, trained) == trained  # no subset.json: all rows
+  trained = checkpoints.trained_examples(copy, task)
+  assert checkpoints.drawn_examples(copy, trained) == trained  # no subset.json: all rows
   settings = EvalSettings(splits=("train",), num_train=0)
   checkpoints.write_subset(copy, 0.5, [4, 1, 2])
-  assert evaluation.drawn_examples(copy, trained) == [trained[4], trained[1], trained[2]]
+  assert checkpoints.drawn_examples(copy, trained) == [trained[4], trained[1], trained[2]]
   units, train = run_evaluation.build_units(copy, task, settings)
   assert [u.examples for u in units] == [tuple(train)]
   assert list(train) == [trained[4], trained[1], trained[2]]
@@ -312,10 +315,10 @@ def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
   task, tok, params = _library_inputs(run_dir)
   unit = evaluation.EvalUnit("test", tuple(task.load("test")[:4]))
   # Library level: everything done, so nothing is restored or evaluated.
-  assert evaluation.evaluate_run(run_dir, task, tok, [unit], params, batch_size=4,
+  assert evaluation.evaluate_units(run_dir, task, tok, [unit], params, batch_size=4,
                                  progress=False) == []
   with pytest.raises(ValueError, match="no checkpoint at step"):
-    evaluation.evaluate_run(run_dir, task, tok, [unit], params, steps=[3], progress=False)
+    evaluation.evaluate_units(run_dir, task, tok, [unit], params, steps=[3], progress=False)
   # CLI level: only the removed unit is redone; seeded sampling reproduces it.
   path = records.record_path(run_dir, 4, "test")
   before = records.read_jsonl(path)
@@ -332,27 +335,27 @@ def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
 
 
 def test_gradient_variance_only_skips_done_and_redoes_changed_settings(evaluated_run):
-  from memdyn_jax.gradient_variance import GradientVarianceConfig
+  from memdyn_jax.evaluation.gradient_variance import GradientVarianceConfig
 
   run_dir, _ = evaluated_run
   task, tok, params = _library_inputs(run_dir)
-  train = evaluation.trained_examples(run_dir, task)
+  train = checkpoints.trained_examples(run_dir, task)
   kwargs = dict(steps=[4], progress=False, name="eval_gv", grad_variance_examples=train)
   cfg = GradientVarianceConfig(num_minibatches=2, batch_size=2)
   # No units: only the gradient variance is measured.
-  done = evaluation.evaluate_run(run_dir, task, tok, [], params, grad_variance=cfg, **kwargs)
+  done = evaluation.evaluate_units(run_dir, task, tok, [], params, grad_variance=cfg, **kwargs)
   assert [(t.step, t.units) for t in done] == [(4, 0)] and done[0].gradient_variance_s > 0
   first = records.read_checkpoint_stats(run_dir, 4, name="eval_gv")["gradient_variance"]
-  assert evaluation.evaluate_run(run_dir, task, tok, [], params, grad_variance=cfg,
+  assert evaluation.evaluate_units(run_dir, task, tok, [], params, grad_variance=cfg,
                                  **kwargs) == []
   other = GradientVarianceConfig(num_minibatches=3, batch_size=2)
-  assert len(evaluation.evaluate_run(run_dir, task, tok, [], params, grad_variance=other,
+  assert len(evaluation.evaluate_units(run_dir, task, tok, [], params, grad_variance=other,
                                      **kwargs)) == 1
   stats = records.read_checkpoint_stats(run_dir, 4, name="eval_gv")
   assert stats["gradient_variance_settings"]["num_minibatches"] == 3
   assert stats["gradient_variance"] != first
   with pytest.raises(ValueError, match="needs 3 minibatches of 8"):
-    evaluation.evaluate_run(run_dir, task, tok, [], params,
+    evaluation.evaluate_units(run_dir, task, tok, [], params,
                             grad_variance=GradientVarianceConfig(3, 8), **kwargs)
 
 
@@ -389,8 +392,8 @@ def test_run_evaluation_pending_steps_and_checks_when_all_is_done(evaluated_run)
   """run_evaluation with EVAL_CLI_FLAGS' settings: nothing pending; other gradient-variance
   settings, another split or a subset of steps change what is pending; the run's checkpoints
   and the recorded settings are checked even when nothing is pending."""
-  from memdyn_jax import run_evaluation
-  from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 
   run_dir, _ = evaluated_run
   settings = EvalSettings(splits=("train", "test", "perturbed"), task_kwargs=EVAL_TASK_KWARGS,
@@ -450,8 +453,8 @@ def test_cli_run_without_checkpoints_is_an_error(tiny_run, tmp_path):
 def test_evaluation_defaults_to_the_task_the_run_was_trained_on(tiny_run, tmp_path):
   """No --task/--task_kwargs/--task_path: the run's examples.json gives all three; given
   task arguments that make other data under the same ids are refused by the data check."""
-  from memdyn_jax import run_evaluation
-  from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
   run_dir, _ = tiny_run
   resolved = run_evaluation.for_run(run_dir, EvalSettings())
   assert (resolved.task, resolved.task_kwargs, resolved.task_path) == (
@@ -505,7 +508,7 @@ def test_a_damaged_record_file_is_redone_and_never_read_short(tmp_path):
 
 
 def test_checkpoint_scalars_and_tensorboard_events(evaluated_run):
-  from memdyn_jax import run_evaluation
+  from memdyn_jax.evaluation import run as run_evaluation
   rows = []
   for step, accs, ppls in [(2, (1.0, 0.0), (1.5, 1.5)), (4, (1.0, 1.0), (1.01, 1.5))]:
     for i, (a, p) in enumerate(zip(accs, ppls)):

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from memdyn_jax import checkpoints, models
+from memdyn_jax.train import checkpoints
+from memdyn_jax import models
 
 from conftest import assert_one_line_error, run_binary
 

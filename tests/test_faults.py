@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memdyn_jax import checkpoints, records
+from memdyn_jax.train import checkpoints
+from memdyn_jax.evaluation import records
 
 from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, REPO_ROOT, run_binary
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memdyn_jax import gradient_variance as gv
+from memdyn_jax.evaluation import gradient_variance as gv
 from memdyn_jax import models
 from memdyn_jax.metrics import baselines
 from memdyn_jax.tasks import synthetic_arith as sa

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from memdyn_jax import judge as judge_lib
+from memdyn_jax.evaluation import judge as judge_lib
 from memdyn_jax.tasks import synthetic_arith as sa
 
 # ----------------------------------------------------------------------------- statistics
@@ -220,7 +220,7 @@ COMPACT = judge_lib.JudgeTemplate(
 
 
 def test_local_model_judge_end_to_end(tiny_model):
-  from memdyn_jax import scoring
+  from memdyn_jax.evaluation import scoring
 
   model, tok, task = tiny_model
   exs = task.load("test")

@@ -1,4 +1,4 @@
-"""experiments/merge.py and memdyn_jax/merged_run.py on two tiny checkpoints: the merged
+"""experiments/merge.py and memdyn_jax/merging/run.py on two tiny checkpoints: the merged
 run directory restores with checkpoints.restore (linear = the numpy mean), its HF export
 loads with the same logits, --evaluate writes records, a re-run skips; base-relative
 methods, greedy soup, checkpoint selectors and one-line errors for bad inputs."""
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memdyn_jax import checkpoints, merged_run, merging, models, records
+from memdyn_jax.train import checkpoints
+from memdyn_jax.merging import run as merged_run
+from memdyn_jax import merging, models
+from memdyn_jax.evaluation import records
 from memdyn_jax.merging import MergeConfig
 
 from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, assert_one_line_error, run_binary

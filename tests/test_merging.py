@@ -390,7 +390,7 @@ def test_merge_tensor_directly():
 
 
 def test_orbax_checkpoint_source_reads_one_array_at_a_time(tmp_path):
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
 
   class M(nnx.Module):
     def __init__(self, seed):

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from memdyn_jax import model_presets, plan
+from memdyn_jax import models, plan
+from memdyn_jax.models import presets as model_presets
 
 _ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
 _HERE = os.path.dirname(__file__)
@@ -135,7 +136,8 @@ def test_hlo_collectives_counts_loop_executions_and_operand_bytes():
 
 def test_presets_match_published_parameter_counts():
   for name in model_presets.preset_names():
-    assert model_presets.preset_config(name).num_params == model_presets.PUBLISHED_NUM_PARAMS[name]
+    assert (models.num_params(model_presets.preset_config(name))
+            == model_presets.PUBLISHED_NUM_PARAMS[name])
   gemma = model_presets.preset_config("gemma2-9b")
   assert gemma.attn_logit_softcap == 50.0 and gemma.final_logit_softcap == 30.0
   assert set(gemma.layer_windows) == {0, 4096}
@@ -149,7 +151,7 @@ def test_presets_match_published_parameter_counts():
 
 def test_lever_space_and_lower_bound():
   cfg = model_presets.preset_config("llama3-8b")
-  n = cfg.num_params
+  n = models.num_params(cfg)
   assert plan.state_lower_bound(cfg, (1, 8, 1), "mixed") == int(n * 16 / 8)
   assert plan.state_lower_bound(cfg, (1, 4, 2), "bf16") == int(n * 10 / 8)
   assert plan.state_lower_bound(cfg, (2, 4, 1), "mixed") == int(n * 16 / 4)  # data replicates

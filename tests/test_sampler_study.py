@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from memdyn_jax import judge as judge_lib
-from memdyn_jax import sampler_study
-from memdyn_jax.sampling import SamplingParams
+from memdyn_jax.evaluation import judge as judge_lib
+from memdyn_jax.studies import sampler_study
+from memdyn_jax.evaluation.sampling import SamplingParams
 from memdyn_jax.tasks import synthetic_arith as sa
 from memdyn_jax.train import task_run
 from memdyn_jax.train.config import TrainConfig
@@ -69,7 +69,7 @@ def test_draw_count_stats():
 
 
 def test_mbc_study_end_to_end_and_resume(base_model, tmp_path):
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
 
   task = sa.SyntheticArithTask(**TASK_KWARGS)
   cfg = sampler_study.study_config("mbc", train=TRAIN, sampling=SAMPLING, n_eval=0,

@@ -21,8 +21,9 @@ if __name__ != "__main__":  # the worker imports jax itself, after its flags are
   import torch
   from transformers.generation import logits_process as hf_lp
 
-  from memdyn_jax import sampling, testing
-  from memdyn_jax.sampling import SamplingParams
+  from memdyn_jax.evaluation import sampling
+  from memdyn_jax import testing
+  from memdyn_jax.evaluation.sampling import SamplingParams
 
 PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
            "Weng earns $12 an hour for babysitting.\nAnswer:"]
@@ -330,7 +331,8 @@ def test_sharded_generate_matches_one_device(tmp_path):
 def _worker(ckpt: str) -> None:
   import jax
 
-  from memdyn_jax import models, sampling, sharding, testing
+  from memdyn_jax import models, sharding, testing
+  from memdyn_jax.evaluation import sampling
 
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   single, cfg = models.from_pretrained(ckpt)

@@ -19,7 +19,8 @@ if __name__ != "__main__":  # the worker imports jax itself, after its flags are
   import jax.numpy as jnp
   import torch
 
-  from memdyn_jax import scoring, testing
+  from memdyn_jax.evaluation import scoring
+  from memdyn_jax import testing
   from memdyn_jax.tasks import DataError, encode_example
 
 PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
@@ -246,7 +247,8 @@ def _worker(ckpt: str, tok_dir: str) -> None:
   import jax
   import transformers
 
-  from memdyn_jax import models, scoring, sharding
+  from memdyn_jax import models, sharding
+  from memdyn_jax.evaluation import scoring
 
   tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)

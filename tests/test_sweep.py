@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from memdyn_jax import checkpoints, records
-from memdyn_jax import sweep as sweep_lib
-from memdyn_jax.run_evaluation import EvalSettings, EvalSettingsError
+from memdyn_jax.train import checkpoints
+from memdyn_jax.evaluation import records
+from memdyn_jax.studies import sweep as sweep_lib
+from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 from memdyn_jax.train.config import PRESETS
 from memdyn_jax.train.task_run import TaskSpec
 

@@ -12,7 +12,6 @@ import json
 import math
 from typing import Any, Mapping
 
-import numpy as np
 
 # HF `model_type` -> our family module.
 FAMILY_OF_MODEL_TYPE = {
@@ -71,10 +70,6 @@ class ModelConfig:
   @property
   def hf_config(self) -> dict[str, Any]:
     return json.loads(self.hf_config_json)
-
-  @property
-  def num_params(self) -> int:
-    return int(sum(np.prod(s) for s in param_shapes(self).values()))
 
 
 def _unsupported(field: str, value: Any, why: str) -> ValueError:
@@ -245,16 +240,6 @@ def _gpt_neo(hf, raw) -> dict[str, Any]:
       rope_type="none",
       attn_scale=1.0,  # GPT-Neo does not scale q·k by 1/sqrt(d)
   )
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Parameter count bookkeeping without building the model (for `num_params`)."""
-  from memdyn_jax.models import registry  # local: avoid import cycle
-
-  abstract = registry.abstract_model(cfg)
-  from flax import nnx
-
-  return {".".join(map(str, k)): v.shape for k, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 
 def attn_scale(cfg: ModelConfig) -> float:

@@ -1,6 +1,8 @@
 """Family name -> model class; model construction (concrete or abstract)."""
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -35,3 +37,14 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float
   """The model with `ShapeDtypeStruct` leaves: shapes and logical axes, nothing allocated."""
   return nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, param_dtype=param_dtype,
                                             remat=remat, attention_impl=attention_impl))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{dotted parameter path: shape}, from the abstract model (nothing is allocated)."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return {".".join(map(str, k)): v.shape for k, v in nnx.to_flat_state(state)}
+
+
+def num_params(cfg: ModelConfig) -> int:
+  """The parameter count of the architecture `cfg` describes."""
+  return int(sum(math.prod(shape) for shape in param_shapes(cfg).values()))

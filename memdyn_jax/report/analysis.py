@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from memdyn_jax import metrics
-from memdyn_jax import records as records_lib
+from memdyn_jax.evaluation import records as records_lib
 from memdyn_jax.report.collect import RunRecords, SplitMatrix
 
 TRAIN, TEST, OOD = "train", "test", "ood"
@@ -438,7 +438,8 @@ def distances_from_init(run_dir: str, steps: Sequence[int], *,
   import jax
   from flax import nnx
 
-  from memdyn_jax import checkpoints, sharding
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import sharding
   from memdyn_jax.models import hf_io
   from memdyn_jax.train.config import TrainConfig
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from memdyn_jax import records as records_lib
+from memdyn_jax.evaluation import records as records_lib
 
 RUN_INFO = "run.json"
 

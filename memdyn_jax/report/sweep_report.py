@@ -160,7 +160,8 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
   """
   import numpy as np
 
-  from memdyn_jax import metrics, records
+  from memdyn_jax import metrics
+  from memdyn_jax.evaluation import records
   from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
   name = options.eval_name

@@ -2,7 +2,7 @@
 
 `train(cfg, data, model_path, output_dir)` fine-tunes the model at `model_path` on
 pre-tokenized `TrainData` (see `memdyn_jax.tasks.tokenize` for the prompt/target
-convention) and writes a run directory (`memdyn_jax.checkpoints`). On a multi-host pod
+convention) and writes a run directory (`memdyn_jax.train.checkpoints`). On a multi-host pod
 every process runs the same call: each holds the whole (small) token array and the same
 sampler, and materialises only its own shards of each global batch.
 
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from memdyn_jax import checkpoints as ckpt
+from memdyn_jax.train import checkpoints as ckpt
 from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import hf_io

@@ -50,15 +50,20 @@ def check_task_name(name: str) -> None:
 
 def resolve_model(model: str) -> str:
   """A local HF directory for a model reference: a directory, hub id, `.gguf` file or
-  'embedded' (the project's base model, built and cached on first use)."""
-  if model == "embedded":
-    from memdyn_jax import embedded
-    return embedded.model_dir()
-  from memdyn_jax.models import hf_io
+  'embedded' (the project's shipped base, its files checked).
+
+  Raises:
+    TaskRunError: the reference resolves to nothing (field "model").
+  """
+  from memdyn_jax.models import embedded, hf_io
   try:
+    if model == embedded.EMBEDDED_NAME:
+      return embedded.shipped_dir()
     return hf_io.resolve_checkpoint_dir(model)
-  except Exception as e:  # missing dir, hub error: one line
-    raise TaskRunError("model", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+  # A missing directory or file, a hub error (huggingface_hub's are OSErrors or
+  # ValueErrors), a damaged shipped base.
+  except (OSError, ValueError, embedded.EmbeddedBaseError) as e:
+    raise TaskRunError("model", str(e) or type(e).__name__) from e
 
 
 def load_examples(spec: TaskSpec):
@@ -88,7 +93,7 @@ def write_examples_listing(run_dir: str, spec: TaskSpec, ids) -> None:
   """`examples.json`: the data a run trains on (task, its arguments, the local data path
   if any, split) and which example each training row is; the evaluation reads its task
   settings from here unless told otherwise."""
-  from memdyn_jax.evaluation import EXAMPLES_FILE
+  from memdyn_jax.train.checkpoints import EXAMPLES_FILE
   os.makedirs(run_dir, exist_ok=True)
   path = os.path.join(run_dir, EXAMPLES_FILE)
   fileio.atomic_write_json(path, {
@@ -118,7 +123,7 @@ def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *,
   """
   import jax
 
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   from memdyn_jax.models import hf_io
   from memdyn_jax.train import loop
   check_task_name(spec.name)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memdyn_jax import model_presets, models, testing
+from memdyn_jax.models import presets as model_presets
+from memdyn_jax import models, testing
 from memdyn_jax.models import layers, splash
 
 SEQ = 128  # the smallest length splash tiles (one 128 block)

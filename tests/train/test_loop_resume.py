@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memdyn_jax import checkpoints, models
+from memdyn_jax.train import checkpoints
+from memdyn_jax import models
 from memdyn_jax.train import lora as lora_lib
 from memdyn_jax.train import loop
 from memdyn_jax.train.config import TrainConfig

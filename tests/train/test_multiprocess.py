@@ -96,5 +96,5 @@ def test_two_processes_match_one(tmp_path):
                    mesh=sharding_lib.make_mesh(devices=jax.devices()[:1]), progress=False)
   for r in results:
     np.testing.assert_allclose(r["losses"], one.losses, rtol=0, atol=1e-5)
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   assert checkpoints.list_steps(str(tmp_path / "run")) == [2, 4]

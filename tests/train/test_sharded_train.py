@@ -17,7 +17,8 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from memdyn_jax import checkpoints, models, sharding
+    from memdyn_jax.train import checkpoints
+    from memdyn_jax import models, sharding
     from memdyn_jax.train import loop
     from memdyn_jax.train.config import TrainConfig
     assert jax.device_count() == 8, jax.devices()

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from memdyn_jax import checkpoints, models
+from memdyn_jax.train import checkpoints
+from memdyn_jax import models
 
 from conftest import assert_one_line_error
 

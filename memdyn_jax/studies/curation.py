@@ -51,9 +51,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from memdyn_jax import fileio
-from memdyn_jax import records as records_lib
+from memdyn_jax.evaluation import records as records_lib
 from memdyn_jax.errors import FieldError
-from memdyn_jax.sampling import SamplingParams
+from memdyn_jax.evaluation.sampling import SamplingParams
 from memdyn_jax.tasks.base import DataError, Example, Task, read_jsonl
 from memdyn_jax.train.config import TrainConfig, get_preset
 
@@ -237,8 +237,8 @@ def ifd_scores(task: Task, examples: Sequence[Example], scorer: PerplexityScorer
 def model_perplexity_scorer(model, tokenizer, *, batch_size: int = 16,
                             max_length: int | None = None,
                             append_eos: bool = False) -> PerplexityScorer:
-  """A PerplexityScorer over `memdyn_jax.scoring.score_texts` (targets truncated to fit)."""
-  from memdyn_jax import scoring
+  """A PerplexityScorer over `memdyn_jax.evaluation.scoring.score_texts` (targets truncated to fit)."""
+  from memdyn_jax.evaluation import scoring
 
   def scorer(prompts: Sequence[str], targets: Sequence[str]) -> np.ndarray:
     out = np.full(len(prompts), np.nan)
@@ -435,7 +435,7 @@ class ModelRephraser:
     require_numbers: reject rephrasings that drop a number of the question.
     attempts: sampling rounds per call.
     batch_size: prompts per compiled program.
-    sample_fn: `memdyn_jax.sampling.sample` (replaceable in tests).
+    sample_fn: `memdyn_jax.evaluation.sampling.sample` (replaceable in tests).
   """
 
   model: Any
@@ -456,7 +456,7 @@ class ModelRephraser:
                                         <= set(_NUMBER_RE.findall(text)))
 
   def generate(self, sources, rng, existing):
-    from memdyn_jax import sampling
+    from memdyn_jax.evaluation import sampling
 
     sample = self.sample_fn or sampling.sample
     taken = {ex.id for ex in existing}
@@ -642,7 +642,8 @@ def train_and_evaluate(setup: CurationSetup, examples: Sequence[Example], run_di
   Test accuracy is measured at the last checkpoint; with `premem_examples`, those examples
   are also evaluated at every checkpoint and their final PreMemAcc returned.
   """
-  from memdyn_jax import checkpoints, evaluation, models
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import evaluation, models
   from memdyn_jax.report import analysis, collect
   from memdyn_jax.train import loop
 
@@ -662,9 +663,9 @@ def train_and_evaluate(setup: CurationSetup, examples: Sequence[Example], run_di
   train = evaluation.EvalUnit("train", tuple(premem_examples), greedy=False)
   common = dict(batch_size=setup.eval_batch_size, progress=progress)
   if premem_examples and len(steps) > 1:
-    evaluation.evaluate_run(run_dir, setup.task, tokenizer, [train], setup.sampling,
+    evaluation.evaluate_units(run_dir, setup.task, tokenizer, [train], setup.sampling,
                             steps=steps[:-1], **common)
-  evaluation.evaluate_run(run_dir, setup.task, tokenizer,
+  evaluation.evaluate_units(run_dir, setup.task, tokenizer,
                           [train, test] if premem_examples else [test], setup.sampling,
                           steps=steps[-1:], **common)
   run = collect.load_run(run_dir)

@@ -7,7 +7,7 @@ runs a paper reports (`Grid.paper_grid`, e.g. Kang et al.'s "kang_llama3_gsm8k":
 
     sweep.json      the sweep: model, task, grid, evaluation settings and every cell (name,
                     run directory, TrainConfig); a re-run is compared against it.
-    <cell name>/    the cell's run directory (`memdyn_jax.checkpoints`) with its eval/ records
+    <cell name>/    the cell's run directory (`memdyn_jax.train.checkpoints`) with its eval/ records
     analysis/       the tables and plots of `analyze` (`report.analyze_sweep`, as
                     experiments/analyze.py writes them)
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from memdyn_jax import fileio
 from memdyn_jax.errors import FieldError
-from memdyn_jax.run_evaluation import EvalSettings
+from memdyn_jax.evaluation.run import EvalSettings
 from memdyn_jax.train import config as config_lib
 from memdyn_jax.train.config import TrainConfig
 from memdyn_jax.train.task_run import TaskSpec
@@ -261,7 +261,7 @@ def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> bool:
       an existing cell whose training settings changed (its name and fields); or stored cells
       the new grid leaves out.
   """
-  from memdyn_jax.checkpoints import differences
+  from memdyn_jax.train.checkpoints import differences
   new = json.loads(json.dumps(sweep.to_json()))
   old = json.loads(json.dumps(dict(stored)))
   where = sweep_file(sweep.sweep_dir)
@@ -298,7 +298,7 @@ def write_sweep(sweep: Sweep) -> None:
 
 
 def _check_run_dir(cell: Cell) -> dict[str, Any] | None:
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   if not os.path.exists(os.path.join(cell.run_dir, checkpoints.RUN_INFO)):
     return None
   info = checkpoints.read_run_info(cell.run_dir)
@@ -311,7 +311,7 @@ def _check_run_dir(cell: Cell) -> dict[str, Any] | None:
 
 def training_done(cell: Cell) -> bool:
   """Whether the cell's final checkpoint exists."""
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   info = _check_run_dir(cell)
   if info is None:
     return False
@@ -321,7 +321,7 @@ def training_done(cell: Cell) -> bool:
 
 def evaluation_done(cell: Cell, settings: EvalSettings) -> bool:
   """Whether the cell is trained and every checkpoint has all its records."""
-  from memdyn_jax import run_evaluation
+  from memdyn_jax.evaluation import run as run_evaluation
   return training_done(cell) and not run_evaluation.pending_steps(cell.run_dir, settings)
 
 
@@ -386,7 +386,7 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
   """
   import time
 
-  from memdyn_jax import run_evaluation
+  from memdyn_jax.evaluation import run as run_evaluation
   from memdyn_jax.train import loop, task_run
   trained = 0
   start = time.time()

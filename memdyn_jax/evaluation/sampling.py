@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from memdyn_jax import scoring
+from memdyn_jax.evaluation import scoring
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import KVCache
 from memdyn_jax.tasks import tokenize

@@ -2,8 +2,8 @@
 (experiments/quickstart.py is its flag parsing).
 
 It is the standard pipeline on a small grid, nothing of its own:
-1. the shipped embedded base model (`memdyn_jax.embedded`; `rebuild_base` builds it again);
-2. a sweep (`memdyn_jax.sweep`) on `synthetic_arith`: every learning rate x every epoch
+1. the shipped embedded base model (`memdyn_jax.studies.embedded`; `rebuild_base` builds it again);
+2. a sweep (`memdyn_jax.studies.sweep`) on `synthetic_arith`: every learning rate x every epoch
    count, plus one long small-data run at the largest rate, each trained and then
    evaluated by the run evaluation of experiments/evaluate.py (`run_evaluation`: samples at T = 0.8, target-trace
    perplexity, greedy scores for ATC, gradient variance, OOD and perturbed prompts) at
@@ -121,8 +121,8 @@ MERGE_PREFIX = "merge_"
 def make_sweep(config: QuickstartConfig, base_dir: str, spec):
   """The quickstart's sweep: its grid over the base at `base_dir`, evaluated as evaluate.py
   would with the quickstart's sizes."""
-  from memdyn_jax import sweep
-  from memdyn_jax.run_evaluation import EvalSettings
+  from memdyn_jax.studies import sweep
+  from memdyn_jax.evaluation.run import EvalSettings
   from memdyn_jax.train.task_run import TaskSpec
 
   task = spec.task()
@@ -181,7 +181,7 @@ def analyze(sweep):
   (a tiny grid with no spread), with Kang et al.'s task threshold instead (the report
   states which was used)."""
   from memdyn_jax import report
-  from memdyn_jax import sweep as sweep_lib
+  from memdyn_jax.studies import sweep as sweep_lib
   try:
     return sweep_lib.analyze(sweep, **ANALYSIS_OPTIONS)
   except report.AnalysisError as e:
@@ -199,8 +199,12 @@ def run_study(config: QuickstartConfig, spec=None) -> str:
   Raises:
     sweep.SweepStopped: SIGTERM / SIGINT stopped a run after it saved; a re-run continues.
   """
-  from memdyn_jax import checkpoints, embedded, merged_run, merging, models, run_evaluation
-  from memdyn_jax import sweep as sweep_lib
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax.studies import embedded
+  from memdyn_jax.merging import run as merged_run
+  from memdyn_jax import merging, models
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.studies import sweep as sweep_lib
 
   clock = time.time()
   wall: dict[str, float] = {}

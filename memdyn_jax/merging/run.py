@@ -42,7 +42,8 @@ import os
 import shutil
 from typing import Any, Callable, Mapping, Sequence
 
-from memdyn_jax import checkpoints, merging
+from memdyn_jax.train import checkpoints
+from memdyn_jax import merging
 from memdyn_jax.errors import FieldError
 from memdyn_jax.merging import MergeConfig
 
@@ -424,7 +425,7 @@ def merge_to_run_dir(out_dir: str, method: str, sources: Sequence[CheckpointRef]
   if is_writer:
     if tokenizer is not None:
       tokenizer.save_pretrained(os.path.join(partial, HF_DIR))
-    from memdyn_jax.evaluation import EXAMPLES_FILE
+    from memdyn_jax.train.checkpoints import EXAMPLES_FILE
     for name in (checkpoints.MODEL_CONFIG, EXAMPLES_FILE):
       if os.path.exists(os.path.join(first, name)):
         shutil.copyfile(os.path.join(first, name), os.path.join(partial, name))

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from memdyn_jax import scoring
+from memdyn_jax.evaluation import scoring
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.metrics import baselines
 from memdyn_jax.tasks.base import Example, Task

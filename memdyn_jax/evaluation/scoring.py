@@ -159,7 +159,7 @@ def score(model: nnx.Module, input_ids, attention_mask, target_mask) -> ScoreOut
 
 
 # ----------------------------------------------------------------------------- batching helpers
-# Shared with `memdyn_jax.sampling`: bucketed shapes, placement on a mesh, host transfer.
+# Shared with `memdyn_jax.evaluation.sampling`: bucketed shapes, placement on a mesh, host transfer.
 
 
 def default_length_buckets(max_length: int, minimum: int = 16) -> tuple[int, ...]:

@@ -306,7 +306,7 @@ class PytreeSink:
 
 
 class OrbaxCheckpointSource:
-  """Reads the parameters of one checkpoint of a training run (`memdyn_jax.checkpoints`)
+  """Reads the parameters of one checkpoint of a training run (`memdyn_jax.train.checkpoints`)
   one array at a time, with orbax's partial restore (`PyTreeRestore(partial_restore=True)`).
 
   Paths are those of the saved nnx `State` without the Variables' trailing 'value' key,
@@ -331,7 +331,7 @@ class OrbaxCheckpointSource:
   def __init__(self, run_dir: str, step: int, *, item: str = "params",
                sharding: jax.sharding.Sharding | Callable | None = None):
     import orbax.checkpoint as ocp
-    from memdyn_jax import checkpoints
+    from memdyn_jax.train import checkpoints
     self._ocp = ocp
     steps = checkpoints.list_steps(run_dir)
     if step not in steps:

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from memdyn_jax.errors import FieldError
+from memdyn_jax.evaluation import records
+
+if TYPE_CHECKING:  # annotations only: this module imports JAX on first use, not on import
+  from memdyn_jax.evaluation.gradient_variance import GradientVarianceConfig
+  from memdyn_jax.evaluation.sampling import SamplingParams
+  from memdyn_jax.tasks.base import Example, Task
 
 SPLITS = ("train", "test", "ood", "perturbed")
 # The EvalSettings fields of the sampling parameters (`sampling_params`); other binaries that
@@ -119,7 +126,7 @@ class EvalSettings:
     """The `GradientVarianceConfig` of the settings, or None when off."""
     if not self.grad_variance:
       return None
-    from memdyn_jax.gradient_variance import GradientVarianceConfig
+    from memdyn_jax.evaluation.gradient_variance import GradientVarianceConfig
     return GradientVarianceConfig(num_minibatches=self.grad_variance_minibatches,
                                   batch_size=self.grad_variance_batch_size,
                                   seed=self.subset_seed)
@@ -135,9 +142,9 @@ class EvalSettings:
 
 def sampling_params(task_name: str, settings: EvalSettings):
   """The task's default sampling with the settings' overrides."""
-  from memdyn_jax import evaluation
+  from memdyn_jax.evaluation.examples import default_sampling
   try:
-    return evaluation.default_sampling(
+    return default_sampling(
         task_name, temperature=settings.temperature, top_p=settings.top_p,
         max_new_tokens=settings.max_new_tokens, n=settings.n_samples, seed=settings.seed)
   except ValueError as e:
@@ -152,8 +159,8 @@ def for_run(run_dir: str, settings: EvalSettings) -> EvalSettings:
   Raises:
     EvalSettingsError: no task named and the run has no examples.json naming one.
   """
-  from memdyn_jax import evaluation
-  listing = evaluation.read_examples_listing(run_dir) or {}
+  from memdyn_jax.train import checkpoints
+  listing = checkpoints.read_examples_listing(run_dir) or {}
   task = settings.task or listing.get("task")
   if not task:
     raise EvalSettingsError("task", f"is required ({run_dir} has no examples.json naming it)")
@@ -177,7 +184,8 @@ def load_task(run_dir: str, settings: EvalSettings):
 
 def load_tokenizer(run_dir: str, settings: EvalSettings):
   """The settings' tokenizer, default the run's base model's (right padding)."""
-  from memdyn_jax import checkpoints, models
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import models
   path = settings.tokenizer or checkpoints.read_run_info(run_dir)["model"]["path"]
   try:
     return models.load_tokenizer(path, padding_side="right")
@@ -195,7 +203,7 @@ def check_trained_data(run_dir: str, task, examples, tokenizer) -> None:
   Raises:
     EvalSettingsError: the data differs (field "task_kwargs").
   """
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   from memdyn_jax.train.config import TrainConfig
   from memdyn_jax.train.loop import task_train_data
   info = checkpoints.read_run_info(run_dir)
@@ -211,30 +219,31 @@ def check_trained_data(run_dir: str, task, examples, tokenizer) -> None:
 
 
 def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
-  """(the `evaluation.EvalUnit`s of the settings' splits, the train subset or None when no
+  """(the `EvalUnit`s of the settings' splits, the train subset or None when no
   unit nor the gradient variance needs it). With `tokenizer`, the trained examples are
   checked against the run's data (`check_trained_data`)."""
-  from memdyn_jax import checkpoints, evaluation
+  from memdyn_jax.evaluation.examples import subset
+  from memdyn_jax.train import checkpoints
   settings = for_run(run_dir, settings)
   train = None
   if {"train", "perturbed"} & set(settings.splits) or settings.grad_variance:
     try:
-      train = evaluation.trained_examples(run_dir, task, path=settings.task_path)
+      train = checkpoints.trained_examples(run_dir, task, path=settings.task_path)
     except (ValueError, FileNotFoundError) as e:
       raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from None
     if tokenizer is not None:
       check_trained_data(run_dir, task, train, tokenizer)
     try:
-      train = evaluation.drawn_examples(run_dir, train)
+      train = checkpoints.drawn_examples(run_dir, train)
     except checkpoints.RunDirError as e:
       raise EvalSettingsError("run_dir", str(e)) from None
-    train = tuple(evaluation.subset(train, settings.num_train, settings.subset_seed))
+    train = tuple(subset(train, settings.num_train, settings.subset_seed))
   units = []
   for split, perturbation in settings.unit_keys():
     if split == "train":
-      units.append(evaluation.EvalUnit("train", train, greedy=settings.greedy))
+      units.append(EvalUnit("train", train, greedy=settings.greedy))
     elif split == "perturbed":
-      units.append(evaluation.EvalUnit("perturbed", train, perturbation=perturbation,
+      units.append(EvalUnit("perturbed", train, perturbation=perturbation,
                                        greedy=False, score_targets=False))
     else:
       try:
@@ -244,7 +253,7 @@ def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
                                 f"{str(e).splitlines()[0]}") from None
       if settings.max_eval:
         examples = examples[:settings.max_eval]
-      units.append(evaluation.EvalUnit(split, tuple(examples), greedy=settings.greedy))
+      units.append(EvalUnit(split, tuple(examples), greedy=settings.greedy))
   return units, train
 
 
@@ -258,7 +267,7 @@ def eval_config(task, params, settings: EvalSettings) -> dict[str, Any]:
 
 def check_mesh(settings: EvalSettings, mesh) -> None:
   """Raises EvalSettingsError unless `settings.batch_size` splits over the mesh's data shards."""
-  from memdyn_jax import scoring
+  from memdyn_jax.evaluation import scoring
   shards = scoring.data_shards(mesh)
   if settings.batch_size % shards:
     raise EvalSettingsError("batch_size", f"{settings.batch_size} is not a multiple of the "
@@ -296,7 +305,7 @@ def _checked_steps(run_dir: str, steps: Sequence[int] | None,
     EvalSettingsError: no complete checkpoint (field "run_dir"), or a step that is not one
       (field "steps").
   """
-  from memdyn_jax import checkpoints
+  from memdyn_jax.train import checkpoints
   available = checkpoints.list_steps(run_dir)
   if not available:
     raise EvalSettingsError("run_dir", f"{run_dir} has no complete checkpoint")
@@ -311,8 +320,8 @@ def pending_steps(run_dir: str, settings: EvalSettings,
                   steps: Sequence[int] | None = None) -> list[int]:
   """Of `steps` (default all checkpoints, plus step 0 with `include_base`), those with a
   unit not yet evaluated, or a gradient variance missing or measured with other settings;
-  nothing is loaded (`evaluation.evaluate_run` also compares the minibatches' examples)."""
-  from memdyn_jax import checkpoints, records
+  nothing is loaded (`evaluate_units` also compares the minibatches' examples)."""
+  from memdyn_jax.train import checkpoints
   if steps is None:
     steps = spread_steps(checkpoints.list_steps(run_dir), settings.checkpoints_per_run)
   steps = sorted(set(steps) | ({0} if settings.include_base else set()))
@@ -338,7 +347,7 @@ def pending_steps(run_dir: str, settings: EvalSettings,
 def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | None = None,
              mesh=None, progress: bool = True, log: Callable[[str], None] | None = None,
              should_stop: Callable[[], bool] | None = None):
-  """Evaluates every pending checkpoint of `run_dir` (see `evaluation.evaluate_run`).
+  """Evaluates every pending checkpoint of `run_dir` (see `evaluate_units`).
 
   The settings are checked against the run (task, sampling, mesh, and the records folder's
   recorded settings) even when every record is already there; the train subset, the
@@ -352,10 +361,10 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     progress: tqdm bar.
     log: optional `log(message)` after each checkpoint.
     should_stop: checked after each unit written; True stops there (see
-      `evaluation.evaluate_run`).
+      `evaluate_units`).
 
   Returns:
-    The `evaluation.StepTiming` of each checkpoint evaluated ([] when all was done).
+    The `StepTiming` of each checkpoint evaluated ([] when all was done).
 
   Raises:
     EvalSettingsError: no checkpoint or a requested step is none (fields "run_dir",
@@ -363,7 +372,6 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
       the mesh does not divide); a records folder made with other settings (field
       "eval_name").
   """
-  from memdyn_jax import evaluation, records
   wanted = _checked_steps(run_dir, steps, settings.include_base, settings.checkpoints_per_run)
   settings = for_run(run_dir, settings)
   task = load_task(run_dir, settings)
@@ -385,7 +393,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         f"examples, the --num_train subset has {len(train)} (or --nograd_variance)")
   _check_config(run_dir, config, settings)
   try:
-    timings = evaluation.evaluate_run(
+    timings = evaluate_units(
         run_dir, task, tokenizer, units, params, steps=[s for s in wanted if s],
         include_base=settings.include_base, batch_size=settings.batch_size, mesh=mesh,
         keep_texts=settings.keep_texts, progress=progress, name=settings.eval_name, log=log,
@@ -412,7 +420,7 @@ def checkpoint_scalars(rows: Sequence[Mapping[str, Any]], threshold: float
   """
   import numpy as np
 
-  from memdyn_jax import metrics, records
+  from memdyn_jax import metrics
   by_step: dict[int, dict[str, list]] = {}
   for r in rows:
     unit = records.unit_name(r["split"], r.get("perturbation"))
@@ -452,7 +460,7 @@ def write_tensorboard(run_dir: str, task_name: str, steps: Sequence[int], *,
     import tensorboardX
   except ImportError:
     return
-  from memdyn_jax import records, tasks
+  from memdyn_jax import tasks
   scalars = checkpoint_scalars(records.load_records(run_dir, name=name),
                                tasks.memorization_threshold(task_name))
   writer = tensorboardX.SummaryWriter(os.path.join(run_dir, "tensorboard"),
@@ -466,8 +474,183 @@ def write_tensorboard(run_dir: str, task_name: str, steps: Sequence[int], *,
 
 
 def _check_config(run_dir: str, config: Mapping[str, Any], settings: EvalSettings) -> None:
-  from memdyn_jax import records
   try:
     records.check_config(run_dir, config, name=settings.eval_name)
   except records.EvalConfigMismatchError as e:
     raise EvalSettingsError("eval_name", str(e)) from None
+
+
+# ------------------------------------------------------------- the evaluation engine
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalUnit:
+  """One (split, perturbation) evaluated at every checkpoint.
+
+  Attributes:
+    split: label of the records ("train", "test", "ood", "perturbed").
+    examples: the examples.
+    perturbation: answer preamble, or None.
+    greedy: also decode greedily (ATC score).
+    score_targets: teacher-force the target trace.
+  """
+
+  split: str
+  examples: tuple[Example, ...]
+  perturbation: str | None = None
+  greedy: bool = True
+  score_targets: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+  """Wall-clock seconds spent on one checkpoint: restoring it, evaluating its units and
+  measuring its gradient variance (0 when not measured)."""
+
+  step: int
+  load_s: float
+  eval_s: float
+  units: int
+  gradient_variance_s: float = 0.0
+
+
+def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
+                   params: SamplingParams, *, steps: Sequence[int] | None = None,
+                   include_base: bool = False, batch_size: int = 16,
+                   max_length: int | None = None, append_eos: bool | None = None, mesh=None,
+                   keep_texts: bool = False, progress: bool = True,
+                   name: str = records.EVAL_DIR, log=None,
+                   grad_variance: GradientVarianceConfig | None = None,
+                   grad_variance_examples: Sequence[Example] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[StepTiming]:
+  """Evaluates every pending (checkpoint, unit) of a run and writes its records atomically.
+
+  Units whose record files already exist are skipped, and a checkpoint with nothing
+  pending is not even restored. Every checkpoint shares one architecture and the same
+  batch/bucket shapes, so the sampling, scoring and gradient programs compiled for the
+  first one are reused for the rest.
+
+  Args:
+    run_dir: the training run directory.
+    task: the run's task.
+    tokenizer: the base model's tokenizer.
+    units: what to evaluate at each checkpoint.
+    params: sampling parameters.
+    steps: checkpoint steps; default all complete ones.
+    include_base: also evaluate the base model, as step 0.
+    batch_size: prompts per compiled program.
+    max_length, append_eos: scoring convention; default the run's training config.
+    mesh: device mesh; default the first local device.
+    keep_texts: store sample texts in the records.
+    progress: tqdm bar over (checkpoint, unit) pairs.
+    name: eval folder name under `run_dir`.
+    log: optional `log(message)` called after each checkpoint.
+    grad_variance: also measure each checkpoint's gradient variance (Kang et al. App. B.1)
+      into `step_<n>/checkpoint.json`; a checkpoint whose stored value was measured with
+      the same settings is skipped, one with other settings is measured again.
+    grad_variance_examples: the train examples its minibatches are drawn from; default
+      the examples of the "train" unit.
+    should_stop: checked after each unit's records are written; when it returns True the
+      evaluation stops there (what is written stays; a re-run continues), e.g. the flag of
+      `train.loop.StopSignals` on SIGTERM / Ctrl-C.
+
+  Returns:
+    A StepTiming per checkpoint evaluated (skipped ones are absent).
+
+  Raises:
+    FileNotFoundError: not a run directory, or it has no checkpoint.
+    ValueError: a requested step is not a checkpoint; too few gradient-variance examples.
+  """
+  import tqdm
+
+  from memdyn_jax.evaluation import gradient_variance as gv_lib
+  from memdyn_jax.evaluation.examples import evaluate_examples
+  from memdyn_jax.train import checkpoints
+
+  info = checkpoints.read_run_info(run_dir)
+  cfg = info["config"]
+  available = checkpoints.list_steps(run_dir)
+  if not available:
+    raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+  wanted = list(available) if steps is None else [int(s) for s in steps]
+  bad = [s for s in wanted if s not in available and not (s == 0 and include_base)]
+  if bad:
+    raise ValueError(f"{run_dir} has no checkpoint at step(s) {bad}; steps: {available}")
+  if include_base and 0 not in wanted:
+    wanted = [0] + wanted
+  max_length = max_length or cfg.get("max_length")
+  append_eos = cfg.get("append_eos", False) if append_eos is None else append_eos
+  pending = [(s, u) for s in sorted(set(wanted)) for u in units
+             if not records.is_done(run_dir, s, u.split, u.perturbation, name=name)]
+  gv_batches, gv_settings, gv_pending = None, None, set()
+  if grad_variance is not None:
+    if grad_variance_examples is None:
+      grad_variance_examples = next((u.examples for u in units if u.split == "train"), ())
+    gv_batches = gv_lib.make_minibatches(tokenizer, task, grad_variance_examples,
+                                         grad_variance, max_length=max_length,
+                                         append_eos=append_eos)
+    gv_settings = gv_lib.settings(grad_variance, gv_batches)
+    gv_pending = {s for s in set(wanted) if records.read_checkpoint_stats(
+        run_dir, s, name=name).get(records.GRADIENT_VARIANCE_SETTINGS) != gv_settings}
+  timings = []
+  bar = tqdm.tqdm(total=len(pending), disable=not progress, desc=os.path.basename(run_dir),
+                  unit="unit")
+  try:
+    for step in sorted({s for s, _ in pending} | gv_pending):
+      t0 = time.perf_counter()
+      model = _load_step(run_dir, step, info, mesh)
+      load_s = time.perf_counter() - t0
+      gv_s = 0.0
+      if step in gv_pending:
+        t1 = time.perf_counter()
+        value = gv_lib.checkpoint_gradient_variance(model, gv_batches, mesh=mesh,
+                                                    ddof=grad_variance.ddof)
+        records.update_checkpoint_stats(
+            run_dir, step, {records.GRADIENT_VARIANCE: value,
+                            records.GRADIENT_VARIANCE_SETTINGS: gv_settings}, name=name)
+        gv_s = time.perf_counter() - t1
+      todo = [u for s, u in pending if s == step]
+      t1 = time.perf_counter()
+      for unit in todo:
+        bar.set_postfix(step=step,
+                        split=records.unit_name(unit.split, unit.perturbation))
+        recs = evaluate_examples(
+            model, tokenizer, task, unit.examples, unit.split, params=params,
+            perturbation=unit.perturbation, batch_size=batch_size, max_length=max_length,
+            mesh=mesh, append_eos=append_eos, greedy=unit.greedy,
+            score_targets=unit.score_targets, keep_texts=keep_texts)
+        records.write_records(run_dir, step, unit.split, [r.to_dict() for r in recs],
+                                  unit.perturbation, name=name)
+        bar.update(1)
+        if should_stop is not None and should_stop():
+          break
+      timing = StepTiming(step, load_s, time.perf_counter() - t1, len(todo), gv_s)
+      timings.append(timing)
+      if log is not None:
+        log(f"step {step}: restored in {timing.load_s:.1f}s, {timing.units} unit(s) "
+            f"evaluated in {timing.eval_s:.1f}s"
+            + (f", gradient variance in {gv_s:.1f}s" if step in gv_pending else ""))
+      del model
+      if should_stop is not None and should_stop():
+        break
+  finally:
+    bar.close()
+  return timings
+
+
+def _load_step(run_dir: str, step: int, info: Mapping[str, Any], mesh):
+  """The model of checkpoint `step`; step 0 without a checkpoint is the base model."""
+  import jax
+
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import sharding
+  from memdyn_jax.models import hf_io
+  from memdyn_jax.train.config import TrainConfig
+
+  if step == 0 and 0 not in checkpoints.list_steps(run_dir):
+    cfg = TrainConfig.from_dict(info["config"])
+    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices()[:1])
+    return checkpoints.load_base_model(hf_io.resolve_checkpoint_dir(info["model"]["path"]),
+                                       cfg, mesh)
+  model, _ = checkpoints.restore(run_dir, step, mesh)
+  return model

@@ -39,7 +39,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.json"
 UNITS_FILE = "units.json"
 # Keys of checkpoint.json: the gradient variance (Kang et al. App. B.1) and what it was
-# measured with (memdyn_jax.gradient_variance.settings).
+# measured with (memdyn_jax.evaluation.gradient_variance.settings).
 GRADIENT_VARIANCE = "gradient_variance"
 GRADIENT_VARIANCE_SETTINGS = "gradient_variance_settings"
 # Top-level record keys whose null is a real None (no perturbation, no greedy text), not a

@@ -12,28 +12,19 @@ For each example (Kang et al. Sec. 3; Ge et al. Sec. 2; Ruan et al.):
   * diversity among the n samples: distinct-1/2, unique final answers, unique traces;
   * the example's category metadata (`example_meta`), for per-category data maps (Ge et al.).
 
-Per checkpoint, optionally, the gradient variance over fixed train minibatches (Kang et al.
-App. B.1; `memdyn_jax.gradient_variance`), stored in `step_<n>/checkpoint.json`.
-
-Both primitives (`sampling.sample`, `scoring.score_texts`) compile per shape bucket and
+A run's checkpoints are evaluated by `memdyn_jax.evaluation.run`, which calls
+`evaluate_examples` per (checkpoint, unit). Both primitives (`sampling.sample`, `scoring.score_texts`) compile per shape bucket and
 reuse programs across checkpoints of the same architecture, so evaluating a second
 checkpoint costs no compilation.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from memdyn_jax import checkpoints
-from memdyn_jax import gradient_variance as gv_lib
-from memdyn_jax import records as records_lib
-from memdyn_jax import sampling, scoring
-from memdyn_jax.gradient_variance import GradientVarianceConfig
+from memdyn_jax.evaluation import sampling, scoring
 from memdyn_jax.metrics import diversity
 from memdyn_jax.tasks.base import Example, Task
 
@@ -305,63 +296,6 @@ def default_sampling(task_name: str, **overrides) -> sampling.SamplingParams:
   return sampling.SamplingParams(**kwargs)
 
 
-EXAMPLES_FILE = "examples.json"
-
-
-def read_examples_listing(run_dir: str) -> dict[str, Any] | None:
-  """The run's examples.json (task, task_kwargs, split, ids of the training rows), or None."""
-  file = os.path.join(run_dir, EXAMPLES_FILE)
-  if not os.path.exists(file):
-    return None
-  with open(file, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def trained_examples(run_dir: str, task: Task, split: str | None = None,
-                     path: str | None = None) -> list[Example]:
-  """The rows of a run's training data, in training-row order (a `data_fraction` < 1 run
-  draws from a subset of them: `drawn_examples`).
-
-  Uses `run_dir/examples.json` (written by experiments/train.py: row index -> example id)
-  when present; otherwise the task's whole `split` (default "train").
-
-  Raises:
-    ValueError: examples.json names ids the task does not produce (a different
-      --task_kwargs / --task_path than at training time).
-  """
-  listing = read_examples_listing(run_dir)
-  file = os.path.join(run_dir, EXAMPLES_FILE)
-  split = split or (listing or {}).get("split", "train")
-  examples = task.load(split, path)
-  if listing is None:
-    return examples
-  by_id = {ex.id: ex for ex in examples}
-  missing = [i for i in listing["ids"] if i not in by_id]
-  if missing:
-    raise ValueError(f"{file}: {len(missing)} trained example ids (e.g. {missing[0]!r}) are "
-                     f"not in task {task.name!r} split {split!r}; use the task arguments "
-                     "the run was trained with")
-  return [by_id[i] for i in listing["ids"]]
-
-
-def drawn_examples(run_dir: str, trained: Sequence[Example]) -> list[Example]:
-  """Of a run's training rows (`trained_examples`), those its sampler draws from: the fixed
-  subset of a `data_fraction` < 1 run (subset.json), else all. A run's train split is scored
-  on these, so its memorization and PreMemAcc cover only examples it has seen.
-
-  Raises:
-    checkpoints.RunDirError: subset.json is damaged or names rows the run does not have.
-  """
-  indices = checkpoints.read_subset(run_dir)
-  if indices is None:
-    return list(trained)
-  bad = [i for i in indices if not 0 <= i < len(trained)]
-  if bad:
-    raise checkpoints.RunDirError(f"{run_dir}/{checkpoints.SUBSET_FILE} names row {bad[0]}; "
-                                  f"the run's training data has rows 0..{len(trained) - 1}")
-  return [trained[i] for i in indices]
-
-
 def subset(examples: Sequence[Example], n: int, seed: int = 0) -> list[Example]:
   """A seeded random subset of `n` examples in their original order (all when n <= 0 or
   n >= len); the same (examples, n, seed) always gives the same subset."""
@@ -369,173 +303,3 @@ def subset(examples: Sequence[Example], n: int, seed: int = 0) -> list[Example]:
     return list(examples)
   keep = np.sort(np.random.RandomState(seed).choice(len(examples), n, replace=False))
   return [examples[i] for i in keep]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalUnit:
-  """One (split, perturbation) evaluated at every checkpoint.
-
-  Attributes:
-    split: label of the records ("train", "test", "ood", "perturbed").
-    examples: the examples.
-    perturbation: answer preamble, or None.
-    greedy: also decode greedily (ATC score).
-    score_targets: teacher-force the target trace.
-  """
-
-  split: str
-  examples: tuple[Example, ...]
-  perturbation: str | None = None
-  greedy: bool = True
-  score_targets: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class StepTiming:
-  """Wall-clock seconds spent on one checkpoint: restoring it, evaluating its units and
-  measuring its gradient variance (0 when not measured)."""
-
-  step: int
-  load_s: float
-  eval_s: float
-  units: int
-  gradient_variance_s: float = 0.0
-
-
-def evaluate_run(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit],
-                 params: sampling.SamplingParams, *, steps: Sequence[int] | None = None,
-                 include_base: bool = False, batch_size: int = 16,
-                 max_length: int | None = None, append_eos: bool | None = None, mesh=None,
-                 keep_texts: bool = False, progress: bool = True,
-                 name: str = records_lib.EVAL_DIR, log=None,
-                 grad_variance: GradientVarianceConfig | None = None,
-                 grad_variance_examples: Sequence[Example] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[StepTiming]:
-  """Evaluates every pending (checkpoint, unit) of a run and writes its records atomically.
-
-  Units whose record files already exist are skipped, and a checkpoint with nothing
-  pending is not even restored. Every checkpoint shares one architecture and the same
-  batch/bucket shapes, so the sampling, scoring and gradient programs compiled for the
-  first one are reused for the rest.
-
-  Args:
-    run_dir: the training run directory.
-    task: the run's task.
-    tokenizer: the base model's tokenizer.
-    units: what to evaluate at each checkpoint.
-    params: sampling parameters.
-    steps: checkpoint steps; default all complete ones.
-    include_base: also evaluate the base model, as step 0.
-    batch_size: prompts per compiled program.
-    max_length, append_eos: scoring convention; default the run's training config.
-    mesh: device mesh; default the first local device.
-    keep_texts: store sample texts in the records.
-    progress: tqdm bar over (checkpoint, unit) pairs.
-    name: eval folder name under `run_dir`.
-    log: optional `log(message)` called after each checkpoint.
-    grad_variance: also measure each checkpoint's gradient variance (Kang et al. App. B.1)
-      into `step_<n>/checkpoint.json`; a checkpoint whose stored value was measured with
-      the same settings is skipped, one with other settings is measured again.
-    grad_variance_examples: the train examples its minibatches are drawn from; default
-      the examples of the "train" unit.
-    should_stop: checked after each unit's records are written; when it returns True the
-      evaluation stops there (what is written stays; a re-run continues), e.g. the flag of
-      `train.loop.StopSignals` on SIGTERM / Ctrl-C.
-
-  Returns:
-    A StepTiming per checkpoint evaluated (skipped ones are absent).
-
-  Raises:
-    FileNotFoundError: not a run directory, or it has no checkpoint.
-    ValueError: a requested step is not a checkpoint; too few gradient-variance examples.
-  """
-  import tqdm
-
-  from memdyn_jax import checkpoints
-
-  info = checkpoints.read_run_info(run_dir)
-  cfg = info["config"]
-  available = checkpoints.list_steps(run_dir)
-  if not available:
-    raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
-  wanted = list(available) if steps is None else [int(s) for s in steps]
-  bad = [s for s in wanted if s not in available and not (s == 0 and include_base)]
-  if bad:
-    raise ValueError(f"{run_dir} has no checkpoint at step(s) {bad}; steps: {available}")
-  if include_base and 0 not in wanted:
-    wanted = [0] + wanted
-  max_length = max_length or cfg.get("max_length")
-  append_eos = cfg.get("append_eos", False) if append_eos is None else append_eos
-  pending = [(s, u) for s in sorted(set(wanted)) for u in units
-             if not records_lib.is_done(run_dir, s, u.split, u.perturbation, name=name)]
-  gv_batches, gv_settings, gv_pending = None, None, set()
-  if grad_variance is not None:
-    if grad_variance_examples is None:
-      grad_variance_examples = next((u.examples for u in units if u.split == "train"), ())
-    gv_batches = gv_lib.make_minibatches(tokenizer, task, grad_variance_examples,
-                                         grad_variance, max_length=max_length,
-                                         append_eos=append_eos)
-    gv_settings = gv_lib.settings(grad_variance, gv_batches)
-    gv_pending = {s for s in set(wanted) if records_lib.read_checkpoint_stats(
-        run_dir, s, name=name).get(records_lib.GRADIENT_VARIANCE_SETTINGS) != gv_settings}
-  timings = []
-  bar = tqdm.tqdm(total=len(pending), disable=not progress, desc=os.path.basename(run_dir),
-                  unit="unit")
-  try:
-    for step in sorted({s for s, _ in pending} | gv_pending):
-      t0 = time.perf_counter()
-      model = _load_step(run_dir, step, info, mesh)
-      load_s = time.perf_counter() - t0
-      gv_s = 0.0
-      if step in gv_pending:
-        t1 = time.perf_counter()
-        value = gv_lib.checkpoint_gradient_variance(model, gv_batches, mesh=mesh,
-                                                    ddof=grad_variance.ddof)
-        records_lib.update_checkpoint_stats(
-            run_dir, step, {records_lib.GRADIENT_VARIANCE: value,
-                            records_lib.GRADIENT_VARIANCE_SETTINGS: gv_settings}, name=name)
-        gv_s = time.perf_counter() - t1
-      todo = [u for s, u in pending if s == step]
-      t1 = time.perf_counter()
-      for unit in todo:
-        bar.set_postfix(step=step,
-                        split=records_lib.unit_name(unit.split, unit.perturbation))
-        recs = evaluate_examples(
-            model, tokenizer, task, unit.examples, unit.split, params=params,
-            perturbation=unit.perturbation, batch_size=batch_size, max_length=max_length,
-            mesh=mesh, append_eos=append_eos, greedy=unit.greedy,
-            score_targets=unit.score_targets, keep_texts=keep_texts)
-        records_lib.write_records(run_dir, step, unit.split, [r.to_dict() for r in recs],
-                                  unit.perturbation, name=name)
-        bar.update(1)
-        if should_stop is not None and should_stop():
-          break
-      timing = StepTiming(step, load_s, time.perf_counter() - t1, len(todo), gv_s)
-      timings.append(timing)
-      if log is not None:
-        log(f"step {step}: restored in {timing.load_s:.1f}s, {timing.units} unit(s) "
-            f"evaluated in {timing.eval_s:.1f}s"
-            + (f", gradient variance in {gv_s:.1f}s" if step in gv_pending else ""))
-      del model
-      if should_stop is not None and should_stop():
-        break
-  finally:
-    bar.close()
-  return timings
-
-
-def _load_step(run_dir: str, step: int, info: Mapping[str, Any], mesh):
-  """The model of checkpoint `step`; step 0 without a checkpoint is the base model."""
-  import jax
-
-  from memdyn_jax import checkpoints, sharding
-  from memdyn_jax.models import hf_io
-  from memdyn_jax.train.config import TrainConfig
-
-  if step == 0 and 0 not in checkpoints.list_steps(run_dir):
-    cfg = TrainConfig.from_dict(info["config"])
-    mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices()[:1])
-    return checkpoints.load_base_model(hf_io.resolve_checkpoint_dir(info["model"]["path"]),
-                                       cfg, mesh)
-  model, _ = checkpoints.restore(run_dir, step, mesh)
-  return model

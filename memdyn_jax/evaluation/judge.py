@@ -17,7 +17,7 @@ Judges here:
   * `LikelihoodJudge`: a local causal LM reads a judge prompt (`JudgeTemplate`, Ge et al.
     Fig. 4 in spirit) ending where the verdict goes, and the score is the log-odds
     log p(" A" | prompt) - log p(" B" | prompt), teacher-forced through
-    `memdyn_jax.scoring` (batched, jitted; no sampling). `local_model_judge(model,
+    `memdyn_jax.evaluation.scoring` (batched, jitted; no sampling). `local_model_judge(model,
     tokenizer)` builds one and wraps it in `BothOrders`.
   * `BothOrders(judge)`: asks in both orders (A/B swapped) and averages,
     0.5 · (s(a, b) - s(b, a)). A constant preference for the first (or second) position
@@ -342,7 +342,7 @@ def model_label_scorer(model, tokenizer, *, batch_size: int = 16, max_length: in
                        mesh=None) -> LabelScorer:
   """A `LabelScorer` from a `memdyn_jax.models` LM via `scoring.score_texts` (jitted,
   length-bucketed batches; the label is tokenized after the prompt as in training)."""
-  from memdyn_jax import scoring
+  from memdyn_jax.evaluation import scoring
 
   def score(prompts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     try:

@@ -21,17 +21,10 @@ from typing import Any, Mapping
 from absl import logging
 
 from memdyn_jax import fileio
+from memdyn_jax.models.embedded import (ASSET_DIR, BUILD_COMMAND, EMBEDDED_NAME,  # noqa: F401
+                                        MANIFEST_FILE, EmbeddedBaseError, file_sha256,
+                                        shipped_manifest, verify)
 
-EMBEDDED_NAME = "embedded"
-# The shipped base (package data) and its manifest: spec, build command, sha256 of each file,
-# pre-training statistics and probe results.
-ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded")
-MANIFEST_FILE = "manifest.json"
-BUILD_COMMAND = "python experiments/build_embedded.py --output_dir=memdyn_jax/assets/embedded"
-
-
-class EmbeddedBaseError(RuntimeError):
-  """The embedded base model is missing, corrupt, or its build cannot continue."""
 # Part of every cache key: bump it with any code change that alters what a build of the same
 # spec produces (corpus, tokenizer, packing, trainer), so stale caches are not reused.
 BUILD_VERSION = 3
@@ -136,39 +129,6 @@ class EmbeddedSpec:
 def default_cache_dir() -> str:
   return os.environ.get("MEMDYN_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                      "memdyn_jax"))
-
-
-def shipped_manifest(path: str = ASSET_DIR) -> dict[str, Any]:
-  """The manifest of a built base model directory (the shipped one by default)."""
-  file = os.path.join(path, MANIFEST_FILE)
-  try:
-    with open(file) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise EmbeddedBaseError(f"{file} is missing: the embedded base is not installed; "
-                            f"rebuild it with `{BUILD_COMMAND}`") from None
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def verify(path: str = ASSET_DIR) -> dict[str, Any]:
-  """Checks every file listed in a base's manifest against its sha256; returns the manifest."""
-  manifest = shipped_manifest(path)
-  for name, expected in manifest["sha256"].items():
-    file = os.path.join(path, name)
-    if not os.path.exists(file):
-      raise EmbeddedBaseError(f"{file} is missing (listed in {MANIFEST_FILE})")
-    got = file_sha256(file)
-    if got != expected:
-      raise EmbeddedBaseError(f"{file}: sha256 {got[:12]}... does not match the manifest's "
-                              f"{expected[:12]}...; the file is corrupt or was changed")
-  return manifest
 
 
 def spec_of(manifest: Mapping[str, Any]) -> EmbeddedSpec:
@@ -309,7 +269,8 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
     EmbeddedBaseError: `work_dir` holds a build of another spec, or pre-training stopped
       (SIGTERM) before its last step.
   """
-  from memdyn_jax import checkpoints, models
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import models
   from memdyn_jax.tasks import synthetic_corpus
   from memdyn_jax.train.config import TrainConfig
   from memdyn_jax.train.loop import train
@@ -362,7 +323,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
   manifest: dict[str, Any] = {
       "spec": dataclasses.asdict(spec), "spec_key": spec.key(), "build_version": BUILD_VERSION,
       "build_command": command or BUILD_COMMAND, "seed": spec.seed,
-      "num_params": cfg.num_params, "pretrain_steps": result.step,
+      "num_params": models.num_params(cfg), "pretrain_steps": result.step,
       "resumed_from_step": result.step - len(result.losses),
       "tokens_seen": result.step * spec.batch_size * spec.seq_len,
       "real_tokens_seen": int(data.attention_mask.sum() * spec.pretrain_epochs),
@@ -388,7 +349,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
   fileio.replace_dir(export, output_dir)
   shutil.rmtree(work_dir, ignore_errors=True)
   logging.info("embedded model: %d params, %d pre-training steps, final loss %s, %.0f s",
-               cfg.num_params, result.step, manifest["final_loss"], time.time() - start)
+               models.num_params(cfg), result.step, manifest["final_loss"], time.time() - start)
   return manifest
 
 
@@ -399,7 +360,7 @@ _RESULT_RE = re.compile(r"Result:\s*(-?\d+)")
 
 
 def _greedy_accuracy(model, tokenizer, prompts, answers, extract, max_new_tokens, stop):
-  from memdyn_jax import sampling
+  from memdyn_jax.evaluation import sampling
   params = sampling.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=stop)
   outs = sampling.sample(model, tokenizer, prompts, params, batch_size=64)
   right = [extract(o[0].text) == str(a) for o, a in zip(outs, answers)]
@@ -421,7 +382,7 @@ def probe(model, tokenizer, spec: EmbeddedSpec, n: int = 256) -> dict[str, Any]:
   """
   import random
 
-  from memdyn_jax import scoring
+  from memdyn_jax.evaluation import scoring
 
   task = spec.task()
   bound = task.split_config("test")["bound"]

@@ -37,11 +37,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from memdyn_jax import evaluation, judge as judge_lib
+from memdyn_jax import evaluation
+from memdyn_jax.evaluation import judge as judge_lib
 from memdyn_jax import fileio
-from memdyn_jax import records as records_lib
+from memdyn_jax.evaluation import records as records_lib
 from memdyn_jax.errors import FieldError
-from memdyn_jax.sampling import SamplingParams
+from memdyn_jax.evaluation.sampling import SamplingParams
 from memdyn_jax.tasks.base import Example, Task
 from memdyn_jax.train import task_run
 from memdyn_jax.train.config import TrainConfig
@@ -273,7 +274,8 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
     task_run.TaskRunError: a bad task, split, model or max_length (names the setting).
     checkpoints.RunMismatchError: a run directory holds a different run.
   """
-  from memdyn_jax import checkpoints, models
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import models
 
   task_run.check_task_name(spec.name)
   task, _ = task_run.load_examples(spec)
@@ -295,13 +297,13 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
     steps[sampler] = step = checkpoints.list_steps(run_dir)[-1]
     log(f"{sampler}: trained {step} steps ({run_dir})")
     if units is None:  # every run trains on the same rows (examples.json)
-      trained = evaluation.trained_examples(run_dir, task, path=spec.path)
+      trained = checkpoints.trained_examples(run_dir, task, path=spec.path)
       ids = [e.id for e in trained]
-      drawn = evaluation.drawn_examples(run_dir, trained)
+      drawn = checkpoints.drawn_examples(run_dir, trained)
       units = _units(cfg, evaluation.subset(drawn, cfg.n_eval_train, cfg.subset_seed),
                      heldout, ood)
     records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME)
-    evaluation.evaluate_run(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],
+    evaluation.evaluate_units(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],
                             batch_size=cfg.eval_batch_size, keep_texts=True,
                             progress=progress, name=EVAL_NAME)
     counts[sampler] = np.asarray(checkpoints.read_meta(run_dir, step)["draw_counts"], np.int64)

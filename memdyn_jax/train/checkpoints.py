@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from memdyn_jax import fileio, models
 from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.tasks.base import Example, Task
 from memdyn_jax.train.config import TrainConfig
 
 RUN_INFO = "run.json"
@@ -473,3 +474,63 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, *, dtype=None
 
   fileio.replace_dir(write, out_dir)
   return out_dir
+
+
+# ------------------------------------------------------------------ examples listing
+
+
+EXAMPLES_FILE = "examples.json"
+
+
+def read_examples_listing(run_dir: str) -> dict[str, Any] | None:
+  """The run's examples.json (task, task_kwargs, split, ids of the training rows), or None."""
+  file = os.path.join(run_dir, EXAMPLES_FILE)
+  if not os.path.exists(file):
+    return None
+  with open(file, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def trained_examples(run_dir: str, task: Task, split: str | None = None,
+                     path: str | None = None) -> list[Example]:
+  """The rows of a run's training data, in training-row order (a `data_fraction` < 1 run
+  draws from a subset of them: `drawn_examples`).
+
+  Uses `run_dir/examples.json` (written by experiments/train.py: row index -> example id)
+  when present; otherwise the task's whole `split` (default "train").
+
+  Raises:
+    ValueError: examples.json names ids the task does not produce (a different
+      --task_kwargs / --task_path than at training time).
+  """
+  listing = read_examples_listing(run_dir)
+  file = os.path.join(run_dir, EXAMPLES_FILE)
+  split = split or (listing or {}).get("split", "train")
+  examples = task.load(split, path)
+  if listing is None:
+    return examples
+  by_id = {ex.id: ex for ex in examples}
+  missing = [i for i in listing["ids"] if i not in by_id]
+  if missing:
+    raise ValueError(f"{file}: {len(missing)} trained example ids (e.g. {missing[0]!r}) are "
+                     f"not in task {task.name!r} split {split!r}; use the task arguments "
+                     "the run was trained with")
+  return [by_id[i] for i in listing["ids"]]
+
+
+def drawn_examples(run_dir: str, trained: Sequence[Example]) -> list[Example]:
+  """Of a run's training rows (`trained_examples`), those its sampler draws from: the fixed
+  subset of a `data_fraction` < 1 run (subset.json), else all. A run's train split is scored
+  on these, so its memorization and PreMemAcc cover only examples it has seen.
+
+  Raises:
+    RunDirError: subset.json is damaged or names rows the run does not have.
+  """
+  indices = read_subset(run_dir)
+  if indices is None:
+    return list(trained)
+  bad = [i for i in indices if not 0 <= i < len(trained)]
+  if bad:
+    raise RunDirError(f"{run_dir}/{SUBSET_FILE} names row {bad[0]}; "
+                                  f"the run's training data has rows 0..{len(trained) - 1}")
+  return [trained[i] for i in indices]

@@ -56,10 +56,6 @@ FLAGS = flags.FLAGS
 
 
 # Known input errors of a study (message fragment -> the flag to change).
-_VALUE_ERROR_FLAGS = (("judge prompt", "judge_max_response_tokens"),
-                      ("max_new_tokens", "max_new_tokens"))
-
-
 def study_config():
   train_cfg = cli.train_config_from_flags(FLAGS.preset)  # checked before importing jax
   from memdyn_jax.studies import sampler_study
@@ -97,6 +93,8 @@ def run() -> int:
   spec = cli.task_spec_from_flags(_TASK_FLAGS, split="train")
   from memdyn_jax.train import checkpoints
   from memdyn_jax.studies import sampler_study
+  from memdyn_jax.errors import ContextLengthError
+  from memdyn_jax.evaluation import judge
   from memdyn_jax.train import task_run
 
   judge_model = cli.resolve_model(FLAGS.judge_model, "--judge_model") if FLAGS.judge_model else None
@@ -107,13 +105,11 @@ def run() -> int:
   except task_run.TaskRunError as e:
     raise UsageError(f"--{e}") from None
   except checkpoints.RunMismatchError as e:
-    raise UsageError(f"--output_dir: {str(e).splitlines()[0]}") from None
-  except ValueError as e:  # inputs that do not fit the model; anything else is a bug
-    message = str(e).splitlines()[0]
-    flag = next((f for key, f in _VALUE_ERROR_FLAGS if key in message), None)
-    if flag is None:
-      raise
-    raise UsageError(f"--{flag}: {message}") from None
+    raise UsageError(f"--output_dir: {e}") from e
+  except judge.JudgePromptTooLongError as e:
+    raise UsageError(f"--judge_max_response_tokens: {e}") from e
+  except ContextLengthError as e:  # a prompt + --max_new_tokens over the model's window
+    raise UsageError(f"--max_new_tokens: {e}") from e
   for row in result.rows:
     print(f"{PROG}: {row['sampler']}: test accuracy {row['test_accuracy']:.3f}, test "
           f"perplexity {row['test_perplexity']:.3f}")

@@ -43,7 +43,9 @@ def run() -> int:
   import jax
 
   from memdyn_jax import sharding
-  from memdyn_jax.train import loop
+  from memdyn_jax.errors import ContextLengthError
+  from memdyn_jax.tasks import DataError
+  from memdyn_jax.train import checkpoints, loop
 
   sharding.initialize_distributed()
   mesh = cli.mesh_from_flags()
@@ -52,10 +54,11 @@ def run() -> int:
                                     resume=FLAGS.resume, progress=FLAGS.progress)
   except task_run.TaskRunError as e:
     raise cli.usage_error(e) from None
-  except (loop.RunExistsError, ValueError) as e:
-    if isinstance(e, loop.NonFiniteError):
-      raise
-    raise UsageError(str(e).splitlines()[0]) from None
+  # The run directory refuses (another run, damaged, existing with --noresume) or the data
+  # does not fit the settings; anything else is a bug and keeps its traceback.
+  except (loop.RunExistsError, checkpoints.RunMismatchError, checkpoints.RunDirError,
+          checkpoints.CheckpointReadError, DataError, ContextLengthError) as e:
+    raise UsageError(str(e)) from e
   if jax.process_index() == 0:
     print(f"{PROG}: run {result.run_dir}: step {result.step}/{result.total_steps}"
           + (f" ({cli.stopped_note(result.stop_signal)})" if result.preempted else ""))

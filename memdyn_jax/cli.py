@@ -75,7 +75,7 @@ def run_binary(prog: str, run: Callable[[], int]) -> None:
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      fail(prog, str(e).splitlines()[0])
+      fail(prog, str(e))
 
   def main(argv):
     set_cpu_xla_defaults()

@@ -27,7 +27,7 @@ def atomic_write_text(path: str, text: str) -> None:
       os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-  except BaseException:
+  except BaseException:  # noqa: BLE001 - cleans up, then re-raises
     if os.path.exists(tmp):
       os.remove(tmp)
     raise

@@ -11,7 +11,7 @@ partitioner, so the compiled module is what one device of the mesh would run. Ru
 What is compiled is the project's own code: `memdyn_jax.train.step.make_train_step` (with
 the optimizer of `memdyn_jax.train.optim.make_optimizer`, shardings as `train.loop.train`
 places them) and the sampler's jitted prefill and decode programs
-(`memdyn_jax.evaluation.sampling._prefill` / `_decode`, lowered with abstract inputs).
+(`memdyn_jax.evaluation.sampling.lower_prefill` / `lower_decode`, with abstract inputs).
 
 Caveat (see README): the numbers are XLA:CPU's buffer assignment for the partitioned
 program. Parameter, optimizer-state and batch bytes are exact; temporaries are an
@@ -426,9 +426,11 @@ def per_device_bytes(tree) -> int:
   return total
 
 
-def _program_report(name: str, jitted, args, kwargs=None) -> tuple[ProgramReport, Any]:
+def _program_report(name: str, lower) -> tuple[ProgramReport, Any]:
+  """Compiles `lower()` (a `jax.stages.Lowered`) and reports its memory; the time covers
+  lowering and compiling."""
   t0 = time.perf_counter()
-  lowered = jitted.lower(*args, **(kwargs or {}))
+  lowered = lower()
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -515,8 +517,8 @@ def plan_train_step(cfg: ModelConfig, mesh: Mesh, global_batch: int, seq_len: in
                                               if pin_activations else None))
   step_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   with jax.set_mesh(mesh):  # as train.loop runs the step (the model pins activations to it)
-    report, _ = _program_report("train_step", step,
-                                (trained, opt_state, rngs, frozen, batch, step_index))
+    report, _ = _program_report("train_step", lambda: step.lower(
+        trained, opt_state, rngs, frozen, batch, step_index))
   return report, per_device_bytes(trained), per_device_bytes(opt_state), per_device_bytes(batch)
 
 
@@ -529,7 +531,7 @@ def plan_sampling(cfg: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, max
   prompt), lowered with abstract parameters, prompts and decode state; `batch` prompts of
   `prompt_len` tokens and a KV cache of `prompt_len + max_new_tokens` slots.
   """
-  from memdyn_jax.evaluation import sampling  # the sampler's jitted programs (private but stable hooks)
+  from memdyn_jax.evaluation import sampling
 
   model = abstract_model(cfg, dtype=jnp.dtype(compute_dtype), param_dtype=jnp.dtype(param_dtype))
   graphdef, state = nnx.split(model)
@@ -541,20 +543,15 @@ def plan_sampling(cfg: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, max
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
   prompt_sharding = sharding_lib.batch_sharding(mesh, 2, rules)
   params = sampling.SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens)
-  program = sampling._Program.of(params)
   with jax.set_mesh(mesh):
-    prefill, (lowered, compiled) = _program_report(
-        "prefill", sampling._prefill,
-        (graphdef, state, ints((batch, prompt_len), prompt_sharding),
-         ints((batch, prompt_len), prompt_sharding), key, ints((batch,), rows),
-         ints((), replicated)),
-        dict(use_penalty=program.use_penalty, n=1, max_new=max_new_tokens, mesh=mesh))
+    prefill, (lowered, compiled) = _program_report("prefill", lambda: sampling.lower_prefill(
+        graphdef, state, ints((batch, prompt_len), prompt_sharding),
+        ints((batch, prompt_len), prompt_sharding), key, ints((batch,), rows),
+        ints((), replicated), params=params, mesh=mesh))
     loop = _with_sharding(lowered.out_info, compiled.output_shardings)
-    decode, _ = _program_report(
-        "decode", sampling._decode,
-        (graphdef, state, loop, jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated),
-         ints((), replicated), ints((1,), replicated), ints((), replicated)),
-        dict(program=program))
+    decode, _ = _program_report("decode", lambda: sampling.lower_decode(
+        graphdef, state, loop, jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated),
+        ints((), replicated), ints((1,), replicated), ints((), replicated), params=params))
   return prefill, decode
 
 

@@ -162,7 +162,10 @@ def test_find_and_load_runs(sweep, runs, tmp_path):
 
 def test_checkpoint_rows_carry_planted_quantities(sweep, runs):
   _, premem = sweep
-  rows = analysis.checkpoint_rows(runs[0], PLANTED, atc={40: 0.3}, distance={10: 1.0})
+  stats = {**runs[0].checkpoint_stats, 10: {**runs[0].checkpoint_stats[10],
+                                            records.DISTANCE_FROM_INIT: 1.0}}
+  run = dataclasses.replace(runs[0], checkpoint_stats=stats)
+  rows = analysis.checkpoint_rows(run, PLANTED, atc={40: 0.3})
   assert [r["step"] for r in rows] == list(STEPS)
   np.testing.assert_allclose([r["train_premem"] for r in rows], premem["run_0"])
   np.testing.assert_allclose([r["test_accuracy"] for r in rows], premem["run_0"])
@@ -471,24 +474,33 @@ def test_cli_merged_run_beside_its_trajectory(merged_sweep, sweep, tmp_path):
 
 
 def test_cli_on_evaluated_run_with_distance_from_init(evaluated_run, tmp_path, monkeypatch):
-  run_dir, _ = evaluated_run
-  out = str(tmp_path / "real")
-  proc = run_cli(f"--sweep_dir={os.path.dirname(run_dir)}", f"--output_dir={out}",
-                 "--distance_from_init")
+  """Distance from init is measured by evaluation (beside the gradient variance): a re-run
+  of evaluate.py with --distance_from_init adds it to each checkpoint's stats without
+  re-evaluating a unit, and the analysis only reads it."""
+  import shutil
+
+  from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS
+  from memdyn_jax.train import checkpoints
+  run_dir = str(tmp_path / "sweep" / "run_a")
+  shutil.copytree(evaluated_run[0], run_dir)
+  before = open(records.record_path(run_dir, 4, "test")).read()
+  proc = run_binary("evaluate.py", f"--run_dir={run_dir}", "--distance_from_init",
+                    f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert open(records.record_path(run_dir, 4, "test")).read() == before  # no unit redone
+  out = str(tmp_path / "real")
+  monkeypatch.setattr(checkpoints, "restore", lambda *a, **k: pytest.fail("restored"))
+  report.analyze_sweep(os.path.dirname(run_dir), out, report.AnalysisOptions())
   rows = list(csv.DictReader(open(os.path.join(out, "checkpoints.csv"))))
   assert [int(r["step"]) for r in rows] == [2, 4]
   d2, d4 = (float(r["distance_from_init"]) for r in rows)
   assert 0 < d2 < d4  # the weights keep moving away from the base model
+  assert "Distance from init: measured" in open(os.path.join(out, "report.md")).read()
   assert rows[0]["perturbed_accuracy[First]"] != "" and rows[0]["train_premem"] != ""
   assert 0 < float(rows[0]["gradient_variance"]) and rows[0]["kind"] == "trajectory"
   cats = list(csv.DictReader(open(os.path.join(out, "data_maps_by_category.csv"))))
   assert {c["key"] for c in cats} == {"level", "n_lines"}
   assert sum(int(c["n"]) for c in cats if c["key"] == "level") == 4  # the 4 train examples
-  # Cached: a second call restores nothing.
-  from memdyn_jax.train import checkpoints
-  monkeypatch.setattr(checkpoints, "restore", lambda *a, **k: pytest.fail("restored"))
-  assert analysis.distances_from_init(run_dir, [2, 4]) == pytest.approx({2: d2, 4: d4})
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -82,7 +82,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
 
 
-def test_checkpoint_stats_and_caches_are_strict_json(tmp_path):
+def test_checkpoint_stats_are_strict_json(tmp_path):
   import numpy as np
   run = str(tmp_path / "run")
   path = records.update_checkpoint_stats(run, 4, {records.GRADIENT_VARIANCE: np.float64("nan"),
@@ -90,8 +90,8 @@ def test_checkpoint_stats_and_caches_are_strict_json(tmp_path):
   json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"{c} token"))
   stats = records.read_checkpoint_stats(run, 4)
   assert math.isnan(stats[records.GRADIENT_VARIANCE]) and stats["n"] == 3
-  cache = records.write_json_cache(run, "c.json", {"1": float("inf")})
-  assert json.load(open(cache)) == {"1": None}
+  path_inf = records.update_checkpoint_stats(run, 6, {records.DISTANCE_FROM_INIT: float("inf")})
+  assert json.load(open(path_inf)) == {records.DISTANCE_FROM_INIT: None}
   # Files written before strict JSON (NaN tokens) still read.
   open(path, "w").write('{"gradient_variance": NaN}')
   assert math.isnan(records.read_checkpoint_stats(run, 4)[records.GRADIENT_VARIANCE])
@@ -113,13 +113,6 @@ def test_config_is_recorded_then_compared(tmp_path):
   with pytest.raises(records.EvalConfigMismatchError, match=r"sampling.*'n': 5.*'n': 4"):
     records.check_config(run, {"task": "gsm8k", "sampling": {"n": 4}, "steps": [1, 2]})
   records.check_config(run, {"task": "math"}, name="eval_math")  # another folder: fine
-
-
-def test_json_cache_round_trip(tmp_path):
-  run = str(tmp_path / "run")
-  assert records.read_json_cache(run, "c.json") == {}
-  records.write_json_cache(run, "c.json", {"2": 1.5})
-  assert records.read_json_cache(run, "c.json") == {"2": 1.5}
 
 
 def test_checkpoint_stats_merge_keys_and_are_not_units(tmp_path):
@@ -316,7 +309,7 @@ def test_rerun_skips_done_units_and_redoes_only_a_missing_one(evaluated_run):
   unit = evaluation.EvalUnit("test", tuple(task.load("test")[:4]))
   # Library level: everything done, so nothing is restored or evaluated.
   assert evaluation.evaluate_units(run_dir, task, tok, [unit], params, batch_size=4,
-                                 progress=False) == []
+                                   progress=False) == []
   with pytest.raises(ValueError, match="no checkpoint at step"):
     evaluation.evaluate_units(run_dir, task, tok, [unit], params, steps=[3], progress=False)
   # CLI level: only the removed unit is redone; seeded sampling reproduces it.
@@ -347,16 +340,16 @@ def test_gradient_variance_only_skips_done_and_redoes_changed_settings(evaluated
   assert [(t.step, t.units) for t in done] == [(4, 0)] and done[0].gradient_variance_s > 0
   first = records.read_checkpoint_stats(run_dir, 4, name="eval_gv")["gradient_variance"]
   assert evaluation.evaluate_units(run_dir, task, tok, [], params, grad_variance=cfg,
-                                 **kwargs) == []
+                                   **kwargs) == []
   other = GradientVarianceConfig(num_minibatches=3, batch_size=2)
   assert len(evaluation.evaluate_units(run_dir, task, tok, [], params, grad_variance=other,
-                                     **kwargs)) == 1
+                                       **kwargs)) == 1
   stats = records.read_checkpoint_stats(run_dir, 4, name="eval_gv")
   assert stats["gradient_variance_settings"]["num_minibatches"] == 3
   assert stats["gradient_variance"] != first
   with pytest.raises(ValueError, match="needs 3 minibatches of 8"):
     evaluation.evaluate_units(run_dir, task, tok, [], params,
-                            grad_variance=GradientVarianceConfig(3, 8), **kwargs)
+                              grad_variance=GradientVarianceConfig(3, 8), **kwargs)
 
 
 def test_sharded_evaluation_matches_one_device(evaluated_run):
@@ -432,6 +425,9 @@ def test_run_evaluation_pending_steps_and_checks_when_all_is_done(evaluated_run)
     (["--run_dir={run}", "--num_train=4", "--grad_variance_batch_size=4"],
      "--grad_variance_batch_size: 5 minibatches of 4 need 20 train examples"),
     (["--run_dir={run}", "--grad_variance_minibatches=1"], "--grad_variance_minibatches"),
+    (["--run_dir={run}", "--eval_name=long", "--nograd_variance", "--noprogress",
+      "--max_new_tokens=100000"],
+     "--max_new_tokens: prompt"),
     (["--run_dir={run}", "--nograd_variance", "--mesh_data=3"],
      "--mesh_data/--mesh_fsdp/--mesh_tensor"),
 ])

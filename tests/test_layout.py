@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -144,3 +145,18 @@ def test_binaries_are_thin(path):
     else:
       continue
     assert top not in ("launch", "tests", "benchmarks", "experiments"), f"{path.name}: {top}"
+
+
+def test_library_errors_are_typed_and_whole():
+  """No catch-all in library code unless marked (noqa: BLE001, with its reason), and no
+  message trimming: the binaries' front door (cli.fail) alone makes one line."""
+  offenders = []
+  for name, path in modules().items():
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+      code = line.split("#")[0]
+      catch_all = re.search(r"except\s*(Exception|BaseException)?\s*(as \w+)?:", code)
+      if catch_all and "noqa: BLE001" not in line:
+        offenders.append(f"{name}:{lineno}: {line.strip()}")
+      if name != "memdyn_jax.cli" and "splitlines()[0]" in code:
+        offenders.append(f"{name}:{lineno}: {line.strip()}")
+  assert not offenders, "\n".join(offenders)

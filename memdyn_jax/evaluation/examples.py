@@ -277,21 +277,14 @@ def summarize(records: Sequence[ExampleRecord]) -> dict[str, float]:
   return out
 
 
-
-# ----------------------------------------------------------------------------- whole runs
-
-# Kang et al.'s reference sampling settings per task; others fall back to GSM8K's.
-TASK_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gsm8k": dict(temperature=0.8, top_p=0.95, max_new_tokens=512, n=5),
-    "math": dict(temperature=0.8, top_p=1.0, max_new_tokens=1024, n=5),
-    # Synthetic traces are < 200 tokens; a shorter budget keeps CPU runs quick.
-    "synthetic_arith": dict(temperature=0.8, top_p=0.95, max_new_tokens=256, n=5),
-}
+# ---------------------------------------------------------------- sampling and subsets
 
 
 def default_sampling(task_name: str, **overrides) -> sampling.SamplingParams:
-  """The task's default SamplingParams (Kang et al.), with non-None `overrides` applied."""
-  kwargs = dict(TASK_SAMPLING_DEFAULTS.get(task_name, TASK_SAMPLING_DEFAULTS["gsm8k"]))
+  """The task's default SamplingParams (`Task.sampling_defaults`: Kang et al.'s; GSM8K's
+  for an unknown task), with non-None `overrides` applied."""
+  from memdyn_jax import tasks  # registers every task, so `task_class` knows the name
+  kwargs = dict(tasks.task_class(task_name).sampling_defaults)
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
   return sampling.SamplingParams(**kwargs)
 

@@ -1,4 +1,11 @@
-"""Gradient variance of a checkpoint over fixed train minibatches (Kang et al. App. B.1).
+"""Gradient variance and distance from init of a checkpoint (Kang et al. App. B.1, B.2):
+the two training-dynamics baselines PreMemAcc is compared with, measured at evaluation
+time while the checkpoint is loaded (`memdyn_jax.evaluation.run` stores them in the
+checkpoint's stats).
+
+Distance from init: Σ_d (θ_d − θ0_d)² of every parameter against the base model's (LoRA
+runs are compared after merging their adapters). Gradient variance over fixed train
+minibatches:
 
 "We calculate the gradient of the model for 5 different minibatches, take the variance
 across the 5 samples for each element of each weight matrix, and take the average over
@@ -164,3 +171,22 @@ def settings(config: GradientVarianceConfig, minibatches: Minibatches) -> dict[s
   """What a stored value depends on (kept beside it; a different one is recomputed)."""
   return dict(dataclasses.asdict(config), examples=minibatches.fingerprint(),
               width=int(minibatches.input_ids.shape[-1]))
+
+
+def parameters(model: nnx.Module) -> dict[tuple, jax.Array]:
+  """{path: array} of a model's `nnx.Param`s (what distance from init compares)."""
+  return {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def distance_from_init(model: nnx.Module, init_params: dict[tuple, jax.Array]) -> float:
+  """Σ_d (θ_d − θ0_d)² over the parameters the model shares with `init_params` (the base
+  model's `parameters`), one tensor pair at a time (App. B.2).
+
+  Raises:
+    ValueError: no parameter path in common (another architecture).
+  """
+  params = parameters(model)
+  shared = [path for path in init_params if path in params]
+  if not shared:
+    raise ValueError("the checkpoint shares no parameter path with the base model")
+  return baselines.squared_distance_leaves((params[p], init_params[p]) for p in shared)

@@ -52,6 +52,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from memdyn_jax.errors import ContextLengthError
+
 WIN, TIE, LOSS = 1, 0, -1
 
 
@@ -277,6 +279,10 @@ DEFAULT_JUDGE_PROMPT = (
     "[The End of Assistant B's Response]\n\nThe better response is from assistant")
 
 
+class JudgePromptTooLongError(ContextLengthError):
+  """A rendered judge prompt does not fit the judge model (`model_label_scorer`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class JudgeTemplate:
   """The judge prompt and the two verdict continuations whose likelihoods are compared.
@@ -348,9 +354,9 @@ def model_label_scorer(model, tokenizer, *, batch_size: int = 16, max_length: in
     try:
       recs = scoring.score_texts(model, tokenizer, prompts, labels, batch_size=batch_size,
                                  max_length=max_length, overlength="error", mesh=mesh)
-    except ValueError as e:
-      raise ValueError(f"judge prompt too long for the judge model ({e}); lower "
-                       "max_response_tokens or shorten the template") from None
+    except ContextLengthError as e:
+      raise JudgePromptTooLongError(f"judge prompt too long for the judge model ({e}); lower "
+                                    "max_response_tokens or shorten the template") from e
     return np.asarray([r.sum_logprob for r in recs], np.float64)
 
   return score

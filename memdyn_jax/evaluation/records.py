@@ -9,7 +9,6 @@ Layout under a run directory:
     eval/step_00000012/checkpoint.json     per-checkpoint (not per-example) values, e.g.
                                            the gradient variance and its settings
     eval/step_00000012/units.json          rows and bytes of each record file written
-    eval/distance_from_init.json           cached parameter distances (analysis)
 
 Files are strict JSON (no NaN/Infinity tokens, which strict readers reject): a non-finite
 float is written as null and read back as NaN (the readers here do that for every top-level
@@ -42,6 +41,7 @@ UNITS_FILE = "units.json"
 # measured with (memdyn_jax.evaluation.gradient_variance.settings).
 GRADIENT_VARIANCE = "gradient_variance"
 GRADIENT_VARIANCE_SETTINGS = "gradient_variance_settings"
+DISTANCE_FROM_INIT = "distance_from_init"
 # Top-level record keys whose null is a real None (no perturbation, no greedy text), not a
 # non-finite float.
 NULLABLE_TEXT_KEYS = frozenset({"perturbation", "greedy_text", "category"})
@@ -247,23 +247,6 @@ def read_config(run_dir: str, *, name: str = EVAL_DIR) -> dict[str, Any] | None:
     return None
   with open(path, encoding="utf-8") as f:
     return json.load(f)
-
-
-def read_json_cache(run_dir: str, filename: str, *, name: str = EVAL_DIR) -> dict[str, Any]:
-  """A JSON dict cached in the eval folder ({} when absent)."""
-  path = os.path.join(eval_dir(run_dir, name), filename)
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def write_json_cache(run_dir: str, filename: str, data: Mapping[str, Any], *,
-                     name: str = EVAL_DIR) -> str:
-  """Atomically writes a JSON dict into the eval folder; returns its path."""
-  path = os.path.join(eval_dir(run_dir, name), filename)
-  atomic_write_json(path, dict(data), indent=2, sort_keys=True)
-  return path
 
 
 def checkpoint_stats_path(run_dir: str, step: int, *, name: str = EVAL_DIR) -> str:

@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from memdyn_jax.errors import FieldError
+from memdyn_jax.errors import ContextLengthError, FieldError
 from memdyn_jax.evaluation import records
 
 if TYPE_CHECKING:  # annotations only: this module imports JAX on first use, not on import
@@ -63,6 +63,9 @@ class EvalSettings:
     grad_variance_batch_size: train examples per gradient-variance minibatch.
     checkpoints_per_run: evaluate only this many of a run's checkpoints, spread over the
       run (a bit denser late, the last included); 0 = every checkpoint.
+    distance_from_init: the squared distance of each checkpoint's parameters from the base
+      model's (Kang et al. App. B.2), stored beside the gradient variance; holds the base
+      model's parameters on the mesh while evaluating.
   """
   splits: tuple[str, ...] = ("train", "test")
   task: str | None = None
@@ -87,6 +90,7 @@ class EvalSettings:
   grad_variance_minibatches: int = 5
   grad_variance_batch_size: int = 8
   checkpoints_per_run: int = 0
+  distance_from_init: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "splits", tuple(self.splits))
@@ -189,10 +193,9 @@ def load_tokenizer(run_dir: str, settings: EvalSettings):
   path = settings.tokenizer or checkpoints.read_run_info(run_dir)["model"]["path"]
   try:
     return models.load_tokenizer(path, padding_side="right")
-  except Exception as e:  # missing dir, no tokenizer files: one line
+  except (OSError, ValueError) as e:  # a missing directory, no tokenizer files
     raise EvalSettingsError("tokenizer", f"cannot load a tokenizer from {path}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                            ) from None
+                            f"{e or type(e).__name__}") from e
 
 
 def check_trained_data(run_dir: str, task, examples, tokenizer) -> None:
@@ -250,7 +253,7 @@ def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
         examples = task.load(split, settings.task_path)
       except (ValueError, FileNotFoundError) as e:
         raise EvalSettingsError("splits", f"task {task.name!r} cannot load split {split!r}: "
-                                f"{str(e).splitlines()[0]}") from None
+                                f"{e}") from e
       if settings.max_eval:
         examples = examples[:settings.max_eval]
       units.append(EvalUnit(split, tuple(examples), greedy=settings.greedy))
@@ -319,8 +322,9 @@ def _checked_steps(run_dir: str, steps: Sequence[int] | None,
 def pending_steps(run_dir: str, settings: EvalSettings,
                   steps: Sequence[int] | None = None) -> list[int]:
   """Of `steps` (default all checkpoints, plus step 0 with `include_base`), those with a
-  unit not yet evaluated, or a gradient variance missing or measured with other settings;
-  nothing is loaded (`evaluate_units` also compares the minibatches' examples)."""
+  unit not yet evaluated, a gradient variance missing or measured with other settings, or
+  a distance from init missing (when asked for); nothing is loaded (`evaluate_units` also
+  compares the minibatches' examples)."""
   from memdyn_jax.train import checkpoints
   if steps is None:
     steps = spread_steps(checkpoints.list_steps(run_dir), settings.checkpoints_per_run)
@@ -337,6 +341,9 @@ def pending_steps(run_dir: str, settings: EvalSettings,
 
   def done(step):
     if gv_wanted is not None and not gv_done(step):
+      return False
+    if settings.distance_from_init and records.DISTANCE_FROM_INIT not in (
+        records.read_checkpoint_stats(run_dir, step, name=name)):
       return False
     return all(records.is_done(run_dir, step, split, p, name=name)
                for split, p in settings.unit_keys())
@@ -397,11 +404,12 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         run_dir, task, tokenizer, units, params, steps=[s for s in wanted if s],
         include_base=settings.include_base, batch_size=settings.batch_size, mesh=mesh,
         keep_texts=settings.keep_texts, progress=progress, name=settings.eval_name, log=log,
-        grad_variance=gv_config, grad_variance_examples=train, should_stop=should_stop)
-  except ValueError as e:
-    message = str(e).splitlines()[0]
-    raise EvalSettingsError("max_new_tokens" if "max_new_tokens" in message else "run_dir",
-                            message) from None
+        grad_variance=gv_config, grad_variance_examples=train,
+        distance_from_init=settings.distance_from_init, should_stop=should_stop)
+  except ContextLengthError as e:  # a prompt + max_new_tokens over the model's window
+    raise EvalSettingsError("max_new_tokens", str(e)) from e
+  except (records.DamagedRecordsError, records.EvalConfigMismatchError) as e:
+    raise EvalSettingsError("run_dir", str(e)) from e
   import jax
   if timings and jax.process_index() == 0:
     write_tensorboard(run_dir, task.name, [t.step for t in timings], name=settings.eval_name)
@@ -504,8 +512,9 @@ class EvalUnit:
 
 @dataclasses.dataclass(frozen=True)
 class StepTiming:
-  """Wall-clock seconds spent on one checkpoint: restoring it, evaluating its units and
-  measuring its gradient variance (0 when not measured)."""
+  """Wall-clock seconds spent on one checkpoint: restoring it (with its distance from init
+  when measured), evaluating its units and measuring its gradient variance (0 when not
+  measured)."""
 
   step: int
   load_s: float
@@ -522,6 +531,7 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
                    name: str = records.EVAL_DIR, log=None,
                    grad_variance: GradientVarianceConfig | None = None,
                    grad_variance_examples: Sequence[Example] | None = None,
+                   distance_from_init: bool = False,
                    should_stop: Callable[[], bool] | None = None) -> list[StepTiming]:
   """Evaluates every pending (checkpoint, unit) of a run and writes its records atomically.
 
@@ -550,6 +560,9 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
       the same settings is skipped, one with other settings is measured again.
     grad_variance_examples: the train examples its minibatches are drawn from; default
       the examples of the "train" unit.
+    distance_from_init: also store each checkpoint's squared distance from the base model
+      (Kang et al. App. B.2; step 0 and checkpoint 0 are the base: 0) where it is missing.
+      The base model's parameters are loaded once, on the first checkpoint that needs them.
     should_stop: checked after each unit's records are written; when it returns True the
       evaluation stops there (what is written stays; a re-run continues), e.g. the flag of
       `train.loop.StopSignals` on SIGTERM / Ctrl-C.
@@ -592,13 +605,24 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
     gv_settings = gv_lib.settings(grad_variance, gv_batches)
     gv_pending = {s for s in set(wanted) if records.read_checkpoint_stats(
         run_dir, s, name=name).get(records.GRADIENT_VARIANCE_SETTINGS) != gv_settings}
+  distance_pending = set()
+  if distance_from_init:
+    distance_pending = {s for s in set(wanted) if records.DISTANCE_FROM_INIT not in
+                        records.read_checkpoint_stats(run_dir, s, name=name)}
+  base_params = None
   timings = []
   bar = tqdm.tqdm(total=len(pending), disable=not progress, desc=os.path.basename(run_dir),
                   unit="unit")
   try:
-    for step in sorted({s for s, _ in pending} | gv_pending):
+    for step in sorted({s for s, _ in pending} | gv_pending | distance_pending):
       t0 = time.perf_counter()
       model = _load_step(run_dir, step, info, mesh)
+      if step in distance_pending:
+        if base_params is None:
+          base_params = gv_lib.parameters(_load_step(run_dir, 0, info, mesh))
+        records.update_checkpoint_stats(
+            run_dir, step, {records.DISTANCE_FROM_INIT: gv_lib.distance_from_init(
+                model, base_params)}, name=name)
       load_s = time.perf_counter() - t0
       gv_s = 0.0
       if step in gv_pending:

@@ -34,8 +34,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from memdyn_jax.evaluation import scoring
 from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.errors import ContextLengthError
+from memdyn_jax.evaluation import scoring
 from memdyn_jax.models import KVCache
 from memdyn_jax.tasks import tokenize
 
@@ -369,8 +370,9 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, params: SamplingParams,
   b = mask_host.shape[0]
   longest = int(mask_host.sum(axis=1).max(initial=0))
   if longest + params.max_new_tokens > cfg.max_position_embeddings:
-    raise ValueError(f"prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} "
-                     f"exceeds the model's context window ({cfg.max_position_embeddings})")
+    raise ContextLengthError(f"prompt of {longest} tokens + max_new_tokens "
+                             f"{params.max_new_tokens} exceeds the model's context window "
+                             f"({cfg.max_position_embeddings})")
   if b % scoring.data_shards(mesh):
     raise ValueError(f"{b} prompts do not split over the mesh's {scoring.data_shards(mesh)} "
                      "data shards")
@@ -439,6 +441,28 @@ class Completion:
   logprobs: np.ndarray
   entropies: np.ndarray
   finish_reason: str
+
+
+def lower_prefill(graphdef, state, prompt_ids, prompt_mask, rng, example_ids, pad_id, *,
+                  params: SamplingParams, n: int = 1, mesh: Mesh | None = None):
+  """Lowers the prefill program `generate` runs for `params` (ahead-of-time compilation and
+  memory planning: the arguments may be `jax.ShapeDtypeStruct`s with shardings).
+
+  Returns:
+    The `jax.stages.Lowered` prefill; its output is the decode loop state `lower_decode`
+    takes.
+  """
+  return _prefill.lower(graphdef, state, prompt_ids, prompt_mask, rng, example_ids, pad_id,
+                        use_penalty=_Program.of(params).use_penalty, n=n,
+                        max_new=params.max_new_tokens, mesh=mesh)
+
+
+def lower_decode(graphdef, state, loop, knobs, end_step, stop_ids, pad_id, *,
+                 params: SamplingParams):
+  """Lowers the decode program `generate` runs for `params` (see `lower_prefill`); `loop`
+  is the prefill's output (abstract), `knobs` the float32 (4,) sampling knobs."""
+  return _decode.lower(graphdef, state, loop, knobs, end_step, stop_ids, pad_id,
+                       program=_Program.of(params))
 
 
 def _decode_text(tokenizer, ids) -> str:
@@ -528,9 +552,9 @@ def sample(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: Sa
   window = cfg.max_position_embeddings - params.max_new_tokens
   if lengths.max() > window:
     i = int(np.argmax(lengths))
-    raise ValueError(f"prompt {i} has {lengths[i]} tokens; with max_new_tokens "
-                     f"{params.max_new_tokens} the model's window "
-                     f"({cfg.max_position_embeddings}) allows {max(window, 0)}")
+    raise ContextLengthError(f"prompt {i} has {lengths[i]} tokens; with max_new_tokens "
+                             f"{params.max_new_tokens} the model's window "
+                             f"({cfg.max_position_embeddings}) allows {max(window, 0)}")
   buckets = tuple(length_buckets) if length_buckets else scoring.default_length_buckets(
       max(window, 1))
   stop_fn = _stop_string_fn(tokenizer, params.stop) if params.stop else None

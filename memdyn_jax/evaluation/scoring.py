@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.errors import ContextLengthError
 from memdyn_jax.tasks import tokenize
 
 
@@ -178,11 +179,12 @@ def default_length_buckets(max_length: int, minimum: int = 16) -> tuple[int, ...
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= `length`; ValueError if none fits."""
+  """The smallest bucket >= `length`; ContextLengthError if none fits."""
   for b in sorted(buckets):
     if b >= length:
       return b
-  raise ValueError(f"sequence of {length} tokens exceeds the largest length bucket {max(buckets)}")
+  raise ContextLengthError(f"sequence of {length} tokens exceeds the largest length bucket "
+                           f"{max(buckets)}")
 
 
 def data_shards(mesh: Mesh | None) -> int:
@@ -278,8 +280,8 @@ def score_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
   cfg = model.cfg
   limit = max_length or cfg.max_position_embeddings
   if limit > cfg.max_position_embeddings:
-    raise ValueError(f"max_length {limit} exceeds the model's max_position_embeddings "
-                     f"{cfg.max_position_embeddings}")
+    raise ContextLengthError(f"max_length {limit} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
   if batch_size < 1 or batch_size % data_shards(mesh):
     raise ValueError(f"batch_size {batch_size} must be a positive multiple of the mesh's "
                      f"{data_shards(mesh)} data shards")

@@ -350,7 +350,7 @@ class OrbaxCheckpointSource:
     try:
       with self._reading():
         meta_tree = self._handler.metadata(self.directory).tree
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - cleans up, then re-raises
       self._handler.close()  # else its event loop is torn down at exit, noisily
       raise
     flat, _ = jax.tree_util.tree_flatten_with_path(meta_tree)

@@ -23,7 +23,6 @@ from memdyn_jax.evaluation import records as records_lib
 from memdyn_jax.report.collect import RunRecords, SplitMatrix
 
 TRAIN, TEST, OOD = "train", "test", "ood"
-DISTANCE_CACHE = "distance_from_init.json"
 MERGE_KEY = "merge"  # run.json key of a merged model (experiments/merge.py)
 
 
@@ -53,20 +52,22 @@ def _by_step(unit: SplitMatrix | None, values: np.ndarray | None) -> dict[int, f
 
 
 def checkpoint_rows(run: RunRecords, threshold: float,
-                    atc: Mapping[int, float] | None = None,
-                    distance: Mapping[int, float] | None = None) -> list[dict[str, Any]]:
+                    atc: Mapping[int, float] | None = None) -> list[dict[str, Any]]:
   """One row per checkpoint of the run with every dataset-level quantity (NaN if absent).
 
   Args:
     run: the run's records.
     threshold: PreMemAcc memorization threshold (perplexity units).
     atc: step -> ATC predicted accuracy.
-    distance: step -> squared distance from initialization.
+
+  Gradient variance and distance from init come from the checkpoints' stats (recorded by
+  evaluation).
   """
   cols: dict[str, dict[int, float]] = {}
   train, test, ood = (run.units.get(u) for u in (TRAIN, TEST, OOD))
-  gv = {s: float(v[records_lib.GRADIENT_VARIANCE]) for s, v in run.checkpoint_stats.items()
-        if v.get(records_lib.GRADIENT_VARIANCE) is not None}
+  stat = lambda key: {s: float(v[key]) for s, v in run.checkpoint_stats.items()
+                      if v.get(key) is not None}
+  gv, distance = stat(records_lib.GRADIENT_VARIANCE), stat(records_lib.DISTANCE_FROM_INIT)
   pm = train_premem(run, threshold)
   if pm is not None:
     cols["train_premem"] = _by_step(train, pm[1].mean(axis=1))
@@ -93,7 +94,7 @@ def checkpoint_rows(run: RunRecords, threshold: float,
   if atc:
     cols["atc_predicted_accuracy"] = dict(atc)
   if distance:
-    cols["distance_from_init"] = {int(k): float(v) for k, v in distance.items()}
+    cols[records_lib.DISTANCE_FROM_INIT] = distance
   if gv:
     cols[records_lib.GRADIENT_VARIANCE] = gv
   lr = learning_rate(run)
@@ -424,53 +425,6 @@ def entropy_rows(runs: Sequence[RunRecords], split: str = TEST) -> list[dict[str
                    "sampled_entropy": float(unit.mean("sampled_entropy")[i]),
                    "teacher_forced_entropy": float(unit.mean("mean_entropy")[i])})
   return rows
-
-
-def distances_from_init(run_dir: str, steps: Sequence[int], *,
-                        name: str = records_lib.EVAL_DIR, progress: bool = False
-                        ) -> dict[int, float]:
-  """Σ_d (θ_d − θ0_d)² of each checkpoint vs the run's base model (Kang et al. App. B.2).
-
-  Checkpoints are restored one at a time and compared leaf by leaf with the base model's
-  parameters of the same path (LoRA runs are compared after merging their adapters).
-  Results are cached in `<run_dir>/<name>/distance_from_init.json`.
-  """
-  import jax
-  from flax import nnx
-
-  from memdyn_jax.train import checkpoints
-  from memdyn_jax import sharding
-  from memdyn_jax.models import hf_io
-  from memdyn_jax.train.config import TrainConfig
-
-  cache = {int(k): float(v) for k, v in
-           records_lib.read_json_cache(run_dir, DISTANCE_CACHE, name=name).items()}
-  todo = [int(s) for s in steps if int(s) not in cache]
-  if not todo:
-    return {int(s): cache[int(s)] for s in steps}
-  info = checkpoints.read_run_info(run_dir)
-  cfg = TrainConfig.from_dict(info["config"])
-  mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
-  base = checkpoints.load_base_model(hf_io.resolve_checkpoint_dir(info["model"]["path"]), cfg,
-                                     mesh)
-  flat = lambda m: {k: v[...] for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-  base_params = flat(base)
-  del base
-  available = set(checkpoints.list_steps(run_dir))
-  for step in todo:
-    if step == 0 and step not in available:
-      cache[0] = 0.0  # the base model itself
-      continue
-    model, _ = checkpoints.restore(run_dir, step, mesh)
-    params = flat(model)
-    del model
-    shared = [k for k in base_params if k in params]
-    if not shared:
-      raise ValueError(f"{run_dir} step {step}: no parameter path in common with the base model")
-    cache[step] = metrics.squared_distance_leaves((params[k], base_params[k]) for k in shared)
-    records_lib.write_json_cache(run_dir, DISTANCE_CACHE, {str(k): v for k, v in cache.items()},
-                                 name=name)
-  return {int(s): cache[int(s)] for s in steps}
 
 
 BASE_STEP = 0  # evaluate.py --include_base records the base model as step 0

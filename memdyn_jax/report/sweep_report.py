@@ -61,8 +61,6 @@ class AnalysisOptions:
     premem_bins: PreMemAcc bins of the robustness plot.
     atc_reference: ATC reference checkpoint RUN:STEP (default: last checkpoint of the
       first run with greedy test scores).
-    distance_from_init: compute each checkpoint's squared distance from the base model
-      (restores every checkpoint; cached).
   """
   eval_name: str = "eval"
   threshold: str = "default"
@@ -73,7 +71,6 @@ class AnalysisOptions:
   overmem_min_stage_len: int = 1
   premem_bins: int = 5
   atc_reference: str = ""
-  distance_from_init: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "threshold", str(self.threshold).strip())
@@ -209,20 +206,16 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     else:
       threshold = float(threshold_option)
 
-    # -- baselines that need extra work: ATC, distance from init -------------------------
+    # -- the ATC baseline (gradient variance and distance from init are evaluation records)
     try:
       atc, atc_note = analysis.atc_predictions(runs, options.atc_checkpoint)
     except ValueError as e:
-      raise AnalysisError("atc_reference", str(e)) from None
-    distances = {}
-    if options.distance_from_init:
-      for r in trajs:
-        distances[r.name] = analysis.distances_from_init(r.run_dir, r.steps().tolist(), name=name)
+      raise AnalysisError("atc_reference", str(e)) from e
 
     # -- per-checkpoint table -----------------------------------------------------------
     rows = []
     for r in runs:
-      rows += analysis.checkpoint_rows(r, threshold, atc.get(r.name), distances.get(r.name))
+      rows += analysis.checkpoint_rows(r, threshold, atc.get(r.name))
     traj_rows = [row for row in rows if row["kind"] == "trajectory"]
     written.append(markdown.write_csv(os.path.join(out, "checkpoints.csv"), rows))
     report.paragraph(f"PreMemAcc threshold: perplexity {threshold:.4f} "
@@ -271,9 +264,11 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     written.append(markdown.write_csv(os.path.join(out, "baselines.csv"), base_rows))
     report.table(base_rows)
     has_gv = any(np.isfinite(row.get(records.GRADIENT_VARIANCE, np.nan)) for row in traj_rows)
+    has_distance = any(np.isfinite(row.get(records.DISTANCE_FROM_INIT, np.nan))
+                       for row in traj_rows)
     report.paragraph(f"ATC reference: {atc_note}. Distance from init: "
-                     + ("computed." if options.distance_from_init else
-                        "not computed (--distance_from_init).")
+                     + ("measured by evaluate.py (Kang et al. App. B.2)." if has_distance else
+                        "not measured (evaluate.py --distance_from_init).")
                      + " Gradient variance: " + (
                          "measured by evaluate.py over train minibatches (Kang et al. App. B.1)."
                          if has_gv else "not measured (evaluate.py --grad_variance)."))

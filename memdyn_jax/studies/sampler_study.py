@@ -248,7 +248,7 @@ def _load_split(task: Task, spec: task_run.TaskSpec, split: str, flag: str) -> l
     return task.load(split, spec.path)
   except (ValueError, FileNotFoundError) as e:
     raise task_run.TaskRunError(flag, f"task {task.name!r} cannot load split {split!r}: "
-                                f"{str(e).splitlines()[0]}") from None
+                                f"{e}") from e
 
 
 def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir: str, *,
@@ -304,8 +304,8 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
                      heldout, ood)
     records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME)
     evaluation.evaluate_units(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],
-                            batch_size=cfg.eval_batch_size, keep_texts=True,
-                            progress=progress, name=EVAL_NAME)
+                              batch_size=cfg.eval_batch_size, keep_texts=True,
+                              progress=progress, name=EVAL_NAME)
     counts[sampler] = np.asarray(checkpoints.read_meta(run_dir, step)["draw_counts"], np.int64)
     loaded[sampler] = {records_lib.unit_name(u.split, u.perturbation):
                        _load_unit(run_dir, step, u.split, u.perturbation) for u in units}

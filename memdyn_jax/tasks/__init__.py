@@ -14,6 +14,7 @@ from memdyn_jax.tasks.base import (
     ensure_nonempty,
     get_task,
     memorization_threshold,
+    task_class,
     read_jsonl,
     write_jsonl,
     register_task,

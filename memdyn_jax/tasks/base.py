@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import types
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 
@@ -178,6 +179,12 @@ class Task:
   # PreMemAcc memorization threshold on Kang et al.'s log(log(perplexity)) scale: their
   # reference code's GSM8K value (-2.3, perplexity 1.105); MATH overrides it (-1.7).
   memorization_loglog_threshold: float = -2.3
+  # Sampling for accuracy (Kang et al.'s reference settings): GSM8K's, which tasks
+  # without their own use; `memdyn_jax.evaluation.default_sampling` reads it.
+  sampling_defaults: Mapping[str, Any] = types.MappingProxyType(
+      dict(temperature=0.8, top_p=0.95, max_new_tokens=512, n=5))
+  # Fraction of examples IFD/heuristic curation keeps (Kang et al. App. C: GSM8K 50%).
+  curation_keep_fraction: float = 0.5
 
   def load(self, split: str, path: str | None = None) -> list[Example]:
     raise NotImplementedError
@@ -197,6 +204,14 @@ class Task:
 
   def grade(self, completion_text: str, reference_answer: str) -> bool:
     raise NotImplementedError
+
+  def difficulty(self, example: Example) -> float:
+    """Kang et al.'s heuristic difficulty (App. C), larger = harder; NaN ranks last.
+
+    Raises:
+      NotImplementedError: the task has no heuristic.
+    """
+    raise NotImplementedError(f"task {self.name!r} has no difficulty heuristic")
 
   def grade_detailed(self, completion_text: str, reference_answer: str) -> GradeResult:
     """Grades and reports the parsed answer, so callers can count unparseable outputs."""
@@ -230,9 +245,14 @@ def task_names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def task_class(task_name: str | None) -> type[Task]:
+  """The registered class of a task name; the `Task` base (GSM8K's defaults) for an unknown
+  or unnamed one. Reads class-level rules without building the task."""
+  return _REGISTRY.get(task_name, Task)
+
+
 def memorization_threshold(task_name: str | None) -> float:
   """The task's default PreMemAcc threshold in perplexity units, exp(exp(t)) of its
   `memorization_loglog_threshold` (no instance needed); GSM8K's for an unknown or unnamed
   task."""
-  cls = _REGISTRY.get(task_name, Task)
-  return math.exp(math.exp(cls.memorization_loglog_threshold))
+  return math.exp(math.exp(task_class(task_name).memorization_loglog_threshold))

@@ -95,6 +95,11 @@ class GSM8KTask(Task):
     self.flexible = flexible
     self.template = template
 
+
+  def difficulty(self, example: Example) -> float:
+    """Reasoning lines of the solution; the `#### N` answer line is not counted."""
+    return float(sum(1 for ln in example.target.splitlines()
+                     if ln.strip() and not ln.lstrip().startswith("####")))
   def load(self, split: str, path: str | None = None) -> list[Example]:
     """Loads a split from a local jsonl (file or folder with `{split}.jsonl`) or the Hub."""
     if path is not None:

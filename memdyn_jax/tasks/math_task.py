@@ -12,8 +12,10 @@ timing out or raising counts as "not equal", leaving the normalizer's verdict.
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
+import types
 from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
@@ -152,7 +154,9 @@ def normalized_equal(a: str, b: str) -> bool:
   """Hendrycks string equivalence; falls back to raw equality if normalization fails."""
   try:
     return normalize_math_answer(a) == normalize_math_answer(b)
-  except Exception:  # The normalizer must never make grading crash on odd model output.
+  # Model output is arbitrary text: grading must not crash on what the normalizer's
+  # string surgery did not foresee (an IndexError on a stray brace, ...).
+  except Exception:  # noqa: BLE001 - grading odd model output
     return a.strip() == b.strip()
 
 
@@ -174,7 +178,8 @@ def math_verify_equal(reference: str, predicted: str, timeout_s: int = 5) -> boo
     if not gold or not pred:
       return False
     return bool(verify(gold, pred, timeout_seconds=timeout_s))
-  except Exception as e:  # math-verify raises on exotic LaTeX; treat as "not shown equal".
+  # math-verify (sympy underneath) raises many types on exotic LaTeX: "not shown equal".
+  except Exception as e:  # noqa: BLE001 - third-party parser on odd model output
     logging.debug("math-verify failed on %r vs %r: %s", reference, predicted, e)
     return False
 
@@ -203,6 +208,9 @@ class MathTask(Task):
   """
 
   memorization_loglog_threshold = -1.7
+  sampling_defaults = types.MappingProxyType(
+      dict(temperature=0.8, top_p=1.0, max_new_tokens=1024, n=5))
+  curation_keep_fraction = 0.75  # Kang et al. App. C
 
   def __init__(self, levels: Sequence[int] | None = None, use_math_verify: bool = True,
                verify_timeout_s: int = 5, template: PromptTemplate = DEFAULT_TEMPLATE):
@@ -211,6 +219,11 @@ class MathTask(Task):
     self.verify_timeout_s = verify_timeout_s
     self.template = template
 
+
+  def difficulty(self, example: Example) -> float:
+    """The problem's level (1-5); NaN when unknown (ranked last)."""
+    level = example.meta.get("level")
+    return math.nan if level is None else float(level)
   def load(self, split: str, path: str | None = None) -> list[Example]:
     """Loads a split from a local jsonl (file or folder with `{split}.jsonl`) or the Hub.
 

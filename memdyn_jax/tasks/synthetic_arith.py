@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import random
 import re
+import types
 from collections.abc import Sequence
 from typing import Any, Iterable, Mapping
 
@@ -517,6 +518,10 @@ class SyntheticArithTask(Task):
   spec (the full Problem, from which `traces`, `rephrase` and `fresh_like` work).
   """
 
+  # Traces are < 200 tokens: a shorter budget than GSM8K's keeps CPU runs quick.
+  sampling_defaults = types.MappingProxyType(
+      dict(temperature=0.8, top_p=0.95, max_new_tokens=256, n=5))
+
   def __init__(self, seed: int = 0, n_train: int = 2000, n_test: int = 500,
                n_ood: int = 500, max_steps: int = 4,
                ood_steps: tuple[int, int] | None = None, max_value: int = 60,
@@ -549,6 +554,10 @@ class SyntheticArithTask(Task):
 
   # -- generation ----------------------------------------------------------------
 
+
+  def difficulty(self, example: Example) -> float:
+    """The number of events (steps) of the problem."""
+    return float(example.meta["n_steps"])
   def split_config(self, split: str) -> dict[str, Any]:
     """Sampling settings of a split: step range, bound, phrasing pool, min_peak."""
     if split == "ood":

@@ -36,11 +36,16 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
+from memdyn_jax.errors import ContextLengthError
 from memdyn_jax.tasks.base import DataError, Example, Task
 
 OVERLENGTH_POLICIES = ("drop", "truncate", "error")
 
 _OK, _TRUNCATED, _DROPPED = "ok", "truncated", "dropped"
+
+
+class OverlongExampleError(DataError, ContextLengthError):
+  """An example longer than `max_length` under overlength="error"; names the example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +108,8 @@ def _assemble(prompt_ids: Sequence[int], target_ids: Sequence[int], *, bos: int 
   status = _OK
   if max_length is not None and total > max_length:
     if overlength == "error":
-      raise DataError(f"{name}: {total} tokens (prompt {len(head)}, target {len(tail)}) "
-                      f"exceed max_length {max_length}")
+      raise OverlongExampleError(f"{name}: {total} tokens (prompt {len(head)}, target "
+                                 f"{len(tail)}) exceed max_length {max_length}")
     if overlength == "truncate" and len(head) < max_length:
       tail = tail[:max_length - len(head)]
       status = _TRUNCATED

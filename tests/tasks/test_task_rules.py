@@ -1,0 +1,42 @@
+"""Per-task rules live on the Task interface (sampling defaults, curation keep fraction,
+heuristic difficulty, PreMemAcc threshold), read without branching on task names."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from memdyn_jax import evaluation, tasks
+from memdyn_jax.tasks import Example
+
+
+def example(target: str = "", **meta) -> Example:
+  return Example(id="x", question="q", target=target, answer="1", meta=meta)
+
+
+def test_sampling_defaults_are_kang_et_al_per_task():
+  assert evaluation.default_sampling("gsm8k").max_new_tokens == 512
+  math_params = evaluation.default_sampling("math")
+  assert (math_params.top_p, math_params.max_new_tokens) == (1.0, 1024)
+  assert evaluation.default_sampling("synthetic_arith").max_new_tokens == 256
+  # An unknown task falls back to GSM8K's; overrides win unless None.
+  assert evaluation.default_sampling("sft") == evaluation.default_sampling("no_such_task")
+  assert evaluation.default_sampling("math", n=2, top_p=None).n == 2
+  assert evaluation.default_sampling("math", n=2, top_p=None).top_p == 1.0
+
+
+def test_task_class_reads_rules_without_building_the_task():
+  assert tasks.task_class("math").curation_keep_fraction == 0.75
+  assert tasks.task_class("gsm8k").curation_keep_fraction == 0.5
+  assert tasks.task_class(None) is tasks.Task
+  assert tasks.memorization_threshold("math") == pytest.approx(math.exp(math.exp(-1.7)))
+
+
+def test_heuristic_difficulty_per_task():
+  gsm = example("Step one.\nStep two.\n#### 3")
+  assert tasks.get_task("gsm8k").difficulty(gsm) == 2.0
+  assert tasks.get_task("math").difficulty(example(level=4)) == 4.0
+  assert math.isnan(tasks.get_task("math").difficulty(example(level=None)))
+  assert tasks.get_task("synthetic_arith").difficulty(example(n_steps=3)) == 3.0
+  with pytest.raises(NotImplementedError, match="sft"):
+    tasks.get_task("sft").difficulty(gsm)

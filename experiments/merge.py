@@ -15,27 +15,27 @@ end of slerp): an HF directory or RUN_DIR:STEP; default the first run's base mod
 --method: linear (without --weights: the uniform soup), greedy_soup (add a checkpoint only
 if accuracy on --validation_split improves), slerp (--t), task_arithmetic (--lambda,
 --weights), ties and dare_ties (--density, --lambda, --weights), dare_linear; see
-memdyn_jax/merging/methods.py for the formulas. Merging reads one tensor of each checkpoint at a
-time.
+memdyn_jax/merging/methods.py for the formulas. Merging reads one tensor of each checkpoint
+at a time.
 
-The output (memdyn_jax/merging/run.py) is laid out like a training run: run.json with a
-"merge" field, an orbax checkpoint that memdyn_jax.train.checkpoints.restore and
-experiments/evaluate.py read, and an HF export in hf/. A re-run with the same flags skips
-the merge. --evaluate evaluates it with experiments/evaluate.py's flags and defaults
-(--eval_seed is evaluate.py's --seed). Exit status: 0 done, 2 bad flags or inputs.
+The output (`memdyn_jax.merging.run.merge_for_evaluation`) is laid out like a training
+run: run.json with a "merge" field, an orbax checkpoint that
+memdyn_jax.train.checkpoints.restore and experiments/evaluate.py read, and an HF export in
+hf/. A re-run with the same flags skips the merge. --evaluate evaluates it with
+experiments/evaluate.py's flags and defaults (--eval_seed is evaluate.py's --seed). Exit
+status: 0 done, 2 bad flags or inputs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from absl import flags
 
 from memdyn_jax import cli
-from memdyn_jax.merging import run as merged_run
 from memdyn_jax.cli import UsageError
-from memdyn_jax.merging import MergeConfig, MergeConfigError
 from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
+from memdyn_jax.merging import MergeConfig, MergeConfigError
+from memdyn_jax.merging import run as merged_run
 
 PROG = "merge.py"
 
@@ -75,8 +75,8 @@ def _t_value():
     return None
   try:
     value = json.loads(text)
-  except json.JSONDecodeError:
-    raise UsageError(f"--t: expected a number or a JSON object, got {text!r}") from None
+  except json.JSONDecodeError as e:
+    raise UsageError(f"--t: expected a number or a JSON object, got {text!r}") from e
   return value if not isinstance(value, dict) else tuple(value.items())
 
 
@@ -89,53 +89,18 @@ def merge_config() -> MergeConfig | None:
     return None
   try:
     weights = None if FLAGS.weights is None else tuple(float(w) for w in FLAGS.weights)
-  except ValueError:
-    raise UsageError(f"--weights: not numbers: {FLAGS.weights}") from None
+  except ValueError as e:
+    raise UsageError(f"--weights: not numbers: {FLAGS.weights}") from e
   try:
     return MergeConfig(FLAGS.method, weights=weights, t=_t_value(), lambda_=FLAGS["lambda"].value,
                        density=FLAGS.density, seed=FLAGS.seed,
                        normalize={"auto": None, "true": True, "false": False}[FLAGS.normalize])
   except MergeConfigError as e:
-    raise cli.usage_error(e, _CONFIG_FLAGS) from None
-
-
-def eval_settings(first_run: str) -> EvalSettings:
-  """evaluate.py's settings; the task arguments default to the first run's."""
-  kwargs = cli.dataclass_kwargs_from_flags(EvalSettings, _EVAL_FLAGS)
-  from memdyn_jax.evaluation import read_examples_listing
-  listing = read_examples_listing(first_run)
-  if not FLAGS["task_kwargs"].present and listing is not None:
-    kwargs["task_kwargs"] = listing.get("task_kwargs", {})
-  try:
-    return EvalSettings(**kwargs)
-  except EvalSettingsError as e:
-    raise cli.usage_error(e, _EVAL_FLAGS) from None
+    raise cli.usage_error(e, _CONFIG_FLAGS) from e
 
 
 def _flag_error(e) -> UsageError:
   return cli.usage_error(e, {**_EVAL_FLAGS, **_CONFIG_FLAGS, "run_dir": "output_dir"})
-
-
-def greedy_scorer(first_run: str, settings: EvalSettings, tokenizer, mesh):
-  """(soup_score, validation record) of --validation_split."""
-  from memdyn_jax.train import checkpoints
-  from memdyn_jax.evaluation import run as run_evaluation
-  settings = run_evaluation.for_run(first_run, settings)
-  task = run_evaluation.load_task(first_run, settings)
-  try:
-    examples = task.load(FLAGS.validation_split, settings.task_path)
-  except (ValueError, FileNotFoundError) as e:
-    raise UsageError(f"--validation_split: task {task.name!r} cannot load split "
-                     f"{FLAGS.validation_split!r}: {str(e).splitlines()[0]}") from None
-  if FLAGS.validation_examples:
-    examples = examples[:FLAGS.validation_examples]
-  params = run_evaluation.sampling_params(task.name, settings)
-  cfg = checkpoints.read_run_info(first_run)["config"]
-  score = merged_run.validation_accuracy(
-      task, examples, tokenizer, params, batch_size=settings.batch_size,
-      max_length=cfg["max_length"], append_eos=cfg["append_eos"], mesh=mesh)
-  return score, {"split": FLAGS.validation_split, "examples": len(examples),
-                 "metric": "accuracy", "sampling": dataclasses.asdict(params)}
 
 
 def run() -> int:
@@ -143,8 +108,7 @@ def run() -> int:
     raise UsageError("--checkpoints is required")
   if not FLAGS.output_dir:
     raise UsageError("--output_dir is required")
-  greedy = FLAGS.method == merged_run.GREEDY_SOUP
-  if greedy and not FLAGS.validation_split:
+  if FLAGS.method == merged_run.GREEDY_SOUP and not FLAGS.validation_split:
     raise UsageError("--validation_split is required by --method=greedy_soup")
   if FLAGS.validation_examples < 0:
     raise UsageError("--validation_examples: must be >= 0")
@@ -152,32 +116,28 @@ def run() -> int:
   try:
     sources = merged_run.parse_checkpoints(FLAGS.checkpoints)
     base = merged_run.parse_base(FLAGS.base) if FLAGS.base else None
-  except merged_run.MergeInputError as e:
-    raise cli.usage_error(e) from None
-  settings = eval_settings(sources[0].run_dir)
+    settings = merged_run.evaluation_settings(sources[0].run_dir, EvalSettings(
+        **cli.dataclass_kwargs_from_flags(EvalSettings, _EVAL_FLAGS)))
+  except (merged_run.MergeInputError, EvalSettingsError) as e:
+    raise _flag_error(e) from e
 
   from memdyn_jax.evaluation import run as run_evaluation
   mesh = cli.mesh_from_flags()
   log = lambda m: print(f"{PROG}: {m}", flush=True)
   try:
-    tokenizer = run_evaluation.load_tokenizer(sources[0].run_dir, settings)
-    score, validation = (greedy_scorer(sources[0].run_dir, settings, tokenizer, mesh)
-                         if greedy else (None, None))
-    outcome = merged_run.merge_to_run_dir(
-        FLAGS.output_dir, FLAGS.method, sources, config=config, base=base, soup_score=score,
-        soup_validation=validation, tokenizer=tokenizer, mesh=mesh, log=log)
-  except (merged_run.MergeInputError, MergeConfigError, EvalSettingsError) as e:
-    raise _flag_error(e) from None
-  if outcome.skipped:
-    log(f"{FLAGS.output_dir} already holds this merge")
-  if FLAGS.evaluate:
-    try:
+    outcome = merged_run.merge_for_evaluation(
+        FLAGS.output_dir, FLAGS.method, sources, settings, config=config, base=base,
+        validation_split=FLAGS.validation_split,
+        validation_examples=FLAGS.validation_examples, mesh=mesh, log=log)
+    if outcome.skipped:
+      log(f"{FLAGS.output_dir} already holds this merge")
+    if FLAGS.evaluate:
       timings = run_evaluation.evaluate(FLAGS.output_dir, settings, mesh=mesh,
                                         progress=FLAGS.progress, log=log)
-    except EvalSettingsError as e:
-      raise _flag_error(e) from None
-    log(f"evaluated {len(timings)} checkpoint(s)" + ("" if timings else
-                                                      " (all records already present)"))
+      log(f"evaluated {len(timings)} checkpoint(s)"
+          + ("" if timings else " (all records already present)"))
+  except (merged_run.MergeInputError, MergeConfigError, EvalSettingsError) as e:
+    raise _flag_error(e) from e
   return 0
 
 

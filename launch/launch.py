@@ -1,4 +1,5 @@
-"""Runs one memdyn_jax binary on a TPU pod slice or a SLURM GPU cluster.
+"""Runs one memdyn_jax binary on a TPU pod slice or a SLURM GPU cluster, or a sweep as one
+job per cell.
 
   # TPU: the same command on every worker of a TPU VM slice (created if absent)
   python launch/launch.py --cluster=tpu --tpu_name=memdyn-v5p --zone=us-east5-a \
@@ -10,26 +11,46 @@
   python launch/launch.py --cluster=slurm --nodes=2 --gpus_per_node=8 --partition=gpu -- \
       experiments/train.py --model=... --task=gsm8k --output_dir=/shared/runs/lr2e-5
 
-`--dry_run` prints every command (and the sbatch script) without running anything.
-Inside the job, `memdyn_jax.sharding.initialize_distributed()` (called by the binaries)
-finds the coordinator: JAX auto-detects TPU pods and SLURM allocations.
+  # A sweep fanned out: one SLURM job per cell, then an analysis job after them all
+  python launch/launch.py --cluster=slurm --nodes=2 --gpus_per_node=8 --partition=gpu \
+      --fan_out -- experiments/sweep.py --sweep_dir=/shared/runs/kang_gsm8k \
+      --model=meta-llama/Meta-Llama-3-8B --task=gsm8k --paper_grid=kang_llama3_gsm8k
 
-The command and script builders are plain functions of a `TpuTarget` / `SlurmTarget`, so
-other binaries (experiments/sweep.py's fan-out) import them; `define_cluster_flags()` gives
-them the same cluster flags as this one.
+`--dry_run` prints every command (and the sbatch scripts) without running or writing
+anything. Inside the job, `memdyn_jax.sharding.initialize_distributed()` (called by the
+binaries) finds the coordinator: JAX auto-detects TPU pods and SLURM allocations.
+
+`--fan_out` takes an experiments/sweep.py command (any of its flags: a grid, or
+`--sweep_dir` alone for a stored sweep; `--cells` picks cells). It asks that command for
+its cells (`--plan`, run here: the flags are checked, nothing is written) and reads them with
+the installed `memdyn_jax.studies.sweep`; then every cell runs the same command with
+`--sweep_dir=<absolute> --cells=<cell> --noanalyze --noprogress` appended, and
+experiments/analyze.py analyzes the sweep into <sweep_dir>/analysis after them:
+  * SLURM: one sbatch job per cell (scripts in <sweep_dir>/launch/; the sweep directory must
+    be on storage the nodes share), then the analysis job on one GPU, `afterany` the cells;
+  * TPU: the slice is prepared once, the cells run on it one after the other, then the
+    analysis on worker 0.
+Without --dry_run, sweep.json is written before anything is submitted.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 from typing import Sequence
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+PROG = "launch.py"
+
+
+class TargetError(ValueError):
+  """A cluster target that lacks a setting or has a bad one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +66,7 @@ class TpuTarget:
 
   def check(self) -> None:
     if not (self.tpu_name and self.zone and self.repo_url):
-      raise ValueError("the TPU launcher needs --tpu_name, --zone and --repo_url")
+      raise TargetError("the TPU launcher needs --tpu_name, --zone and --repo_url")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +82,7 @@ class SlurmTarget:
 
   def check(self) -> None:
     if self.gpus_per_node < 1 or self.nodes < 1:
-      raise ValueError("--nodes and --gpus_per_node must be >= 1")
+      raise TargetError("--nodes and --gpus_per_node must be >= 1")
 
 
 def define_cluster_flags() -> None:
@@ -177,23 +198,149 @@ def sbatch(script: str, extra_args: Sequence[str] = (), script_path: str | None 
   return out.strip().split(";")[0]
 
 
+# --------------------------------------------------------------------------- sweep fan-out
+
+
+class SweepPlanError(Exception):
+  """experiments/sweep.py --plan failed: `stderr` says why (one line for bad flags)."""
+
+  def __init__(self, returncode: int, stderr: str):
+    super().__init__(stderr)
+    self.returncode, self.stderr = returncode, stderr
+
+
+def sweep_plan(sweep_args: Sequence[str]):
+  """(sweep, cells to run) of an experiments/sweep.py command line (binary first), as
+  that command's `--plan` prints them.
+
+  Raises:
+    SweepPlanError: the command refused its flags, or printed no plan.
+  """
+  from memdyn_jax.studies import sweep as sweep_lib
+  proc = subprocess.run([sys.executable, *sweep_args, "--plan"], capture_output=True,
+                        text=True)
+  if proc.returncode:
+    raise SweepPlanError(proc.returncode, proc.stderr)
+  try:
+    plan = json.loads(proc.stdout)
+  except json.JSONDecodeError as e:
+    raise SweepPlanError(1, f"{PROG}: error: {sweep_args[0]} --plan printed no plan ({e}): "
+                         f"{proc.stdout!r}\n") from e
+  return sweep_lib.sweep_from_plan(plan)
+
+
+def cell_args(sweep_args: Sequence[str], sweep, cell) -> list[str]:
+  """The command line of one cell's job: the sweep command, that cell only (flags given
+  twice: absl keeps the last)."""
+  return [*sweep_args, f"--sweep_dir={sweep.sweep_dir}", f"--cells={cell.name}",
+          "--noanalyze", "--noprogress"]
+
+
+def analysis_args(sweep_args: Sequence[str], sweep) -> list[str]:
+  """experiments/analyze.py (beside the sweep binary) over the sweep, as the sweep binary
+  analyzes it."""
+  from memdyn_jax.studies import sweep as sweep_lib
+  return [os.path.join(os.path.dirname(sweep_args[0]), "analyze.py"),
+          f"--sweep_dir={sweep.sweep_dir}", f"--output_dir={sweep_lib.analysis_dir(sweep)}",
+          f"--eval_name={sweep.evaluation.eval_name}"]
+
+
+def tpu_fan_out_commands(target: TpuTarget, sweep_args: Sequence[str], sweep, cells
+                         ) -> list[list[str]]:
+  """Prepare the slice once, run the cells on it one after the other, analyze on worker 0."""
+  return (tpu_prepare_commands(target)
+          + [tpu_run_command(target, cell_args(sweep_args, sweep, c)) for c in cells]
+          + [tpu_run_command(target, analysis_args(sweep_args, sweep), worker="0")])
+
+
+def slurm_fan_out_jobs(target: SlurmTarget, sweep_args: Sequence[str], sweep, cells
+                       ) -> list[tuple[str, str, bool]]:
+  """(script path, sbatch script, runs after the cells) of every job: one per cell, then
+  the analysis on one GPU."""
+  scripts_dir = os.path.join(sweep.sweep_dir, "launch")
+  jobs = []
+  for cell in cells:
+    one = dataclasses.replace(target, job_name=f"{target.job_name}-{cell.name}")
+    jobs.append((os.path.join(scripts_dir, f"{cell.name}.sbatch"),
+                 slurm_script(one, cell_args(sweep_args, sweep, cell)), False))
+  single = dataclasses.replace(target, nodes=1, gpus_per_node=1,
+                               job_name=f"{target.job_name}-analysis")
+  jobs.append((os.path.join(scripts_dir, "analysis.sbatch"),
+               slurm_script(single, analysis_args(sweep_args, sweep)), True))
+  return jobs
+
+
+def fan_out(cluster: str, sweep_args: Sequence[str], dry_run: bool) -> None:
+  """Runs (or with `dry_run` prints) the jobs of a sweep on `cluster` ("tpu" or "slurm",
+  set up by the cluster flags).
+
+  Raises:
+    TargetError: bad cluster flags (checked before the sweep is planned).
+    SweepPlanError: the sweep command refused its flags.
+  """
+  from memdyn_jax.studies import sweep as sweep_lib
+  target = tpu_target_from_flags() if cluster == "tpu" else slurm_target_from_flags()
+  target.check()
+  sweep, cells = sweep_plan(sweep_args)
+  if not dry_run:
+    sweep_lib.write_sweep(sweep)
+  if cluster == "tpu":
+    for cmd in tpu_fan_out_commands(target, sweep_args, sweep, cells):
+      run_shell(shell_line(cmd), dry_run)
+    return
+  ids = []
+  for path, script, after_cells in slurm_fan_out_jobs(target, sweep_args, sweep, cells):
+    extra = ([f"--dependency=afterany:{':'.join(ids or ['<cell job ids>'])}"]
+             if after_cells else [])
+    if dry_run:
+      print(f"# {path}\n{script}" + shell_line(["sbatch", "--parsable", *extra, path]))
+      continue
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    job = sbatch(script, extra, script_path=path)
+    print(f"{PROG}: submitted {os.path.basename(path)} as job {job}", flush=True)
+    if not after_cells:
+      ids.append(job)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def run_shell(line: str, dry_run: bool) -> None:
+  """Prints a shell command line, then runs it unless `dry_run` (failing on its error)."""
+  print(line, flush=True)
+  if not dry_run:
+    subprocess.run(line, shell=True, check=True)
+
+
+def fail(message: str) -> int:
+  """Prints `launch.py: error: <message>` (as the binaries report a user error); returns
+  the exit status 2."""
+  print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+  return 2
+
+
 def main(argv):
   binary_args = argv[1:]
   if not binary_args or not binary_args[0].endswith(".py"):
-    raise app.UsageError("give the binary and its flags after --, e.g. -- experiments/train.py ...")
+    return fail("give the binary and its flags after --, e.g. -- experiments/train.py ...")
+  if FLAGS.fan_out and os.path.basename(binary_args[0]) != "sweep.py":
+    return fail(f"--fan_out runs experiments/sweep.py, not {binary_args[0]}")
   try:
+    if FLAGS.fan_out:
+      fan_out(FLAGS.cluster, binary_args, FLAGS.dry_run)
+      return 0
     if FLAGS.cluster == "tpu":
       commands = [shell_line(c) for c in tpu_commands(tpu_target_from_flags(), binary_args)]
     else:
       script = slurm_script(slurm_target_from_flags(), binary_args)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  except TargetError as e:
+    return fail(str(e))
+  except SweepPlanError as e:  # the sweep binary's own error line
+    sys.stderr.write(e.stderr)
+    return e.returncode
   if FLAGS.cluster == "tpu":
-    for text in commands:
-      if FLAGS.dry_run:
-        print(text)
-      else:
-        subprocess.run(text, shell=True, check=True)
+    for line in commands:
+      run_shell(line, FLAGS.dry_run)
     return 0
   if FLAGS.dry_run:
     print(script, end="")
@@ -206,6 +353,8 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_enum("cluster", None, ["tpu", "slurm"], "Where to run.")
   flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+  flags.DEFINE_bool("fan_out", False, "The binary is experiments/sweep.py: one job per cell "
+                    "(SLURM) or one command per cell on the slice (TPU), then the analysis.")
   define_cluster_flags()
   flags.mark_flag_as_required("cluster")
   app.run(main)

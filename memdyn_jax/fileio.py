@@ -7,22 +7,28 @@ Infinity tokens, which strict readers reject): non-finite floats are written as 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+  """A file to write (text "w", utf-8, or binary "wb") that appears at `path` only when the
+  block completes: it is a temporary file in the same folder, flushed to disk and renamed
+  over `path`. An exception in the block removes it and leaves `path` as it was."""
+  if mode not in ("w", "wb"):
+    raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, mode, encoding="utf-8" if mode == "w" else None) as f:
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared
@@ -31,6 +37,12 @@ def atomic_write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (`atomic_open`)."""
+  with atomic_open(path) as f:
+    f.write(text)
 
 
 def strict_json_value(value: Any) -> Any:

@@ -75,18 +75,6 @@ def test_top_fraction_breaks_ties_by_seed_not_by_order():
       curation.top_fraction(levels, 0.5, seed=3).tolist())
 
 
-def test_heuristic_difficulty_per_task():
-  gsm = ex("g", target="a=<<1+1=2>>2\nb is 3\n\n#### 3")
-  assert curation.heuristic_difficulty("gsm8k", gsm) == 2.0
-  assert curation.heuristic_difficulty("math", ex("m", level=4)) == 4.0
-  assert math.isnan(curation.heuristic_difficulty("math", ex("m", level=None)))
-  task = sa.SyntheticArithTask(**TASK_KWARGS)
-  first = task.load("train")[0]
-  assert curation.heuristic_difficulty("synthetic_arith", first) == first.meta["n_steps"]
-  with pytest.raises(ValueError, match="no difficulty heuristic for task 'sft'"):
-    curation.heuristic_difficulty("sft", gsm)
-
-
 # ----------------------------------------------------------------------------- generators
 
 
@@ -184,6 +172,41 @@ def test_collect_examples_draws_evenly_and_replaces_used_up_sources():
       f"{s}/new" for s in sources]
   with pytest.raises(curation.CurationError, match="made 3 of the 4 examples"):
     curation.collect_examples(_OneEach(), pool, 4, random.Random(0), pool)
+
+
+def test_make_generator_picks_the_kind_and_names_the_bad_input(tmp_path):
+  task = sa.SyntheticArithTask(**TASK_KWARGS)
+  assert curation.make_generator("rephrase", task).name == "synthetic_rephrase"
+  path = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "question": "Alice has 3 pens."}])
+  assert isinstance(curation.make_generator("jsonl", task, rephrasings=str(path)),
+                    curation.JsonlRephrasings)
+  (tmp_path / "bad.jsonl").write_text('{"id": 3}\n')
+  gsm8k = type("Gsm8k", (), {"name": "gsm8k"})()
+  for kind, kwargs, field, needle in [
+      ("fresh", {}, "generator", "like synthetic_arith, not 'gsm8k'"),
+      ("jsonl", {}, "rephrasings", "is required with generator 'jsonl'"),
+      ("jsonl", {"rephrasings": str(tmp_path / "bad.jsonl")}, "rephrasings",
+       "bad.jsonl:1: missing field(s) ['question']"),
+      ("model", {}, "rephrase_model", "is required with generator 'model'"),
+      ("model", {"rephrase_model": str(tmp_path / "no_model")}, "rephrase_model", "no_model")]:
+    with pytest.raises(curation.CurationInputError) as e:
+      curation.make_generator(kind, gsm8k if kind == "fresh" else task, **kwargs)
+    assert e.value.field == field and needle in e.value.message, e.value
+
+
+def test_load_setup_cuts_the_splits_and_names_bad_data(tmp_path):
+  from memdyn_jax.train.task_run import TaskSpec
+  params = sampling.SamplingParams(max_new_tokens=4)
+  setup = curation.load_setup(TaskSpec("synthetic_arith", TASK_KWARGS), "m", sampling=params,
+                              methods=curation.METHODS, n_train=5, n_test=3, n_ifd=2)
+  assert (len(setup.train_examples), len(setup.test_examples), len(setup.ifd_examples)) == (
+      5, 3, 2)
+  assert setup.train_config.to_dict() == curation.CurationSetup(
+      setup.task, "m", setup.train_examples, setup.test_examples, params).train_config.to_dict()
+  with pytest.raises(curation.CurationInputError) as e:
+    curation.load_setup(TaskSpec("gsm8k", path=str(tmp_path / "nope")), "m", sampling=params,
+                        methods=("iid",))
+  assert e.value.field == "task" and "nope" in e.value.message
 
 
 # ----------------------------------------------------------------------------- efficiency

@@ -1,4 +1,5 @@
-"""Launcher dry runs print the exact commands for both clusters."""
+"""Launcher dry runs print the exact commands for both clusters; bad usage is one error
+line. The fan-out of a sweep is tested with the sweep (tests/test_sweep.py)."""
 import os
 import subprocess
 import sys
@@ -39,8 +40,15 @@ def test_slurm_dry_run_prints_one_process_per_gpu_script():
   assert "exec python experiments/train.py --task=gsm8k" in out
 
 
-def test_bad_usage_is_a_clear_error():
-  proc = run("--cluster=tpu", "--dry_run", "--", "experiments/train.py")
-  assert proc.returncode != 0 and "--tpu_name" in proc.stderr
-  proc = run("--cluster=slurm", "--dry_run")
-  assert proc.returncode != 0 and "binary" in proc.stderr
+def test_bad_usage_is_one_clear_error_line():
+  for args, needle in [(("--cluster=tpu", "--dry_run", "--", "experiments/train.py"),
+                        "--tpu_name"),
+                       (("--cluster=slurm", "--dry_run"), "binary"),
+                       (("--cluster=slurm", "--nodes=0", "--", "experiments/train.py"),
+                        "--nodes"),
+                       (("--cluster=slurm", "--fan_out", "--", "experiments/train.py"),
+                        "--fan_out runs experiments/sweep.py")]:
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("launch.py: error: ") and needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

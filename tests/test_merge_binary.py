@@ -153,6 +153,23 @@ def test_greedy_soup_keeps_a_candidate_only_if_the_score_rises(tiny_run, tmp_pat
     np.testing.assert_array_equal(x, y)
 
 
+def test_greedy_soup_binary_scores_candidates_on_the_validation_split(tiny_run, tmp_path):
+  run_dir, _ = tiny_run
+  out = str(tmp_path / "greedy")
+  # No --task_kwargs: the validation task is built with the run's (its examples.json).
+  proc = run_cli(f"--checkpoints={run_dir}:all", f"--output_dir={out}",
+                 "--method=greedy_soup", "--validation_split=test", "--validation_examples=2",
+                 *EVAL_CLI_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = merged_run.read_merge_info(out)
+  validation = info["validation"]
+  assert (validation["split"], validation["examples"], validation["metric"]) == (
+      "test", 2, "accuracy")
+  assert validation["sampling"]["n"] == 2 and validation["sampling"]["max_new_tokens"] == 8
+  assert len(validation["candidate_scores"]) == 2 and len(info["candidates"]) == 2
+  assert "greedy soup:" in proc.stdout
+
+
 # ------------------------------------------------------------------------------ bad inputs
 
 
@@ -190,6 +207,8 @@ def bad_runs(tiny_run, tmp_path_factory):
     (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--method=slerp", "--t=2"], "--t"),
     (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--method=greedy_soup"],
      "--validation_split"),
+    (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--method=greedy_soup",
+      "--validation_split=nope"], "--validation_split: task 'synthetic_arith' cannot load"),
     (["--checkpoints={run}:all", "--output_dir={tmp}/o", "--base=/nonexistent"], "--base"),
     (["--checkpoints={run}:4,{corrupt}:4", "--output_dir={tmp}/o"], "--checkpoints: "),
     (["--checkpoints={run}:4,{other}:4", "--output_dir={tmp}/o"], "has shape"),

@@ -1,6 +1,7 @@
 """Sweeps: grid cells and names (product and paper grids), experiments/sweep.py end to end on
-two tiny runs, its resume (nothing redone; a crashed cell resumes), and the SLURM / TPU
-fan-out in dry-run mode (whose per-cell command, run here, finds its cell done)."""
+two tiny runs, its resume (nothing redone; a crashed cell resumes), and launch/launch.py's
+SLURM / TPU fan-out of it in dry-run mode (whose per-cell command, run here, finds its cell
+done)."""
 from __future__ import annotations
 
 import json
@@ -191,16 +192,33 @@ def test_rerun_does_no_work_and_a_crashed_cell_resumes(swept):
 # ------------------------------------------------------------------------------ launchers
 
 
+def launch(*args):
+  """launch/launch.py with `args` (fan-out dry runs ask experiments/sweep.py for its plan)."""
+  return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "launch.py"), *args],
+                        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_plan_round_trips_the_sweep_and_its_selected_cells(tmp_path):
+  grid = sweep_lib.Grid(learning_rates=(1e-3, 2e-3, 3e-3), overrides={"warmup_steps": 1})
+  sweep = sweep_lib.make_sweep(str(tmp_path), "m", TaskSpec("synthetic_arith"), grid,
+                               EvalSettings(eval_name="ev"))
+  plan = json.loads(json.dumps(sweep_lib.plan_json(sweep, sweep.cells[1:])))
+  again, cells = sweep_lib.sweep_from_plan(plan)
+  assert again == sweep and cells == list(sweep.cells[1:])
+
+
 def test_slurm_fan_out_dry_run_prints_one_job_per_cell_then_analysis(swept):
   sweep_dir, _, _, _ = swept
-  proc = run_cli(f"--sweep_dir={sweep_dir}", "--launcher=slurm", "--dry_run", "--nodes=2",
-                 "--gpus_per_node=4", "--partition=gpu")
+  proc = launch("--cluster=slurm", "--dry_run", "--nodes=2", "--gpus_per_node=4",
+                "--partition=gpu", "--fan_out", "--", "experiments/sweep.py",
+                f"--sweep_dir={sweep_dir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   for name in ("lr0.01_ep1_frac1", "lr0.003_ep1_frac1"):
     assert f"#SBATCH --job-name=memdyn-{name}" in out
     assert f"sbatch --parsable {sweep_dir}/launch/{name}.sbatch" in out
-    assert f"--cells={name} --launcher=local --noanalyze" in out
+    assert f"--cells={name} --noanalyze --noprogress" in out
   assert out.count("#SBATCH --nodes=2") == 2 and out.count("#SBATCH --ntasks-per-node=4") == 2
   assert "#SBATCH --job-name=memdyn-analysis" in out and "#SBATCH --nodes=1" in out
   assert "exec python experiments/analyze.py" in out
@@ -210,8 +228,9 @@ def test_slurm_fan_out_dry_run_prints_one_job_per_cell_then_analysis(swept):
 
 def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
   sweep_dir, _, _, _ = swept
-  proc = run_cli(f"--sweep_dir={sweep_dir}", "--launcher=tpu", "--dry_run", "--tpu_name=pod1",
-                 "--zone=us-east5-a", "--repo_url=https://example.org/memdyn_jax.git")
+  proc = launch("--cluster=tpu", "--dry_run", "--tpu_name=pod1", "--zone=us-east5-a",
+                "--repo_url=https://example.org/memdyn_jax.git", "--fan_out", "--",
+                "experiments/sweep.py", f"--sweep_dir={sweep_dir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 2 + 2 + 1  # create, install, one run per cell, analysis
@@ -230,6 +249,24 @@ def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
 
 
 @pytest.mark.parametrize("args,needle", [
+    (["--cluster=tpu", "--dry_run", "--fan_out", "--", "experiments/sweep.py",
+      "--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith"], "launch.py: error: "
+     "the TPU launcher needs --tpu_name"),
+    (["--cluster=slurm", "--dry_run", "--fan_out", "--", "experiments/sweep.py",
+      "--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith", "--presets=nope"],
+     "sweep.py: error: --presets"),
+    (["--cluster=slurm", "--dry_run", "--fan_out", "--", "experiments/train.py"],
+     "launch.py: error: --fan_out runs experiments/sweep.py"),
+])
+def test_fan_out_bad_flags_give_one_line_error(args, needle, tmp_path):
+  proc = launch(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert [x for x in proc.stderr.splitlines() if x.strip()] == [proc.stderr.strip()]
+  assert proc.stderr.startswith(needle), proc.stderr
+  assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.mark.parametrize("args,needle", [
     ([], "--sweep_dir is required"),
     (["--sweep_dir={tmp}"], "--model is required"),
     (["--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith", "--presets=nope"], "--presets"),
@@ -241,8 +278,8 @@ def test_tpu_fan_out_dry_run_and_its_cell_command_runs_here(swept):
     (["--sweep_dir={tmp}", "--model={tmp}/no_model", "--task=gsm8k"], "--model"),
     (["--sweep_dir={tmp}", "--model=embedded", "--task=gsm8k", "--task_path={tmp}/nope"],
      "nope: no such data file"),
-    (["--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith", "--launcher=tpu",
-      "--dry_run"], "--tpu_name"),
+    (["--sweep_dir={tmp}", "--model=m", "--task=synthetic_arith", "--cells=nope", "--plan"],
+     "--cells"),
 ])
 def test_bad_flags_give_one_line_error(args, needle, tmp_path):
   proc = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])

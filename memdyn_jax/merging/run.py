@@ -40,12 +40,15 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from memdyn_jax.train import checkpoints
 from memdyn_jax import merging
 from memdyn_jax.errors import FieldError
 from memdyn_jax.merging import MergeConfig
+from memdyn_jax.train import checkpoints
+
+if TYPE_CHECKING:  # annotations only: the evaluation loads on first use
+  from memdyn_jax.evaluation.run import EvalSettings
 
 MERGE_FIELD = "merge"
 HF_DIR = "hf"
@@ -97,9 +100,9 @@ def _range(field: str, spec: str, text: str, number=float) -> tuple[Any, Any]:
   lo, sep, hi = text.partition("-")
   try:
     return (number(lo), number(hi)) if sep else (number(lo), number(lo))
-  except ValueError:
+  except ValueError as e:
     raise MergeInputError(field, f"{spec!r}: expected a number or a range A-B, got "
-                          f"{text!r}") from None
+                          f"{text!r}") from e
 
 
 def parse_checkpoints(specs: Sequence[str], field: str = "checkpoints") -> list[CheckpointRef]:
@@ -281,6 +284,45 @@ def validation_accuracy(task, examples, tokenizer, params, *, batch_size: int, m
   return score
 
 
+def soup_scorer(first_run: str, settings: EvalSettings, split: str, tokenizer, *,
+                max_examples: int = 0, mesh=None
+                ) -> tuple[Callable[[Any], float], dict[str, Any]]:
+  """The greedy soup's validation: `validation_accuracy` on `split` of the first source
+  run's task, sampled as the evaluation `settings` say.
+
+  Args:
+    first_run: the first source run (its task, task arguments and training settings).
+    settings: the evaluation settings (task fields unset = the run's).
+    split: the validation split.
+    tokenizer: the tokenizer the candidates are sampled with.
+    max_examples: the first N examples of the split (0 = all).
+    mesh: device mesh of the sampling.
+
+  Returns:
+    (soup_score, the validation record for `merge_to_run_dir`'s `soup_validation`).
+
+  Raises:
+    MergeInputError: the task cannot load the split (field "validation_split").
+    EvalSettingsError: no task to evaluate, or one that does not build.
+  """
+  from memdyn_jax.evaluation import run as run_evaluation
+  settings = run_evaluation.for_run(first_run, settings)
+  task = run_evaluation.load_task(first_run, settings)
+  try:
+    examples = task.load(split, settings.task_path)
+  except (ValueError, FileNotFoundError) as e:
+    raise MergeInputError("validation_split", f"task {task.name!r} cannot load split "
+                          f"{split!r}: {e}") from e
+  examples = examples[:max_examples or None]
+  params = run_evaluation.sampling_params(task.name, settings)
+  cfg = checkpoints.read_run_info(first_run)["config"]
+  score = validation_accuracy(task, examples, tokenizer, params, batch_size=settings.batch_size,
+                              max_length=cfg["max_length"], append_eos=cfg["append_eos"],
+                              mesh=mesh)
+  return score, {"split": split, "examples": len(examples), "metric": "accuracy",
+                 "sampling": dataclasses.asdict(params)}
+
+
 # -------------------------------------------------------------------------------- merge
 
 
@@ -399,8 +441,7 @@ def merge_to_run_dir(out_dir: str, method: str, sources: Sequence[CheckpointRef]
       except merging.MergeConfigError:
         raise
       except ValueError as e:  # model counts, a base a method does not take
-        message = str(e).splitlines()[0]
-        raise MergeInputError("base" if "base" in message else "checkpoints", message) from None
+        raise MergeInputError("base" if "base" in str(e) else "checkpoints", str(e)) from e
       params, merged = sink.result(), list(sources)
   finally:
     for source in inputs + ([base_source] if base_source is not None else []):
@@ -434,3 +475,53 @@ def merge_to_run_dir(out_dir: str, method: str, sources: Sequence[CheckpointRef]
     os.rename(partial, out_dir)  # the output directory appears only when complete
   log(f"merged {len(merged)} checkpoint(s) ({method}) -> {out_dir} (step {step})")
   return MergeOutcome(merge, skipped=False)
+
+
+def evaluation_settings(first_run: str, settings: EvalSettings) -> EvalSettings:
+  """The settings a merge of `first_run`'s checkpoints is evaluated with: unset task
+  arguments are the run's (its examples.json), as its evaluation would take them."""
+  if settings.task_kwargs is not None:
+    return settings
+  listing = checkpoints.read_examples_listing(first_run)
+  if listing is None:
+    return settings
+  return dataclasses.replace(settings, task_kwargs=listing.get("task_kwargs", {}))
+
+
+def merge_for_evaluation(out_dir: str, method: str, sources: Sequence[CheckpointRef],
+                         settings: EvalSettings, *, config: MergeConfig | None = None,
+                         base: BaseRef | None = None, validation_split: str | None = None,
+                         validation_examples: int = 0, mesh=None,
+                         log: Callable[[str], None] = print) -> MergeOutcome:
+  """`merge_to_run_dir` of a merge that is evaluated as a run (experiments/merge.py): the
+  HF export holds the evaluation's tokenizer, and a greedy soup scores its candidates on
+  `validation_split` (`soup_scorer`).
+
+  Args:
+    out_dir, method, sources, config, base, mesh, log: as `merge_to_run_dir`'s.
+    settings: the evaluation settings (`evaluation_settings`): the tokenizer (default:
+      the first source run's base model's) and, for greedy_soup, the sampling.
+    validation_split: greedy_soup: the split scoring the soups.
+    validation_examples: greedy_soup: the first N examples of the split (0 = all).
+
+  Returns:
+    A `MergeOutcome`.
+
+  Raises:
+    MergeInputError: bad inputs, naming the field (checkpoints, base, output_dir,
+      validation_split, ...).
+    merging.MergeConfigError: weights that do not match the models.
+    EvalSettingsError: a tokenizer or task that does not load.
+  """
+  from memdyn_jax.evaluation import run as run_evaluation
+  first_run = sources[0].run_dir
+  tokenizer = run_evaluation.load_tokenizer(first_run, settings)
+  score, validation = None, None
+  if method == GREEDY_SOUP:
+    if not validation_split:
+      raise MergeInputError("validation_split", "is required by greedy_soup")
+    score, validation = soup_scorer(first_run, settings, validation_split, tokenizer,
+                                    max_examples=validation_examples, mesh=mesh)
+  return merge_to_run_dir(out_dir, method, sources, config=config, base=base,
+                          soup_score=score, soup_validation=validation, tokenizer=tokenizer,
+                          mesh=mesh, log=log)

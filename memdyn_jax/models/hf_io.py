@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import registry
 from memdyn_jax.models.config import ModelConfig, from_hf_config
@@ -147,7 +148,7 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]] | Non
                       produce=None, metadata: dict[str, str] | None = None) -> None:
   """Writes a safetensors file. Either `tensors` (materialised) or `specs` + `produce(name)`
   (streamed: the header is known up front, each tensor is produced only when written).
-  Written to `path.tmp` then renamed, so a crash never leaves a half file under `path`."""
+  Written atomically (`fileio.atomic_open`): a crash never leaves a half file at `path`."""
   if tensors is not None:
     tensors = list(tensors)
     specs = [(n, tuple(a.shape), a.dtype) for n, a in tensors]
@@ -162,8 +163,7 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]] | Non
     offset += size
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with fileio.atomic_open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype in specs:
@@ -171,7 +171,6 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, np.ndarray]] | Non
       if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"tensor {name}: produced shape {arr.shape}, declared {shape}")
       f.write(arr.tobytes())
-  os.replace(tmp, path)
 
 
 class CheckpointReader:

@@ -63,9 +63,6 @@ RUNS_DIR = "runs"
 IFD_DIR = "ifd"
 IFD_SCORES_FILE = "scores.json"
 
-# Kang et al. App. C: IFD/heuristic keep the top 50% (GSM8K) / 75% (MATH) of examples;
-# synthetic_arith stands in for GSM8K.
-DEFAULT_KEEP_FRACTION = {"gsm8k": 0.5, "math": 0.75, "synthetic_arith": 0.5}
 
 
 class CurationError(ValueError):
@@ -75,6 +72,12 @@ class CurationError(ValueError):
 
 class CurationConfigError(FieldError):
   """A bad `CurationConfig` value; `field` names it."""
+
+
+class CurationInputError(FieldError):
+  """A study input that cannot be used: task data that does not load, a method the task
+  has no heuristic for, rephrasings or a rephrasing model that cannot be read; `field`
+  names the input (and experiments/curate.py's flag)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -91,7 +94,7 @@ class CurationConfig:
     additions_per_iteration: N'_i, new examples per round, the same for every method;
       0 = len(D_train) // iterations (the set doubles over the study).
     keep_fraction: share of D_train the "ifd"/"heuristic" baselines draw from; None =
-      the task's default (DEFAULT_KEEP_FRACTION, else 0.5).
+      the task's default (`Task.curation_keep_fraction`, Kang et al. App. C).
     memorization_perplexity: PreMemAcc's memorization threshold p (perplexity units);
       None = Kang et al.'s reference value for the task.
     ifd_epochs: epochs of the IFD model's fine-tuning on the test split.
@@ -127,14 +130,14 @@ class CurationConfig:
 
   def resolved(self, task_name: str, num_train: int) -> "CurationConfig":
     """The config with every task- or size-dependent default filled in."""
-    from memdyn_jax.tasks import memorization_threshold
+    from memdyn_jax.tasks import memorization_threshold, task_class
 
     return dataclasses.replace(
         self,
         additions_per_iteration=(self.additions_per_iteration
                                  or max(1, num_train // self.iterations)),
         keep_fraction=(self.keep_fraction if self.keep_fraction is not None
-                       else DEFAULT_KEEP_FRACTION.get(task_name, 0.5)),
+                       else task_class(task_name).curation_keep_fraction),
         memorization_perplexity=(self.memorization_perplexity
                                  if self.memorization_perplexity is not None
                                  else memorization_threshold(task_name)))
@@ -185,29 +188,51 @@ class CurationSetup:
     return cfg
 
 
-# ----------------------------------------------------------------------------- selection
+def load_setup(spec, model_path: str, *, sampling: SamplingParams, methods: Sequence[str],
+               n_train: int = 0, n_test: int = 0, n_ifd: int = 0,
+               train_config: TrainConfig | None = None, eval_batch_size: int = 16
+               ) -> CurationSetup:
+  """The study's data and settings from the task's "train" and "test" splits.
 
-
-def heuristic_difficulty(task_name: str, example: Example) -> float:
-  """Kang et al.'s heuristic difficulty (App. C): larger = harder.
-
-  GSM8K: reasoning lines of the solution (the `#### N` line not counted); MATH: the level
-  (NaN when unknown, ranked last); synthetic_arith: the number of steps.
+  Args:
+    spec: the task (a `memdyn_jax.train.task_run.TaskSpec`: name, kwargs, path).
+    model_path: the base model, a local HF directory.
+    sampling: how accuracy is sampled.
+    methods: the methods the study runs ("heuristic" is checked against the task).
+    n_train: D_train is the first N train examples (0 = all).
+    n_test: test examples evaluated after every round (the first N; 0 = all).
+    n_ifd: test examples the IFD model is fine-tuned on (the first N; 0 = all).
+    train_config: fine-tuning settings (default: preset `curation_default`).
+    eval_batch_size: prompts per compiled sampling/scoring program.
 
   Raises:
-    ValueError: a task without a heuristic.
+    CurationInputError: field "task" (the task or its data does not load) or "methods"
+      (no difficulty heuristic for the task).
   """
-  if task_name == "gsm8k":
-    lines = [ln for ln in example.target.splitlines()
-             if ln.strip() and not ln.lstrip().startswith("####")]
-    return float(len(lines))
-  if task_name == "math":
-    level = example.meta.get("level")
-    return math.nan if level is None else float(level)
-  if task_name == "synthetic_arith":
-    return float(example.meta["n_steps"])
-  raise ValueError(f"no difficulty heuristic for task {task_name!r} "
-                   "(known: gsm8k, math, synthetic_arith)")
+  from memdyn_jax import tasks
+  try:
+    task = tasks.get_task(spec.name, **dict(spec.kwargs))
+    train = task.load("train", spec.path)
+    test = task.load("test", spec.path)
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    raise CurationInputError("task", f"cannot load the data of task {spec.name!r} "
+                             f"(task_kwargs {dict(spec.kwargs)}, task_path {spec.path}): "
+                             f"{e}") from e
+  train = train[:n_train or None]
+  if "heuristic" in methods and train:
+    try:
+      task.difficulty(train[0])
+    except NotImplementedError as e:
+      raise CurationInputError("methods", f"heuristic: {e}") from e
+  return CurationSetup(
+      task=task, model_path=model_path, train_examples=tuple(train),
+      test_examples=tuple(test[:n_test or None]), sampling=sampling,
+      ifd_examples=tuple(test[:n_ifd or None]),
+      train_config=train_config or get_preset("curation_default"),
+      eval_batch_size=eval_batch_size)
+
+
+# ----------------------------------------------------------------------------- selection
 
 
 PerplexityScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -237,7 +262,8 @@ def ifd_scores(task: Task, examples: Sequence[Example], scorer: PerplexityScorer
 def model_perplexity_scorer(model, tokenizer, *, batch_size: int = 16,
                             max_length: int | None = None,
                             append_eos: bool = False) -> PerplexityScorer:
-  """A PerplexityScorer over `memdyn_jax.evaluation.scoring.score_texts` (targets truncated to fit)."""
+  """A PerplexityScorer over `memdyn_jax.evaluation.scoring.score_texts` (targets
+  truncated to fit)."""
   from memdyn_jax.evaluation import scoring
 
   def scorer(prompts: Sequence[str], targets: Sequence[str]) -> np.ndarray:
@@ -483,6 +509,56 @@ class ModelRephraser:
     return out
 
 
+GENERATORS = ("fresh", "rephrase", "jsonl", "model")
+
+
+def make_generator(kind: str, task: Task, *, rephrasings: str | None = None,
+                   rephrase_model: str | None = None, prompt_format: str = REPHRASE_PROMPT,
+                   batch_size: int = 8) -> Generator:
+  """The generator of new examples named `kind` (one of GENERATORS).
+
+  Args:
+    kind: "fresh" or "rephrase" (`SyntheticArithGenerator`, synthetic_arith only), "jsonl"
+      (`JsonlRephrasings` of the file `rephrasings`) or "model" (`ModelRephraser` of
+      `rephrase_model`: a local HF directory, .gguf, hub id or 'embedded').
+    task: the study's task.
+    rephrasings: the jsonl of kind "jsonl".
+    rephrase_model: the model of kind "model".
+    prompt_format: kind "model": the prompt, with a `{question}` field.
+    batch_size: kind "model": prompts per compiled sampling program.
+
+  Raises:
+    CurationInputError: field "generator" (a kind that does not fit the task),
+      "rephrasings" (none given for "jsonl", or a malformed file, naming its line) or
+      "rephrase_model" (none given for "model", or a model that cannot be found).
+  """
+  if kind not in GENERATORS:
+    raise CurationInputError("generator", f"{kind!r} is not one of {list(GENERATORS)}")
+  if kind in ("fresh", "rephrase"):
+    if not task.procedural:
+      raise CurationInputError("generator", f"{kind} is for tasks that make new problems, "
+                               f"like synthetic_arith, not {task.name!r}")
+    return SyntheticArithGenerator(task, mode=kind)
+  field, source = (("rephrasings", rephrasings) if kind == "jsonl"
+                   else ("rephrase_model", rephrase_model))
+  if not source:
+    raise CurationInputError(field, f"is required with generator {kind!r}")
+  if kind == "jsonl":
+    try:
+      return JsonlRephrasings(source)
+    except DataError as e:  # names the file and line
+      raise CurationInputError("rephrasings", str(e)) from e
+  from memdyn_jax import models
+  from memdyn_jax.train import task_run
+  try:
+    path = task_run.resolve_model(source)
+  except task_run.TaskRunError as e:
+    raise CurationInputError("rephrase_model", e.message) from e
+  model, _ = models.from_pretrained(path)
+  return ModelRephraser(model, models.load_tokenizer(path), prompt_format=prompt_format,
+                        batch_size=batch_size)
+
+
 def collect_examples(generator: Generator, pool: Sequence[Example], n: int,
                      rng: random.Random, existing: Sequence[Example]
                      ) -> tuple[list[Example], list[str]]:
@@ -658,7 +734,7 @@ def train_and_evaluate(setup: CurationSetup, examples: Sequence[Example], run_di
   try:
     records_lib.check_config(run_dir, _eval_config(setup))
   except records_lib.EvalConfigMismatchError as e:
-    raise CurationError(str(e)) from None
+    raise CurationError(str(e)) from e
   test = evaluation.EvalUnit("test", setup.test_examples, greedy=False)
   train = evaluation.EvalUnit("train", tuple(premem_examples), greedy=False)
   common = dict(batch_size=setup.eval_batch_size, progress=progress)
@@ -776,7 +852,7 @@ def _pool(method: str, setup: CurationSetup, cfg: CurationConfig, out_dir: str,
     by_id = ifd_difficulty(setup, cfg, out_dir, progress=progress)
     scores = [by_id.get(ex.id, math.nan) for ex in train]
   else:
-    scores = [heuristic_difficulty(setup.task.name, ex) for ex in train]
+    scores = [setup.task.difficulty(ex) for ex in train]
   keep = top_fraction(scores, cfg.keep_fraction, seed=cfg.seed)
   return [train[i] for i in keep], {}
 
@@ -807,8 +883,12 @@ def run_curation(setup: CurationSetup, cfg: CurationConfig, generator: Generator
     "premem", train_premem_mean and n_below_threshold.
 
   Raises:
-    CurationError: the saved state was made with other settings, or the generator cannot
-      make the examples asked for.
+    CurationError: the saved state was made with other settings, the generator cannot
+      make the examples asked for, or a run's records were made with other evaluation
+      settings.
+    DataError: a damaged `added_NNN.jsonl` (names the file and line).
+    checkpoints.RunMismatchError: a run directory holds a run of other settings.
+    checkpoints.CheckpointReadError: a checkpoint on disk cannot be read.
   """
   from memdyn_jax import models
 
@@ -859,6 +939,32 @@ def run_curation(setup: CurationSetup, cfg: CurationConfig, generator: Generator
   return CurationResult(cfg.method, tuple(state["rounds"]))
 
 
+def run_study(setup: CurationSetup, configs: Sequence[CurationConfig], generator: Generator,
+              out_dir: str, *, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> tuple[list[CurationResult], str]:
+  """Runs (or resumes) each method's study in turn (`run_curation`), then writes the
+  report (`write_report`) into `out_dir`.
+
+  Returns:
+    (the methods' CurationResults, the path of report.md).
+
+  Raises:
+    CurationError: a method's study cannot go on (any error `run_curation` raises), named
+      with its method.
+  """
+  from memdyn_jax.train import checkpoints
+
+  os.makedirs(out_dir, exist_ok=True)
+  results = []
+  for cfg in configs:
+    try:
+      results.append(run_curation(setup, cfg, generator, out_dir, progress=progress, log=log))
+    except (CurationError, DataError, checkpoints.RunMismatchError,
+            checkpoints.CheckpointReadError) as e:
+      raise CurationError(f"method {cfg.method!r}: {e}") from e
+  return results, write_report(out_dir, results, setup)
+
+
 def curve_rows(results: Sequence[CurationResult]) -> list[dict[str, Any]]:
   """One row per (method, round): the sample-efficiency curves as a table."""
   keys = ("n_examples", "test_accuracy", "n_added", "pool_size", "train_premem_mean",
@@ -881,3 +987,43 @@ def efficiency_rows(results: Sequence[CurationResult], reference: str = "premem"
     rows.append({"baseline": res.method, **dataclasses.asdict(eff)})
   return rows
 
+
+
+def write_report(out: str, results: Sequence[CurationResult], setup: CurationSetup) -> str:
+  """Writes the study's tables, plot and report into `out`.
+
+  Files: curve.csv (`curve_rows`), efficiency.csv (`efficiency_rows`, when "premem" and a
+  baseline ran), sample_efficiency.png (test accuracy vs training examples per method) and
+  report.md.
+
+  Returns:
+    The path of report.md.
+  """
+  from memdyn_jax.report import markdown, plots
+
+  curve = curve_rows(results)
+  efficiency = efficiency_rows(results)
+  markdown.write_csv(os.path.join(out, "curve.csv"), curve)
+  if efficiency:
+    markdown.write_csv(os.path.join(out, "efficiency.csv"), efficiency)
+  png = plots.sample_efficiency({r.method: r.curve() for r in results},
+                                os.path.join(out, "sample_efficiency.png"),
+                                title=f"{setup.task.name}: test accuracy vs training examples")
+  rounds = max(len(r.rounds) for r in results) - 1  # round 0 adds nothing
+  report = markdown.Report(f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2)")
+  report.paragraph(
+      f"{len(setup.train_examples)} original training examples, {rounds} rounds of "
+      f"additions, {len(setup.test_examples)} test examples; every round fine-tunes the "
+      "base model afresh on the current set.")
+  report.image(png, "sample efficiency", out)
+  report.heading("Test accuracy vs training examples")
+  report.table(curve)
+  report.heading("Data efficiency at matched accuracy")
+  if efficiency:
+    report.paragraph("Examples each baseline needs (linear interpolation along its curve) "
+                     "to reach the accuracy PreMemAcc curation ends with; ratio = baseline "
+                     "/ PreMemAcc. NaN = never reached: the ratio is above the lower bound.")
+    report.table(efficiency)
+  else:
+    report.paragraph("Not computed: run the 'premem' method with at least one baseline.")
+  return report.write(os.path.join(out, "report.md"))

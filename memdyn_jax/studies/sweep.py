@@ -52,8 +52,8 @@ class SweepStopped(Exception):
 def _floats(field: str, values) -> tuple[float, ...]:
   try:
     return tuple(float(v) for v in values)
-  except (TypeError, ValueError):
-    raise SweepError(field, f"not numbers: {list(values)}") from None
+  except (TypeError, ValueError) as e:
+    raise SweepError(field, f"not numbers: {list(values)}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Grid:
       return out
     except config_lib.ConfigError as e:
       axis = {field: axis for axis, field in AXES.items()}.get(e.field, "overrides")
-      raise SweepError(axis, str(e)) from None
+      raise SweepError(axis, str(e)) from e
 
 
 def cell_name(cfg: TrainConfig, preset: str | None = None) -> str:
@@ -284,6 +284,24 @@ def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> bool:
   return len(new_cells) > len(old["cells"])
 
 
+def plan_json(sweep: Sweep, cells: Sequence[Cell]) -> dict[str, Any]:
+  """The plan of a sweep to run elsewhere (experiments/sweep.py --plan prints it, launch/
+  reads it back with `sweep_from_plan`): its directory, sweep.json's content and the
+  names of the `cells` to run."""
+  return {"sweep_dir": sweep.sweep_dir, "sweep": sweep.to_json(),
+          "cells": [c.name for c in cells]}
+
+
+def sweep_from_plan(plan: Mapping[str, Any]) -> tuple[Sweep, list[Cell]]:
+  """(the sweep, the cells to run) of a `plan_json`.
+
+  Raises:
+    SweepError: a plan whose cells its grid does not give.
+  """
+  sweep = sweep_from_json(plan["sweep_dir"], plan["sweep"])
+  return sweep, sweep.select(plan["cells"])
+
+
 def write_sweep(sweep: Sweep) -> None:
   """Writes sweep.json, or checks that the stored one describes the same sweep; a grid that
   adds cells to it (existing cells unchanged) is written over it."""
@@ -359,11 +377,11 @@ def check_inputs(sweep: Sweep) -> None:
   try:
     task_run.resolve_model(sweep.model)
   except task_run.TaskRunError as e:
-    raise SweepError("model", e.message) from None
+    raise SweepError("model", e.message) from e
   try:
     task, _ = task_run.load_examples(sweep.task)
   except task_run.TaskRunError as e:
-    raise SweepError("task", e.message) from None
+    raise SweepError("task", e.message) from e
   for split in sweep.evaluation.splits:
     if split in ("train", "perturbed"):  # drawn from the training data, loaded above
       continue
@@ -371,7 +389,7 @@ def check_inputs(sweep: Sweep) -> None:
       task.load(split, sweep.task.path)
     except (ValueError, FileNotFoundError) as e:
       raise SweepError("splits", f"task {task.name!r} cannot load split {split!r}: {e}"
-                       ) from None
+                       ) from e
 
 
 def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
@@ -434,6 +452,15 @@ def run_local(sweep: Sweep, cells: Sequence[Cell], **kwargs) -> list[CellOutcome
       if outcomes[-1].stop_signal is not None:
         break
   return outcomes
+
+
+def summary(outcomes: Sequence[CellOutcome]) -> str:
+  """One line on what `run_local` did: cells, steps trained, checkpoints evaluated, and
+  the cells that failed."""
+  failed = [o.name for o in outcomes if o.error]
+  return (f"{len(outcomes)} cell(s): {sum(o.trained_steps for o in outcomes)} step(s) "
+          f"trained, {sum(o.evaluated for o in outcomes)} checkpoint(s) evaluated"
+          + (f"; failed: {failed}" if failed else ""))
 
 
 def analysis_dir(sweep: Sweep) -> str:

@@ -185,6 +185,9 @@ class Task:
       dict(temperature=0.8, top_p=0.95, max_new_tokens=512, n=5))
   # Fraction of examples IFD/heuristic curation keeps (Kang et al. App. C: GSM8K 50%).
   curation_keep_fraction: float = 0.5
+  # The task makes new problems on demand (`fresh_like`, `rephrase`), so curation can
+  # collect examples without a rephrasing model.
+  procedural: bool = False
 
   def load(self, split: str, path: str | None = None) -> list[Example]:
     raise NotImplementedError

@@ -518,6 +518,7 @@ class SyntheticArithTask(Task):
   spec (the full Problem, from which `traces`, `rephrase` and `fresh_like` work).
   """
 
+  procedural = True
   # Traces are < 200 tokens: a shorter budget than GSM8K's keeps CPU runs quick.
   sampling_defaults = types.MappingProxyType(
       dict(temperature=0.8, top_p=0.95, max_new_tokens=256, n=5))

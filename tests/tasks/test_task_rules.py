@@ -40,3 +40,8 @@ def test_heuristic_difficulty_per_task():
   assert tasks.get_task("synthetic_arith").difficulty(example(n_steps=3)) == 3.0
   with pytest.raises(NotImplementedError, match="sft"):
     tasks.get_task("sft").difficulty(gsm)
+
+
+def test_only_procedural_tasks_make_new_problems():
+  assert tasks.task_class("synthetic_arith").procedural
+  assert not any(tasks.task_class(name).procedural for name in ("gsm8k", "math", "sft"))

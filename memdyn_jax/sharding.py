@@ -1,16 +1,19 @@
-"""Device mesh, logical-axis rules and multi-host initialisation.
+"""Device mesh, logical-axis rules, placement of host data and multi-host initialisation.
 
 Parameters name their axes logically (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `layers`, `norm`, `positions`); activations use `batch` and `length`. One rules table
 maps logical names to mesh axes (`data`, `fsdp`, `tensor`), as MaxText's
-`logical_axis_rules` does, so placement is decided in one place.
+`logical_axis_rules` does, so placement is decided in one place; the helpers that put host
+arrays on a mesh and fetch them back (`put_global`, `put_batch`, `to_host`, `data_shards`)
+live here too, for the trainer, the scorer, the sampler and gradient variance alike.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -166,3 +169,45 @@ def host_local_to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT
     sharding = batch_sharding(mesh, v.ndim, rules)
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+# ------------------------------------------------------------------ placement of host data
+
+
+def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global jax Array from a host array that every process holds in full (multi-host safe:
+  each process materialises only its addressable shards)."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def data_shards(mesh: Mesh | None) -> int:
+  """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  spec = batch_sharding(mesh, 1).spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def put_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array | np.ndarray:
+  """Places a host array (same on every process) batch-sharded on `mesh`, or leaves it."""
+  if mesh is None:
+    return x
+  return put_global(x, batch_sharding(mesh, x.ndim))
+
+
+def mesh_context(mesh: Mesh | None):
+  """`jax.set_mesh(mesh)`, or a no-op without a mesh."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def to_host(tree: Any) -> Any:
+  """Fetches a pytree of (possibly multi-host sharded) arrays to numpy on every process."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # only multi-host runs need it
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(fetch, tree)

@@ -19,8 +19,9 @@ if __name__ != "__main__":  # the worker imports jax itself, after its flags are
   import jax.numpy as jnp
   import torch
 
-  from memdyn_jax.evaluation import scoring
+  from memdyn_jax import sharding as sharding_lib
   from memdyn_jax import testing
+  from memdyn_jax.evaluation import scoring
   from memdyn_jax.tasks import DataError, encode_example
 
 PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
@@ -143,10 +144,10 @@ def test_length_buckets():
 
 def test_host_helpers_without_a_mesh():
   x = np.arange(6).reshape(2, 3)
-  assert scoring.data_shards(None) == 1 and scoring.put_batch(x, None) is x
-  host = scoring.to_host({"a": jnp.ones((2,)), "b": (jnp.zeros((1, 2), jnp.int32),)})
+  assert sharding_lib.data_shards(None) == 1 and sharding_lib.put_batch(x, None) is x
+  host = sharding_lib.to_host({"a": jnp.ones((2,)), "b": (jnp.zeros((1, 2), jnp.int32),)})
   assert isinstance(host["a"], np.ndarray) and host["b"][0].dtype == np.int32
-  with scoring.mesh_context(None):
+  with sharding_lib.mesh_context(None):
     pass
 
 
@@ -257,12 +258,12 @@ def _worker(ckpt: str, tok_dir: str) -> None:
   ref = scoring.score_texts(single, tok, PROMPTS, TARGETS, batch_size=4, return_tokens=True)
   got = scoring.score_texts(sharded, tok, PROMPTS, TARGETS, batch_size=4, mesh=mesh,
                             return_tokens=True)
-  placed = scoring.put_batch(np.zeros((4, 16), np.int32), mesh)
+  placed = sharding.put_batch(np.zeros((4, 16), np.int32), mesh)
   diff = max(max(abs(a.sum_logprob - b.sum_logprob),
                  abs(a.exact_memorization - b.exact_memorization),
                  np.abs(a.token_logprobs - b.token_logprobs).max()) for a, b in zip(ref, got))
   print(json.dumps({"devices": jax.device_count(), "max_diff": float(diff),
-                    "data_shards": scoring.data_shards(mesh),
+                    "data_shards": sharding.data_shards(mesh),
                     "input_shards": len({str(s.index) for s in placed.addressable_shards})}))
 
 

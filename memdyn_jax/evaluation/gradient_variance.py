@@ -37,12 +37,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from memdyn_jax.evaluation import scoring
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.metrics import baselines
 from memdyn_jax.tasks.base import Example, Task
 from memdyn_jax.train import loss as loss_lib
-from memdyn_jax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +156,11 @@ def checkpoint_gradient_variance(model: nnx.Module, minibatches: Minibatches, *,
     # Rows over the batch axes; replicated when the mesh's data shards do not divide them.
     spec = sharding_lib.logical_to_spec((None, "batch", "length"), shape=arrays[0].shape,
                                         mesh=mesh)
-    arrays = tuple(step_lib.put_global(np.asarray(a, np.int32), NamedSharding(mesh, spec))
+    arrays = tuple(sharding_lib.put_global(np.asarray(a, np.int32), NamedSharding(mesh, spec))
                    for a in arrays)
-  with scoring.mesh_context(mesh):
+  with sharding_lib.mesh_context(mesh):
     sums = _moment_sums(graphdef, params, rest, *arrays)
-  total = sum(float(s) for s in scoring.to_host(sums))  # float64 over leaves
+  total = sum(float(s) for s in sharding_lib.to_host(sums))  # float64 over leaves
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   return baselines.variance_from_moments(total, count, len(minibatches.example_ids), ddof)
 

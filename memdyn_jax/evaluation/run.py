@@ -270,8 +270,8 @@ def eval_config(task, params, settings: EvalSettings) -> dict[str, Any]:
 
 def check_mesh(settings: EvalSettings, mesh) -> None:
   """Raises EvalSettingsError unless `settings.batch_size` splits over the mesh's data shards."""
-  from memdyn_jax.evaluation import scoring
-  shards = scoring.data_shards(mesh)
+  from memdyn_jax import sharding as sharding_lib
+  shards = sharding_lib.data_shards(mesh)
   if settings.batch_size % shards:
     raise EvalSettingsError("batch_size", f"{settings.batch_size} is not a multiple of the "
                             f"mesh's {shards} data shards (--mesh_data x --mesh_fsdp)")

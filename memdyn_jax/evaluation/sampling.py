@@ -363,7 +363,7 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, params: SamplingParams,
     SampleOutput with B * n rows, prompt-major.
   """
   cfg = model.cfg
-  mask_host = np.asarray(scoring.to_host(prompt_mask))
+  mask_host = np.asarray(sharding_lib.to_host(prompt_mask))
   if np.shape(prompt_ids) != mask_host.shape or mask_host.ndim != 2:
     raise ValueError(f"prompt_ids {np.shape(prompt_ids)} and prompt_mask {mask_host.shape} "
                      "must share one (B, P) shape")
@@ -373,8 +373,8 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, params: SamplingParams,
     raise ContextLengthError(f"prompt of {longest} tokens + max_new_tokens "
                              f"{params.max_new_tokens} exceeds the model's context window "
                              f"({cfg.max_position_embeddings})")
-  if b % scoring.data_shards(mesh):
-    raise ValueError(f"{b} prompts do not split over the mesh's {scoring.data_shards(mesh)} "
+  if b % sharding_lib.data_shards(mesh):
+    raise ValueError(f"{b} prompts do not split over the mesh's {sharding_lib.data_shards(mesh)} "
                      "data shards")
   stop_ids = params.stop_token_ids
   if stop_ids is None:
@@ -389,11 +389,11 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, params: SamplingParams,
 
   graphdef, state = nnx.split(model)
   program = _Program.of(params)
-  ints = lambda x: scoring.put_batch(np.asarray(scoring.to_host(x), np.int32), mesh)
+  ints = lambda x: sharding_lib.put_batch(np.asarray(sharding_lib.to_host(x), np.int32), mesh)
   pad = np.int32(pad_id)
   # -1 matches no token; keeps the array non-empty (and its shape common) without stop ids.
   stop_array = np.asarray(stop_ids or (-1,), np.int32)
-  with scoring.mesh_context(mesh):
+  with sharding_lib.mesh_context(mesh):
     loop = _prefill(graphdef, state, ints(prompt_ids), ints(prompt_mask), rng,
                     ints(example_ids), pad, use_penalty=program.use_penalty, n=params.n,
                     max_new=params.max_new_tokens, mesh=mesh)
@@ -404,18 +404,18 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, params: SamplingParams,
       step = min(step + chunk, params.max_new_tokens)
       loop = _decode(graphdef, state, loop, knobs, np.int32(step), stop_array, pad,
                      program=program)
-      done = scoring.to_host(loop.done)
+      done = sharding_lib.to_host(loop.done)
       if stop_fn is not None and not done.all():
-        host = scoring.to_host((loop.tokens, loop.lengths))
+        host = sharding_lib.to_host((loop.tokens, loop.lengths))
         hit = np.asarray(stop_fn(host[0][:, :int(loop.step)], host[1]), bool) & ~done
         if hit.any():
-          finish = np.where(hit, FINISH_STOP_STRING, scoring.to_host(loop.finish))
+          finish = np.where(hit, FINISH_STOP_STRING, sharding_lib.to_host(loop.finish))
           done = done | hit
-          loop = dataclasses.replace(loop, done=scoring.put_batch(done, mesh),
-                                     finish=scoring.put_batch(finish.astype(np.int32), mesh))
+          loop = dataclasses.replace(loop, done=sharding_lib.put_batch(done, mesh),
+                                     finish=sharding_lib.put_batch(finish.astype(np.int32), mesh))
       if done.all() or step >= params.max_new_tokens:
         break
-  host = scoring.to_host((loop.tokens, loop.logprobs, loop.entropies, loop.lengths, loop.finish))
+  host = sharding_lib.to_host((loop.tokens, loop.logprobs, loop.entropies, loop.lengths, loop.finish))
   return SampleOutput(*host[:4], finish_reason=host[4].astype(np.int8))
 
 
@@ -534,9 +534,9 @@ def sample(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: Sa
     For each prompt, its n Completions.
   """
   cfg = model.cfg
-  if batch_size < 1 or batch_size % scoring.data_shards(mesh):
+  if batch_size < 1 or batch_size % sharding_lib.data_shards(mesh):
     raise ValueError(f"batch_size {batch_size} must be a positive multiple of the mesh's "
-                     f"{scoring.data_shards(mesh)} data shards")
+                     f"{sharding_lib.data_shards(mesh)} data shards")
   if not prompts:
     return []
   stop_ids = params.stop_token_ids

@@ -27,10 +27,8 @@ at most one program per bucket.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -187,40 +185,6 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
                            f"{max(buckets)}")
 
 
-def data_shards(mesh: Mesh | None) -> int:
-  """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
-  if mesh is None:
-    return 1
-  spec = sharding_lib.batch_sharding(mesh, 1).spec[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def put_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array | np.ndarray:
-  """Places a host array (same on every process) batch-sharded on `mesh`, or leaves it."""
-  if mesh is None:
-    return x
-  sharding = sharding_lib.batch_sharding(mesh, x.ndim)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def mesh_context(mesh: Mesh | None):
-  """`jax.set_mesh(mesh)`, or a no-op without a mesh."""
-  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
-def to_host(tree: Any) -> Any:
-  """Fetches a pytree of (possibly multi-host sharded) arrays to numpy on every process."""
-  def fetch(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      from jax.experimental import multihost_utils  # only multi-host runs need it
-
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-  return jax.tree.map(fetch, tree)
-
-
 # ----------------------------------------------------------------------------- text level
 
 
@@ -282,9 +246,9 @@ def score_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
   if limit > cfg.max_position_embeddings:
     raise ContextLengthError(f"max_length {limit} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
-  if batch_size < 1 or batch_size % data_shards(mesh):
+  if batch_size < 1 or batch_size % sharding_lib.data_shards(mesh):
     raise ValueError(f"batch_size {batch_size} must be a positive multiple of the mesh's "
-                     f"{data_shards(mesh)} data shards")
+                     f"{sharding_lib.data_shards(mesh)} data shards")
   buckets = tuple(length_buckets) if length_buckets else default_length_buckets(limit)
   batch = tokenize.tokenize_examples(tokenizer, prompts, targets, limit, overlength,
                                      padding_side="right", add_bos=add_bos, append_eos=append_eos)
@@ -304,14 +268,14 @@ def score_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
       out = np.zeros((batch_size, width), np.int32)  # filler rows: no real tokens
       cols = min(width, src.shape[1])  # right-padded: a row's content is a prefix
       out[:len(rows), :cols] = src[rows, :cols]
-      arrays.append(put_batch(out, mesh))
+      arrays.append(sharding_lib.put_batch(out, mesh))
     # Dispatch every batch before fetching any: host work overlaps device work.
-    with mesh_context(mesh):
+    with sharding_lib.mesh_context(mesh):
       pending.append((rows, score(model, *arrays)))
 
   records = []
   for rows, out in pending:
-    host = to_host(out)
+    host = sharding_lib.to_host(out)
     for j, r in enumerate(rows):
       tm = host.target_mask[j]
       records.append(ScoreRecord(

@@ -258,7 +258,7 @@ def per_example_perplexity(ppl_fn: Callable, states: tuple, data: TrainData, chu
     idx = np.arange(start, min(start + chunk, n))
     rows = data.rows(np.concatenate([idx, np.full(chunk - len(idx), idx[-1])]))
     rows["target_mask"][len(idx):] = 0
-    arrays = [step_lib.put_global(rows[k], sharding) for k in _ARRAYS]
+    arrays = [sharding_lib.put_global(rows[k], sharding) for k in _ARRAYS]
     out[idx] = np.asarray(jax.device_get(ppl_fn(*states, *arrays)))[:len(idx)]
   return out
 
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
         host["weights"] = (np.ones(len(indices), np.float32) if weights is None
                            else np.asarray(weights, np.float32))
         host = step_lib.to_microbatches(host, cfg.accumulation_steps)
-        batch = {k: step_lib.put_global(v, batch_shardings[k]) for k, v in host.items()}
+        batch = {k: sharding_lib.put_global(v, batch_shardings[k]) for k, v in host.items()}
         trained, opt_state, rngs, metrics = train_step(trained, opt_state, rngs, frozen, batch,
                                                        jnp.int32(s))
         metrics = jax.device_get(metrics)

@@ -52,12 +52,6 @@ def microbatch_sharding(mesh: Mesh, ndim: int, rules=sharding_lib.DEFAULT_RULES)
   return NamedSharding(mesh, P(None, *batch_spec, *([None] * (ndim - 2))))
 
 
-def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global jax Array from a host array that every process holds in full (multi-host safe:
-  each process materialises only its addressable shards)."""
-  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     state_shardings: tuple | None = None, batch_shardings: dict | None = None,
                     donate: bool = True, seed: int = 0,

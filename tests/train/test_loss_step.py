@@ -79,7 +79,7 @@ def test_microbatch_layout_and_sharding():
     step_lib.to_microbatches({"x": x}, 3)
   mesh = sharding_lib.make_mesh()
   s = step_lib.microbatch_sharding(mesh, 3)
-  arr = step_lib.put_global(mb["x"], s)
+  arr = sharding_lib.put_global(mb["x"], s)
   np.testing.assert_array_equal(np.asarray(arr), mb["x"])
   assert s.spec[0] is None
 

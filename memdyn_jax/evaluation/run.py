@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from memdyn_jax.errors import ContextLengthError, FieldError
 from memdyn_jax.evaluation import records
+from memdyn_jax.train.config import spread_steps
 
 if TYPE_CHECKING:  # annotations only: this module imports JAX on first use, not on import
   from memdyn_jax.evaluation.gradient_variance import GradientVarianceConfig
@@ -279,26 +280,6 @@ def check_mesh(settings: EvalSettings, mesh) -> None:
 
 # Checkpoint i of k sits at fraction (i/k)**SPREAD_POWER of the run: a bit denser late, where
 # memorization sets in, but the first early enough to catch a test-perplexity minimum.
-SPREAD_POWER = 0.75
-
-
-def spread_steps(steps: Sequence[int], k: int) -> list[int]:
-  """k of `steps` (sorted checkpoint steps) spread over the run, the last included; all of
-  them when k <= 0 or there are at most k."""
-  steps = sorted(steps)
-  if k <= 0 or len(steps) <= k:
-    return list(steps)
-  picks = {steps[-1]}
-  for i in range(1, k):
-    at = round(len(steps) * (i / k) ** SPREAD_POWER) - 1
-    picks.add(steps[min(len(steps) - 1, max(at, 0))])
-  for s in reversed(steps):  # spacing collisions: fill from the end
-    if len(picks) >= k:
-      break
-    picks.add(s)
-  return sorted(picks)
-
-
 def _checked_steps(run_dir: str, steps: Sequence[int] | None,
                    include_base: bool, per_run: int = 0) -> list[int]:
   """The checkpoint steps to evaluate (`steps`, default all or `per_run` of them spread

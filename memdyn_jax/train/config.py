@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import typing
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from memdyn_jax.errors import FieldError
 
@@ -72,6 +72,9 @@ class TrainConfig:
     append_eos: end every target with EOS (the model learns to stop).
     save_every_steps: checkpoint every this many steps (0 = off).
     save_every_epochs: checkpoint every time this fraction of an epoch passes (0 = off).
+    checkpoints_to_save: save only this many of the checkpoints the save_every_* cadence
+      (and the last step) would make, spread over the run as `spread_steps` picks them: the
+      ones an evaluation with `checkpoints_per_run` of the same number reads. 0 = all.
     log_every_steps: metrics cadence.
   """
 
@@ -110,6 +113,7 @@ class TrainConfig:
   append_eos: bool = True
   save_every_steps: int = 0
   save_every_epochs: float = 0.0
+  checkpoints_to_save: int = 0
   log_every_steps: int = 1
 
   def __post_init__(self):
@@ -125,7 +129,7 @@ class TrainConfig:
     _check("learning_rate", self.learning_rate >= 0, "must be >= 0")
     _check("num_epochs", self.num_epochs > 0, "must be > 0")
     for name in ("max_steps", "warmup_steps", "save_every_steps", "micro_batch_size",
-                 "lora_rank"):
+                 "lora_rank", "checkpoints_to_save"):
       _check(name, getattr(self, name) >= 0, "must be >= 0")
     _check("global_batch_size", self.global_batch_size > 0, "must be > 0")
     if self.micro_batch_size:
@@ -222,6 +226,48 @@ class TrainConfig:
     """{field: (self value, other value)} for every field that differs."""
     a, b = self.to_dict(), other.to_dict()
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+# How much denser late than early `spread_steps` picks (1 = even in checkpoint index).
+SPREAD_POWER = 0.75
+
+
+def spread_steps(steps: Sequence[int], k: int) -> list[int]:
+  """k of `steps` (sorted checkpoint steps) spread over the run, the last included; all of
+  them when k <= 0 or there are at most k. Training saves (`checkpoints_to_save`) and
+  evaluation reads (`checkpoints_per_run`) the same picks."""
+  steps = sorted(steps)
+  if k <= 0 or len(steps) <= k:
+    return list(steps)
+  picks = {steps[-1]}
+  for i in range(1, k):
+    at = round(len(steps) * (i / k) ** SPREAD_POWER) - 1
+    picks.add(steps[min(len(steps) - 1, max(at, 0))])
+  for s in reversed(steps):  # spacing collisions: fill from the end
+    if len(picks) >= k:
+      break
+    picks.add(s)
+  return sorted(picks)
+
+
+def epoch_crossed(before: float, after: float, every: float) -> bool:
+  """Whether going from epoch `before` to `after` passes a multiple of `every` (> 0)."""
+  if every <= 0:
+    return False
+  eps = 1e-9  # 0.25 * 4 must count as reaching epoch 1
+  return math.floor(after / every + eps) > math.floor(before / every + eps)
+
+
+def checkpoint_steps(cfg: TrainConfig, total_steps: int, rows: int) -> list[int]:
+  """The steps a run of `total_steps` over `rows` training rows checkpoints at: every
+  `save_every_steps`, every `save_every_epochs` of `rows` drawn examples (a step draws
+  `global_batch_size`), and the last step; `checkpoints_to_save` of them when set."""
+  per_epoch = cfg.global_batch_size / max(rows, 1)
+  steps = [s for s in range(1, total_steps + 1)
+           if s == total_steps
+           or (cfg.save_every_steps and s % cfg.save_every_steps == 0)
+           or epoch_crossed((s - 1) * per_epoch, s * per_epoch, cfg.save_every_epochs)]
+  return spread_steps(steps, cfg.checkpoints_to_save)
 
 
 def subset_size(num_examples: int, data_fraction: float) -> int:

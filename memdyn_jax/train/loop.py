@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -35,7 +34,7 @@ from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import hf_io
 from memdyn_jax.train import step as step_lib
-from memdyn_jax.train.config import TrainConfig
+from memdyn_jax.train.config import TrainConfig, checkpoint_steps, epoch_crossed
 from memdyn_jax.train.optim import make_optimizer, make_schedule
 from memdyn_jax.train.samplers import ExampleSampler, make_sampler
 
@@ -238,13 +237,6 @@ class MetricsWriter:
       self._tb.close()
 
 
-def _epoch_crossed(before: float, after: float, every: float) -> bool:
-  if every <= 0:
-    return False
-  eps = 1e-9  # 0.25 * 4 must count as reaching epoch 1
-  return math.floor(after / every + eps) > math.floor(before / every + eps)
-
-
 def per_example_perplexity(ppl_fn: Callable, states: tuple, data: TrainData, chunk: int,
                            mesh: Mesh, rules=sharding_lib.DEFAULT_RULES) -> np.ndarray:
   """Target perplexity of every training example (N,), scored in chunks of `chunk` rows.
@@ -316,6 +308,9 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   if subset is not None and jax.process_index() == 0:
     # The fixed data_fraction subset: evaluation scores the run's train split on it.
     ckpt.write_subset(output_dir, cfg.data_fraction, subset)
+  # With checkpoints_to_save, only those of the cadence's steps (an epoch is the subset).
+  kept_steps = (set(checkpoint_steps(cfg, total, n if subset is None else len(subset)))
+                if cfg.checkpoints_to_save else None)
   model = ckpt.load_base_model(model_dir, cfg, mesh, rules)
   model_hook = None
   wrt: Any = nnx.Param
@@ -414,9 +409,10 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
           writer.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if (done == total
-            or (cfg.save_every_steps and done % cfg.save_every_steps == 0)
-            or _epoch_crossed(epoch_before, record["epoch"], cfg.save_every_epochs)):
+        on_cadence = (done == total
+                      or (cfg.save_every_steps and done % cfg.save_every_steps == 0)
+                      or epoch_crossed(epoch_before, record["epoch"], cfg.save_every_epochs))
+        if on_cadence and (kept_steps is None or done in kept_steps):
           save(done)
           last_saved = done
         for hook in hooks:

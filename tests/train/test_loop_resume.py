@@ -122,6 +122,18 @@ def test_epoch_fraction_schedule_and_changed_config(model_dir, tmp_path):
     loop.train(cfg, make_data(seed=3), model_dir, run, progress=False)
 
 
+def test_checkpoints_to_save_keeps_the_spread_that_evaluation_reads(model_dir, tmp_path):
+  from memdyn_jax.train.config import checkpoint_steps, spread_steps
+  run = str(tmp_path / "run")
+  # 2 steps an epoch for 5 epochs, a checkpoint every half epoch: 10 on the cadence.
+  cfg = BASE_CFG.replace(save_every_steps=0, save_every_epochs=0.5, num_epochs=5,
+                         checkpoints_to_save=3)
+  loop.train(cfg, make_data(), model_dir, run, progress=False)
+  assert checkpoints.list_steps(run) == spread_steps(range(1, 11), 3) == [4, 7, 10]
+  assert checkpoint_steps(cfg, 10, 16) == [4, 7, 10]
+  assert checkpoint_steps(cfg.replace(checkpoints_to_save=0), 10, 16) == list(range(1, 11))
+
+
 _CHILD = textwrap.dedent("""
     import json, os, signal, sys
     import numpy as np

@@ -8,6 +8,7 @@ the functions, as the scripts do, so that importing this module (and `--help`) s
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -152,3 +153,17 @@ def ratio_line(numerator: str, denominator: str, ratio: float, label_width: int 
   comparison with HF PyTorch reads the same way. `label_width` pads "B:" so that a column
   of ratios lines up."""
   return f"ratio {numerator} / {(denominator + ':').ljust(label_width)} {ratio:.2f}x"
+
+
+def define_json_out_flag(flags) -> None:
+  """`--json_out`: where a script also writes its figures as JSON (`run_all.py` reads them)."""
+  flags.DEFINE_string("json_out", None, "Also write the measured figures to this JSON file.")
+
+
+def write_json_out(path: str | None, figures: dict[str, Any]) -> None:
+  """Writes `figures` (with the machine's load average) to `path`; nothing without one."""
+  if not path:
+    return
+  figures = {**figures, "load_average": os.getloadavg()[0]}
+  with open(path, "w") as f:
+    json.dump(figures, f, indent=2, sort_keys=True)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from _common import (jnp_matmul_flops, machine_line, mean_seconds, random_token_ids,
-                     ratio_line, round_robin_median_seconds, smollm2_shaped_models,
-                     torch_matmul_flops)
+from _common import (define_json_out_flag, jnp_matmul_flops, machine_line, mean_seconds,
+                     random_token_ids, ratio_line, round_robin_median_seconds,
+                     smollm2_shaped_models, torch_matmul_flops, write_json_out)
 
 flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_integer("seq_len", 256, "Sequence length.")
@@ -31,6 +31,7 @@ flags.DEFINE_list("torch_attn", ["eager", "sdpa"], "HF attention implementations
 flags.DEFINE_bool("left_pad", False, "Left-pad half the rows by T/4 (exercises the mask).")
 flags.DEFINE_integer("seed", 0, "Seed for weights and token ids.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
+define_json_out_flag(flags)
 FLAGS = flags.FLAGS
 
 
@@ -94,8 +95,13 @@ def main(argv):
     tps[name] = b * t / sec
     print(f"{name:<20s} {sec * 1e3:9.1f} ms/call  {tps[name]:9.0f} tokens/s")
   best_jax = max((k for k in tps if k.startswith("jax")), key=tps.get)
+  ratios = {}
   for name in (k for k in tps if k.startswith("torch")):
-    print(ratio_line(best_jax, name, tps[best_jax] / tps[name]))
+    ratios[name] = tps[best_jax] / tps[name]
+    print(ratio_line(best_jax, name, ratios[name]))
+  write_json_out(FLAGS.json_out, {
+      "benchmark": "forward", "batch": b, "seq_len": t, "tokens_per_s": tps,
+      "best_jax": best_jax, "ratio_best_jax_over": ratios, "max_abs_logit_diff": max_diff})
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ import time
 
 from absl import app, flags
 
-from _common import (attention_flops, best_seconds, decoder_flops_per_token, jnp_matmul_flops,
-                     lm_head_flops_per_token, machine_line, random_token_ids, ratio_line,
-                     smollm2_shaped_models)
+from _common import (attention_flops, best_seconds, decoder_flops_per_token,
+                     define_json_out_flag, jnp_matmul_flops, lm_head_flops_per_token,
+                     machine_line, random_token_ids, ratio_line, smollm2_shaped_models,
+                     write_json_out)
 
 flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (prompts) to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")
@@ -39,6 +40,7 @@ flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
 flags.DEFINE_bool("hf", True, "Also time HF generate.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
+define_json_out_flag(flags)
 FLAGS = flags.FLAGS
 
 
@@ -99,6 +101,8 @@ def main(argv):
   print(f"measured now: fp32 jnp matmul {peak / 1e9:.0f} GFLOP/s, memory read "
         f"{bandwidth / 1e9:.1f} GB/s")
 
+  figures = {"benchmark": "sample", "prompt_len": p, "new_tokens": m,
+             "greedy": params.greedy, "batches": {}}
   for b in (int(x) for x in FLAGS.batch_sizes):
     ids = random_token_ids(FLAGS.seed, cfg.vocab_size, b, p)
     mask = np.ones_like(ids)
@@ -130,7 +134,14 @@ def main(argv):
             f"{ideal / sec:5.0%} of roofline")
     if "hf generate" in results:
       print("  " + ratio_line("jax", "hf", results["hf generate"] / results["jax generate"]))
+    figures["batches"][str(b)] = {
+        "new_tokens_per_s": {k: b * m / sec for k, sec in results.items()},
+        "roofline_fraction": {k: ideal / sec for k, sec in results.items()},
+        **({"ratio_jax_over_hf": results["hf generate"] / results["jax generate"]}
+           if "hf generate" in results else {})}
   print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+  write_json_out(FLAGS.json_out, {**figures, "matmul_peak_flops": peak,
+                                  "memory_bandwidth": bandwidth})
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import os
 
 from absl import app, flags
 
-from _common import (attention_flops, decoder_flops_per_token, jnp_matmul_flops,
-                     lm_head_flops_per_token, machine_line, random_token_ids, ratio_line,
-                     round_robin_median_seconds, smollm2_shaped_models)
+from _common import (attention_flops, decoder_flops_per_token, define_json_out_flag,
+                     jnp_matmul_flops, lm_head_flops_per_token, machine_line, random_token_ids,
+                     ratio_line, round_robin_median_seconds, smollm2_shaped_models,
+                     write_json_out)
 
 flags.DEFINE_list("batch_sizes", ["16"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")
@@ -33,6 +34,7 @@ flags.DEFINE_integer("num_layers", 30, "Decoder layers (30 = SmolLM2-135M).")
 flags.DEFINE_integer("iters", 3, "Timed rounds (the median is reported).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
 flags.DEFINE_integer("seed", 0, "Seed for weights and token ids.")
+define_json_out_flag(flags)
 FLAGS = flags.FLAGS
 
 
@@ -61,6 +63,8 @@ def main(argv):
         f"+ {FLAGS.target_len} target tokens; median of {FLAGS.iters} round-robin rounds")
   print(f"fp32 jnp matmul peak now: {peak / 1e9:.0f} GFLOP/s")
 
+  figures = {"benchmark": "score", "prompt_len": p, "target_len": FLAGS.target_len,
+             "batches": {}}
   for b in (int(x) for x in FLAGS.batch_sizes):
     ids = random_token_ids(FLAGS.seed, cfg.vocab_size, b, t)
     mask = np.ones((b, t), np.int32)
@@ -100,8 +104,13 @@ def main(argv):
     for hf_name in ("hf score", "hf forward"):
       print("  " + ratio_line("jax score", hf_name, tps["jax score"] / tps[hf_name],
                               label_width=len("hf forward:")))
+    figures["batches"][str(b)] = {
+        "tokens_per_s": tps, "max_abs_logprob_diff": diff,
+        "jax_peak_fraction": flops / seconds["jax score"] / peak,
+        "ratio_jax_over": {k: tps["jax score"] / tps[k] for k in ("hf score", "hf forward")}}
   print(f"\nfp32 jnp matmul peak at the end: {jnp_matmul_flops() / 1e9:.0f} GFLOP/s  "
         f"load average: {os.getloadavg()[0]:.1f}")
+  write_json_out(FLAGS.json_out, {**figures, "matmul_peak_flops": peak})
 
 
 if __name__ == "__main__":

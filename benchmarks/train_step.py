@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from _common import jnp_matmul_flops, mean_seconds
+from _common import define_json_out_flag, jnp_matmul_flops, mean_seconds, write_json_out
 from memdyn_jax import models
 from memdyn_jax.train import optim
 from memdyn_jax.train import step as step_lib
@@ -32,6 +32,7 @@ flags.DEFINE_integer("seq", 128, "Sequence length.")
 flags.DEFINE_integer("iters", 10, "Timed steps.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_bool("torch", True, "Also time HF PyTorch.")
+define_json_out_flag(flags)
 FLAGS = flags.FLAGS
 
 
@@ -104,10 +105,15 @@ def main(_):
         f"batch {b}x{t} {FLAGS.dtype}")
   print(f"jnp f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
   print(f"jax step: {dt * 1e3:.1f} ms  {tok_s:,.0f} tokens/s  MFU {100 * mfu:.1f}%")
+  figures = {"benchmark": "train_step", "layers": FLAGS.layers, "hidden": FLAGS.hidden,
+             "vocab": FLAGS.vocab, "batch": b, "seq": t, "num_params": n_params,
+             "jax_tokens_per_s": tok_s, "mfu": mfu, "matmul_peak_flops": peak}
   if FLAGS.torch:
     tdt = torch_step_time(batch)
     print(f"torch step: {tdt * 1e3:.1f} ms  {b * t / tdt:,.0f} tokens/s  "
           f"jax speed-up x{tdt / dt:.2f}")
+    figures.update(torch_tokens_per_s=b * t / tdt, ratio_jax_over_torch=tdt / dt)
+  write_json_out(FLAGS.json_out, figures)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def test_make_generator_picks_the_kind_and_names_the_bad_input(tmp_path):
   assert isinstance(curation.make_generator("jsonl", task, rephrasings=str(path)),
                     curation.JsonlRephrasings)
   (tmp_path / "bad.jsonl").write_text('{"id": 3}\n')
-  gsm8k = type("Gsm8k", (), {"name": "gsm8k"})()
+  from memdyn_jax.tasks import GSM8KTask
+  gsm8k = GSM8KTask()
   for kind, kwargs, field, needle in [
       ("fresh", {}, "generator", "like synthetic_arith, not 'gsm8k'"),
       ("jsonl", {}, "rephrasings", "is required with generator 'jsonl'"),

@@ -160,3 +160,18 @@ def test_library_errors_are_typed_and_whole():
       if name != "memdyn_jax.cli" and "splitlines()[0]" in code:
         offenders.append(f"{name}:{lineno}: {line.strip()}")
   assert not offenders, "\n".join(offenders)
+
+
+def test_former_top_level_modules_still_import_as_their_new_homes():
+  import importlib
+
+  import memdyn_jax
+  for old, new in memdyn_jax._MOVED.items():
+    module = importlib.import_module(f"memdyn_jax.{old}")
+    assert module is importlib.import_module(new), old
+    assert module.__spec__.name == new  # the alias did not rename the module
+    assert getattr(memdyn_jax, old) is module
+  from memdyn_jax.checkpoints import restore  # noqa: F401 - the README's older form
+  from memdyn_jax import evaluation, merging
+  assert evaluation.evaluate_units is evaluation.run.evaluate_units
+  assert merging.merge is merging.methods.merge

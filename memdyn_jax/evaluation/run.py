@@ -358,8 +358,10 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     EvalSettingsError: no checkpoint or a requested step is none (fields "run_dir",
       "steps"); bad settings for this run (task, splits, tokenizer, sampling, a batch size
       the mesh does not divide); a records folder made with other settings (field
-      "eval_name").
+      "eval_name"); a prompt that does not fit with max_new_tokens ("max_new_tokens"); a
+      damaged record file or checkpoint ("run_dir", naming it and the fix).
   """
+  from memdyn_jax.train import checkpoints
   wanted = _checked_steps(run_dir, steps, settings.include_base, settings.checkpoints_per_run)
   settings = for_run(run_dir, settings)
   task = load_task(run_dir, settings)
@@ -389,7 +391,8 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         distance_from_init=settings.distance_from_init, should_stop=should_stop)
   except ContextLengthError as e:  # a prompt + max_new_tokens over the model's window
     raise EvalSettingsError("max_new_tokens", str(e)) from e
-  except (records.DamagedRecordsError, records.EvalConfigMismatchError) as e:
+  except (records.DamagedRecordsError, records.EvalConfigMismatchError,
+          checkpoints.CheckpointReadError) as e:  # each names its file and the fix
     raise EvalSettingsError("run_dir", str(e)) from e
   import jax
   if timings and jax.process_index() == 0:

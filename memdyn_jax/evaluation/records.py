@@ -165,7 +165,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         try:
           rows.append(_nan_for_null(json.loads(line)))
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+          raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
   return rows
 
 
@@ -263,7 +263,7 @@ def read_checkpoint_stats(run_dir: str, step: int, *, name: str = EVAL_DIR) -> d
     try:
       return _nan_for_null(json.load(f))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+      raise ValueError(f"{path}: malformed JSON ({e.msg})") from e
 
 
 def update_checkpoint_stats(run_dir: str, step: int, values: Mapping[str, Any], *,

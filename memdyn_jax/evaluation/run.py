@@ -154,7 +154,7 @@ def sampling_params(task_name: str, settings: EvalSettings):
         max_new_tokens=settings.max_new_tokens, n=settings.n_samples, seed=settings.seed)
   except ValueError as e:
     field = str(e).split()[0]
-    raise EvalSettingsError({"n": "n_samples"}.get(field, field), str(e)) from None
+    raise EvalSettingsError({"n": "n_samples"}.get(field, field), str(e)) from e
 
 
 def for_run(run_dir: str, settings: EvalSettings) -> EvalSettings:
@@ -184,7 +184,7 @@ def load_task(run_dir: str, settings: EvalSettings):
   try:
     return tasks.get_task(settings.task, **settings.task_kwargs)
   except (ValueError, TypeError) as e:
-    raise EvalSettingsError("task", f"{e} (task_kwargs {settings.task_kwargs})") from None
+    raise EvalSettingsError("task", f"{e} (task_kwargs {settings.task_kwargs})") from e
 
 
 def load_tokenizer(run_dir: str, settings: EvalSettings):
@@ -234,13 +234,13 @@ def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
     try:
       train = checkpoints.trained_examples(run_dir, task, path=settings.task_path)
     except (ValueError, FileNotFoundError) as e:
-      raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from None
+      raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from e
     if tokenizer is not None:
       check_trained_data(run_dir, task, train, tokenizer)
     try:
       train = checkpoints.drawn_examples(run_dir, train)
     except checkpoints.RunDirError as e:
-      raise EvalSettingsError("run_dir", str(e)) from None
+      raise EvalSettingsError("run_dir", str(e)) from e
     train = tuple(subset(train, settings.num_train, settings.subset_seed))
   units = []
   for split, perturbation in settings.unit_keys():
@@ -469,7 +469,7 @@ def _check_config(run_dir: str, config: Mapping[str, Any], settings: EvalSetting
   try:
     records.check_config(run_dir, config, name=settings.eval_name)
   except records.EvalConfigMismatchError as e:
-    raise EvalSettingsError("eval_name", str(e)) from None
+    raise EvalSettingsError("eval_name", str(e)) from e
 
 
 # ------------------------------------------------------------- the evaluation engine

@@ -134,7 +134,7 @@ class MergeConfig:
           try:
             re.compile(pair[0])
           except re.error as e:
-            raise MergeConfigError("t", f"bad pattern {pair[0]!r}: {e}") from None
+            raise MergeConfigError("t", f"bad pattern {pair[0]!r}: {e}") from e
           _check_t(pair[1])
         object.__setattr__(self, "t", tuple((p, float(v)) for p, v in pairs))
       elif not callable(self.t):

@@ -213,7 +213,7 @@ def calibrate_threshold(
       a, _ = _acc_ppl(run.train_acc, run.train_perplexity)
       t = as_float_array("test_acc", run.test_acc, ndim=1)
     except ValueError as e:
-      raise ValueError(f"runs[{k}]: {e}") from None
+      raise ValueError(f"runs[{k}]: {e}") from e
     check_nonempty(f"runs[{k}].train_acc", a)
     if t.shape[0] != a.shape[0]:
       raise ValueError(f"runs[{k}].test_acc must have one entry per checkpoint "

@@ -123,7 +123,7 @@ class SafetensorsFile:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+      raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
     header.pop("__metadata__", None)
     self.header = header
     self._offset = 8 + n
@@ -268,7 +268,7 @@ def load_config(directory: str) -> ModelConfig:
     try:
       raw = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: malformed JSON ({e})") from None
+      raise ValueError(f"{path}: malformed JSON ({e})") from e
   return from_hf_config(raw)
 
 

@@ -162,7 +162,7 @@ def read_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[tuple[int, d
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
       if not isinstance(record, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
       missing = [k for k in required if k not in record]

@@ -173,7 +173,7 @@ class Problem:
       events = tuple(Event(k, tuple(int(a) for a in args), int(p)) for k, args, p in spec["events"])
       fields = {f.name: spec[f.name] for f in dataclasses.fields(cls) if f.name != "events"}
     except (KeyError, TypeError, ValueError) as e:
-      raise DataError(f"bad synthetic_arith problem spec ({e!r}): {spec!r}") from None
+      raise DataError(f"bad synthetic_arith problem spec ({e!r}): {spec!r}") from e
     return cls(events=events, **fields)
 
 

@@ -73,7 +73,7 @@ def load_examples(spec: TaskSpec):
     task = tasks.get_task(spec.name, **dict(spec.kwargs))
     examples = task.load(spec.split, spec.path)
   except (ValueError, FileNotFoundError, TypeError) as e:
-    raise TaskRunError("task", str(e)) from None
+    raise TaskRunError("task", str(e)) from e
   return task, (examples[:spec.max_examples] if spec.max_examples else examples)
 
 
@@ -86,7 +86,7 @@ def load_train_data(model_dir: str, spec: TaskSpec, cfg: TrainConfig):
   try:
     return task_train_data(tokenizer, task, examples, cfg)
   except ValueError as e:
-    raise TaskRunError("max_length", str(e)) from None
+    raise TaskRunError("max_length", str(e)) from e
 
 
 def write_examples_listing(run_dir: str, spec: TaskSpec, ids) -> None:

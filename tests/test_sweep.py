@@ -68,6 +68,20 @@ def test_paper_grid_is_the_presets_runs(tmp_path):
   assert len(set(names)) == 13
 
 
+def test_a_sweep_json_written_before_a_setting_existed_still_matches(tmp_path):
+  """Settings added since sweep.json was written take their defaults: not a difference; a
+  stored value that differs still is."""
+  grid = sweep_lib.Grid(learning_rates=(1e-3,), epochs=(1,))
+  sweep = sweep_lib.make_sweep(str(tmp_path), "m", TaskSpec("gsm8k"), grid, EvalSettings())
+  stored = json.loads(json.dumps(sweep.to_json()))
+  del stored["evaluation"]["distance_from_init"]
+  del stored["cells"][0]["config"]["checkpoints_to_save"]
+  assert sweep_lib.check_same(sweep, stored) is False
+  stored["cells"][0]["config"]["save_every_steps"] = 7
+  with pytest.raises(sweep_lib.SweepError, match="save_every_steps"):
+    sweep_lib.check_same(sweep, stored)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(presets=("nope",)), "presets"),
     (dict(learning_rates=("x",)), "learning_rates"),

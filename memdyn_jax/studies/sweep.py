@@ -261,9 +261,15 @@ def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> bool:
       an existing cell whose training settings changed (its name and fields); or stored cells
       the new grid leaves out.
   """
-  from memdyn_jax.train.checkpoints import differences
+  from memdyn_jax.train.checkpoints import differences, with_defaults
   new = json.loads(json.dumps(sweep.to_json()))
   old = json.loads(json.dumps(dict(stored)))
+  # Settings added since sweep.json was written take their defaults (not a difference).
+  if isinstance(old.get("evaluation"), Mapping):
+    old["evaluation"] = with_defaults(old["evaluation"], lambda d: EvalSettings(**d))
+  for cell in old.get("cells", []):
+    if isinstance(cell.get("config"), Mapping):
+      cell["config"] = with_defaults(cell["config"], TrainConfig.from_dict)
   where = sweep_file(sweep.sweep_dir)
   shared = [k for k in ("format", "model", "task", "evaluation") if old.get(k) != new.get(k)]
   if shared:
@@ -320,7 +326,9 @@ def _check_run_dir(cell: Cell) -> dict[str, Any] | None:
   if not os.path.exists(os.path.join(cell.run_dir, checkpoints.RUN_INFO)):
     return None
   info = checkpoints.read_run_info(cell.run_dir)
-  diffs = checkpoints.differences(info.get("config", {}), cell.config.to_dict())
+  diffs = checkpoints.differences(
+      checkpoints.with_defaults(info.get("config", {}), TrainConfig.from_dict),
+      json.loads(json.dumps(cell.config.to_dict())))
   if diffs:
     raise SweepError("sweep_dir", f"{cell.run_dir} holds another run than cell {cell.name} "
                      f"(saved -> now: {'; '.join(diffs[:6])})")

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +231,8 @@ def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
   path = os.path.join(run_dir, RUN_INFO)
   if os.path.exists(path):
     old = read_run_info(run_dir)
+    if "config" in old:
+      old = {**old, "config": with_defaults(old["config"], TrainConfig.from_dict)}
     diffs = differences(old, dict(info))
     if diffs:
       raise RunMismatchError(
@@ -242,6 +244,17 @@ def init_run_dir(run_dir: str, info: Mapping[str, Any], model_dir: str) -> None:
   os.makedirs(run_dir, exist_ok=True)
   shutil.copyfile(os.path.join(model_dir, "config.json"), os.path.join(run_dir, MODEL_CONFIG))
   fileio.atomic_write_json(path, info, indent=2, sort_keys=True)  # always complete
+
+
+def with_defaults(stored: Mapping[str, Any], build: Callable[[dict], Any]) -> dict[str, Any]:
+  """A stored config dict (run.json's, sweep.json's) as `build(stored).to_dict()` gives it:
+  fields added to the config class since it was written take their defaults, so comparing
+  it with today's config finds what differs, not which version wrote it. As stored when it
+  no longer builds (a renamed field then shows as a difference)."""
+  try:
+    return json.loads(json.dumps(build(dict(stored)).to_dict()))
+  except (TypeError, ValueError):
+    return dict(stored)
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:

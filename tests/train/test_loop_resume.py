@@ -122,6 +122,20 @@ def test_epoch_fraction_schedule_and_changed_config(model_dir, tmp_path):
     loop.train(cfg, make_data(seed=3), model_dir, run, progress=False)
 
 
+def test_a_run_written_before_a_config_field_existed_resumes(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(num_epochs=1)
+  loop.train(cfg, make_data(), model_dir, run, progress=False)
+  path = os.path.join(run, checkpoints.RUN_INFO)
+  info = json.load(open(path))
+  del info["config"]["checkpoints_to_save"]  # as a run.json of an earlier version
+  json.dump(info, open(path, "w"))
+  assert loop.train(cfg, make_data(), model_dir, run, progress=False).step == 2  # resumed
+  with pytest.raises(checkpoints.RunMismatchError, match="checkpoints_to_save"):
+    loop.train(cfg.replace(checkpoints_to_save=1), make_data(), model_dir, run,
+               progress=False)
+
+
 def test_checkpoints_to_save_keeps_the_spread_that_evaluation_reads(model_dir, tmp_path):
   from memdyn_jax.train.config import checkpoint_steps, spread_steps
   run = str(tmp_path / "run")

@@ -82,6 +82,22 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
 
 
+def test_atomic_open_writes_bytes_whole_or_not_at_all(tmp_path):
+  path = str(tmp_path / "w.bin")
+  with fileio.atomic_open(path, "wb") as f:
+    f.write(b"\x00\x01")
+    assert not os.path.exists(path)  # nothing at the path until the block completes
+  assert open(path, "rb").read() == b"\x00\x01"
+  with pytest.raises(RuntimeError, match="cut"):
+    with fileio.atomic_open(path, "wb") as f:
+      f.write(b"partial")
+      raise RuntimeError("cut")
+  assert open(path, "rb").read() == b"\x00\x01" and os.listdir(tmp_path) == ["w.bin"]
+  with pytest.raises(ValueError, match="mode"):
+    with fileio.atomic_open(path, "a"):
+      pass
+
+
 def test_checkpoint_stats_are_strict_json(tmp_path):
   import numpy as np
   run = str(tmp_path / "run")

@@ -51,6 +51,18 @@ def _reference(model, mb: gv.Minibatches, ddof: int) -> float:
                                      ddof=ddof)
 
 
+def test_distance_from_init_is_the_summed_squared_difference_of_the_parameters():
+  base, other = _tiny_model(0), _tiny_model(1)
+  init = gv.parameters(base)
+  assert gv.distance_from_init(base, init) == 0.0
+  flat = {k: np.asarray(v, np.float64) for k, v in init.items()}
+  expected = sum(float(((np.asarray(v, np.float64) - flat[k]) ** 2).sum())
+                 for k, v in gv.parameters(other).items())
+  assert gv.distance_from_init(other, init) == pytest.approx(expected, rel=1e-5)
+  with pytest.raises(ValueError, match="shares no parameter path"):
+    gv.distance_from_init(other, {("elsewhere",): np.zeros(2)})
+
+
 def test_matches_per_minibatch_gradients_and_compiles_once():
   mb = _random_minibatches()
   first, second = _tiny_model(0), _tiny_model(1)

@@ -23,7 +23,7 @@ from absl import logging
 from memdyn_jax import fileio
 from memdyn_jax.models.embedded import (ASSET_DIR, BUILD_COMMAND, EMBEDDED_NAME,  # noqa: F401
                                         MANIFEST_FILE, EmbeddedBaseError, file_sha256,
-                                        shipped_manifest, verify)
+                                        shipped_dir, shipped_manifest, verify)
 
 # Part of every cache key: bump it with any code change that alters what a build of the same
 # spec produces (corpus, tokenizer, packing, trainer), so stale caches are not reused.
@@ -150,8 +150,7 @@ def model_dir(spec: EmbeddedSpec | None = None, cache_dir: str | None = None,
   if not rebuild and os.path.exists(os.path.join(ASSET_DIR, MANIFEST_FILE)):
     manifest = shipped_manifest()
     if spec_of(manifest) == spec and manifest["build_version"] == BUILD_VERSION:
-      verify(ASSET_DIR)
-      return ASSET_DIR
+      return shipped_dir()
   root = os.path.join(cache_dir or default_cache_dir(), "embedded", spec.key())
   final = os.path.join(root, "model")
   if not os.path.exists(os.path.join(final, MANIFEST_FILE)):

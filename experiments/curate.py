@@ -12,14 +12,12 @@ template ("fresh") or rewords it ("rephrase"); GSM8K/MATH read a jsonl of rephra
 (`--rephrasings`, rows {"id": example id, "question": ..., optional "target", "answer"})
 or prompt a local model (`--rephrase_model`).
 
-Writes to --output_dir (`memdyn_jax.studies.curation.run_study`): curve.csv (test accuracy
-vs training examples per method and round), efficiency.csv (examples each baseline needs to
-reach PreMemAcc curation's final accuracy, interpolated, and the ratio),
-sample_efficiency.png and report.md. Everything is resumable: a re-run skips finished
-rounds. Exit status: 0 done, 2 bad flags or inputs.
+Writes to --output_dir (`memdyn_jax.studies.curation.run_seeds`): curve.csv, efficiency.csv
+(examples each baseline needs to reach PreMemAcc curation's final accuracy, and the ratio),
+sample_efficiency.png, summary.json and report.md; per seed with --seeds=0,1,... (mean
+curves with bands on top). Resumable: a re-run skips finished rounds. Exit: 0 done, 2 bad input.
 """
 from __future__ import annotations
-
 
 from absl import flags
 
@@ -46,7 +44,8 @@ flags.DEFINE_float("keep_fraction", None, "Share of D_train IFD/heuristic draw f
 flags.DEFINE_float("memorization_perplexity", None,
                    "PreMemAcc memorization threshold p in perplexity (default: the task's).")
 flags.DEFINE_float("ifd_epochs", 2.0, "Epochs of the IFD model on the test split.")
-flags.DEFINE_integer("curation_seed", 0, "Seed of the source draws and generators.")
+flags.DEFINE_list("seeds", ["0"], "Repetitions: each seed draws the sources, generates and "
+                  "fine-tunes (overrides --seed); 2+ seeds write seed_<s>/ and bands.")
 flags.DEFINE_enum("generator", "auto", ["auto", *curation.GENERATORS],
                   "auto: synthetic_arith -> fresh; else jsonl with --rephrasings, model with "
                   "--rephrase_model.")
@@ -77,6 +76,9 @@ def check_flags() -> None:
   for name in ("n_train", "n_test", "n_ifd", "additions_per_iteration"):
     if getattr(FLAGS, name) < 0:
       raise UsageError(f"--{name}: must be >= 0")
+  if not FLAGS.seeds or len(set(FLAGS.seeds)) < len(FLAGS.seeds) or not all(
+      x.lstrip("-").isdigit() for x in FLAGS.seeds):
+    raise UsageError(f"--seeds: needs distinct integers, got {FLAGS.seeds}")
   if "{question}" not in FLAGS.rephrase_prompt:
     raise UsageError("--rephrase_prompt: needs a {question} field")
 
@@ -96,10 +98,9 @@ def curation_config(method: str) -> curation.CurationConfig:
         method=method, iterations=FLAGS.iterations, threshold=FLAGS.threshold,
         additions_per_iteration=FLAGS.additions_per_iteration,
         keep_fraction=FLAGS.keep_fraction,
-        memorization_perplexity=FLAGS.memorization_perplexity, ifd_epochs=FLAGS.ifd_epochs,
-        seed=FLAGS.curation_seed)
+        memorization_perplexity=FLAGS.memorization_perplexity, ifd_epochs=FLAGS.ifd_epochs)
   except curation.CurationConfigError as e:
-    raise cli.usage_error(e, {"seed": "curation_seed"}) from e
+    raise cli.usage_error(e) from e
 
 
 def generator_kind(task_name: str) -> str:
@@ -119,7 +120,7 @@ def run() -> int:
   from memdyn_jax.train import task_run
 
   check_flags()
-  spec = cli.task_spec_from_flags(_TASK_FLAGS)
+  spec = cli.task_spec_from_flags(_TASK_FLAGS, FLAGS.model)
   configs = [curation_config(m) for m in dict.fromkeys(FLAGS.methods)]
   try:
     task_run.check_task_name(spec.name)  # fail fast, before loading a model
@@ -136,8 +137,8 @@ def run() -> int:
   except (task_run.TaskRunError, curation.CurationInputError) as e:
     raise cli.usage_error(e) from e
   try:
-    _, report = curation.run_study(setup, configs, generator, FLAGS.output_dir,
-                                   progress=FLAGS.progress,
+    _, report = curation.run_seeds(setup, configs, generator, FLAGS.output_dir,
+                                   [int(x) for x in FLAGS.seeds], progress=FLAGS.progress,
                                    log=lambda m: print(f"{PROG}: {m}", flush=True))
   except curation.CurationError as e:
     raise UsageError(str(e)) from e

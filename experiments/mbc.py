@@ -3,12 +3,13 @@
   python experiments/mbc.py --study=mbc --model=embedded --task=synthetic_arith \
       --output_dir=/tmp/mbc_study --preset=ge_gptneo_sft --num_epochs=3 --mbc_refresh_steps=20
   python experiments/mbc.py --study=reweight --model=embedded --task=synthetic_arith \
-      --output_dir=/tmp/reweight_study --reweight_p=2.0
+      --output_dir=/tmp/reweight_study --reweight_p=1.2 --save_every_epochs=8
 
 Trains the base model once per sampler (--samplers; default uniform + mbc, or uniform +
 memorization_reweight) with the same TrainConfig, hence the same steps and examples drawn;
 evaluates each run's last checkpoint on training examples, the held-out test split, and
-(per --study) OOD and perturbed test prompts; judges each sampler's held-out responses
+(per --study) OOD and perturbed test prompts, plus --mitigations of the baseline run
+(checkpoint selection, merging); judges each sampler's held-out responses
 against --baseline's (--judge); writes results.csv, sampling_frequency.csv/.png,
 judge_*.csv, summary.json and report.md to --output_dir (`memdyn_jax.studies.sampler_study`).
 Every TrainConfig field is a flag (default: --preset's). Re-running resumes: finished
@@ -35,6 +36,10 @@ flags.DEFINE_integer("n_eval", 200, "Held-out test examples evaluated (first N; 
 flags.DEFINE_integer("n_eval_train", 200, "Training examples evaluated (seeded subset; 0 = all).")
 flags.DEFINE_integer("n_ood", 200, "OOD examples evaluated (first N; 0 = all).")
 flags.DEFINE_bool("ood", None, "Evaluate the task's OOD split (default: the study's).")
+flags.DEFINE_list("mitigations", None, "Of selection, merge: applied to the baseline run "
+                  "(default: the study's; 'none' = none). Need --save_every_epochs/steps.")
+flags.DEFINE_integer("n_validation", 128, "Checkpoint selection: test examples after the "
+                     "first --n_eval ones it picks by.")
 flags.DEFINE_list("perturbations", None, "Answer preambles of the robustness units "
                   "(default: the study's; 'none' = no robustness units).")
 flags.DEFINE_float("temperature", 0.7, "Sampling temperature of held-out responses.")
@@ -68,14 +73,17 @@ def study_config():
   except ValueError as e:
     flag = {"n": "n_samples"}.get(str(e).split()[0], str(e).split()[0])
     raise UsageError(f"--{flag}: {e}") from None
-  perturbations = FLAGS.perturbations
+  perturbations, mitigations = FLAGS.perturbations, FLAGS.mitigations
   if perturbations is not None and [p.strip().lower() for p in perturbations] == ["none"]:
     perturbations = []
+  if mitigations is not None and [m.strip().lower() for m in mitigations] == ["none"]:
+    mitigations = []
   try:
     return sampler_study.study_config(
         FLAGS.study, samplers=FLAGS.samplers, baseline=FLAGS.baseline, train=train_cfg,
         sampling=sampling, n_eval=FLAGS.n_eval, n_eval_train=FLAGS.n_eval_train,
-        n_ood=FLAGS.n_ood, ood=FLAGS.ood,
+        n_ood=FLAGS.n_ood, ood=FLAGS.ood, mitigations=mitigations,
+        n_validation=FLAGS.n_validation,
         perturbations=perturbations, judge=FLAGS.judge, judge_tie_margin=FLAGS.judge_tie_margin,
         judge_max_response_tokens=FLAGS.judge_max_response_tokens, confidence=FLAGS.confidence,
         eval_batch_size=FLAGS.eval_batch_size)
@@ -90,7 +98,7 @@ def run() -> int:
   if FLAGS.max_train < 0:
     raise UsageError("--max_train: must be >= 0")
   cfg = study_config()
-  spec = cli.task_spec_from_flags(_TASK_FLAGS, split="train")
+  spec = cli.task_spec_from_flags(_TASK_FLAGS, FLAGS.model, split="train")
   from memdyn_jax.train import checkpoints
   from memdyn_jax.studies import sampler_study
   from memdyn_jax.errors import ContextLengthError
@@ -104,6 +112,8 @@ def run() -> int:
                                      log=lambda m: print(f"{PROG}: {m}", flush=True))
   except task_run.TaskRunError as e:
     raise UsageError(f"--{e}") from None
+  except sampler_study.StudyConfigError as e:  # e.g. a baseline run with one checkpoint
+    raise cli.usage_error(e) from e
   except checkpoints.RunMismatchError as e:
     raise UsageError(f"--output_dir: {e}") from e
   except judge.JudgePromptTooLongError as e:

@@ -83,7 +83,7 @@ def sweep_from_flags() -> sweep_lib.Sweep:
     for name in ("model", "task"):
       if not getattr(FLAGS, name):
         raise UsageError(f"--{name} is required (no {sweep_lib.SWEEP_FILE} in --sweep_dir)")
-    task = cli.task_spec_from_flags(_TASK_FLAGS)
+    task = cli.task_spec_from_flags(_TASK_FLAGS, FLAGS.model)
     grid = _settings(sweep_lib.Grid, _GRID_FLAGS)
     train = cli.dataclass_kwargs_from_flags(TrainConfig, _TRAIN_FLAGS)
     if train:  # the flags win over the same fields in --overrides

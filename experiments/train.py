@@ -39,7 +39,7 @@ def run() -> int:
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
   cfg = cli.train_config_from_flags(FLAGS.preset)
-  spec = cli.task_spec_from_flags(_TASK_FLAGS)
+  spec = cli.task_spec_from_flags(_TASK_FLAGS, FLAGS.model)
   import jax
 
   from memdyn_jax import sharding

@@ -274,16 +274,23 @@ def define_task_flags(*, skip: Iterable[str] = (), rename: Mapping[str, str] | N
                                 help_format=help_format)
 
 
-def task_spec_from_flags(names: Mapping[str, str], **fixed):
+def task_spec_from_flags(names: Mapping[str, str], model: str | None = None, **fixed):
   """The `TaskSpec` of the flags `define_task_flags` defined, with `fixed` fields.
+
+  With `model` "embedded", task "synthetic_arith" and no --task_kwargs, the task is the
+  one the shipped base was pre-trained around (`models.embedded.task_kwargs`).
 
   Raises:
     UsageError: no --task, or --task_kwargs that is not a JSON object.
   """
+  from memdyn_jax.models import embedded
   from memdyn_jax.train.task_run import TaskSpec
   kwargs = dataclass_kwargs_from_flags(TaskSpec, names)
   if not kwargs.get("name") and "name" not in fixed:
     raise UsageError(f"--{names['name']} is required")
+  if (model == embedded.EMBEDDED_NAME and kwargs.get("name") == "synthetic_arith"
+      and not kwargs.get("kwargs")):
+    kwargs["kwargs"] = embedded.task_kwargs()
   return TaskSpec(**kwargs, **fixed)
 
 

@@ -239,6 +239,64 @@ def test_data_efficiency_ratio_on_known_curves():
   assert mid.reference_examples == pytest.approx(125) and mid.baseline_examples == 150
 
 
+def _result(method: str, accs, sizes=(100, 150, 200)) -> curation.CurationResult:
+  return curation.CurationResult(method, tuple(
+      {"round": i, "n_examples": n, "test_accuracy": a} for i, (n, a) in
+      enumerate(zip(sizes, accs))))
+
+
+def test_seed_curves_average_rounds_with_a_student_t_band_and_ratios_per_seed():
+  by_seed = {0: [_result("premem", [0.3, 0.5, 0.6]), _result("iid", [0.3, 0.4, 0.5])],
+             1: [_result("premem", [0.3, 0.6, 0.7]), _result("iid", [0.3, 0.5, 0.6])]}
+  rows = curation.seed_curve_rows(by_seed)
+  assert [(r["method"], r["round"]) for r in rows] == [
+      ("premem", 0), ("premem", 1), ("premem", 2), ("iid", 0), ("iid", 1), ("iid", 2)]
+  last = rows[2]
+  assert (last["seed_0"], last["seed_1"]) == (0.6, 0.7)
+  # Two seeds: mean 0.65, sd 0.0707, t(0.975, 1) = 12.706 -> half-width 0.635.
+  assert last["test_accuracy"] == pytest.approx(0.65)
+  assert last["band_high"] - last["test_accuracy"] == pytest.approx(12.7062 * 0.05, rel=1e-4)
+  assert rows[0]["band_low"] == rows[0]["band_high"] == pytest.approx(0.3)  # no spread
+  eff, = curation.seed_efficiency_rows(by_seed)
+  # Mean curves: premem [0.3, 0.55, 0.65], iid [0.3, 0.45, 0.55] -> iid never reaches 0.65.
+  assert eff["baseline"] == "iid" and math.isnan(eff["ratio"])
+  assert eff["ratio_lower_bound"] == pytest.approx(1.0)
+  assert eff["ratio_seed_0"] == pytest.approx(1.0) and eff["ratio_seed_1"] == pytest.approx(1.0)
+  mean, low, high = curation.mean_band([0.5])
+  assert mean == 0.5 and math.isnan(low) and math.isnan(high)
+
+
+def test_run_seeds_repeats_the_study_per_seed_and_reports_across_them(tmp_path, monkeypatch):
+  setup = curation.CurationSetup(
+      task=sa.SyntheticArithTask(**TASK_KWARGS), model_path="unused",
+      train_examples=(ex("a"), ex("b")), test_examples=(ex("c"),),
+      sampling=sampling.SamplingParams())
+  calls = []
+
+  def fake_study(one_setup, configs, generator, out_dir, **_):
+    calls.append((one_setup.train_config.seed, [c.seed for c in configs], out_dir))
+    s = one_setup.train_config.seed
+    return [_result(c.method, [0.2, 0.3 + 0.1 * s]) for c in configs], "unused"
+
+  monkeypatch.setattr(curation, "run_study", fake_study)
+  configs = [curation.CurationConfig(method=m, iterations=1) for m in ("premem", "iid")]
+  out = str(tmp_path)
+  by_seed, report = curation.run_seeds(setup, configs, None, out, [3, 5])
+  assert calls == [(3, [3, 3], os.path.join(out, "seed_3")),
+                   (5, [5, 5], os.path.join(out, "seed_5"))]
+  assert sorted(by_seed) == [3, 5] and report == os.path.join(out, "report.md")
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["seeds"] == [3, 5]
+  assert [r["test_accuracy"] for r in summary["curves"]["premem"]] == pytest.approx([0.2, 0.7])
+  assert "iid" in summary["efficiency"]
+  assert "![sample efficiency](sample_efficiency.png)" in open(report).read()
+  calls.clear()
+  curation.run_seeds(setup, configs, None, out, [7])  # one seed: the study itself, in out
+  assert calls == [(7, [7, 7], out)]
+  with pytest.raises(curation.CurationConfigError, match="seeds"):
+    curation.run_seeds(setup, configs, None, out, [1, 1])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -388,6 +446,9 @@ def test_binary_rejects_bad_flags_and_malformed_rephrasings(base_model, tmp_path
   write_jsonl(data / "test.jsonl", rows)
   common = (f"--model={base_model}", "--task=gsm8k", f"--task_path={data}",
             f"--output_dir={tmp_path / 'out'}")
+  proc = run_cli(*common, "--seeds=1,1")
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "curate.py: error: --seeds: needs distinct integers, got ['1', '1']")
   proc = run_cli(*common)
   assert proc.returncode == 2 and proc.stderr.strip() == (
       "curate.py: error: --rephrasings or --rephrase_model is required for task 'gsm8k' "

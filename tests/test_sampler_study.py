@@ -43,9 +43,15 @@ def _csv(path):
 def test_study_config_presets_and_checks():
   mbc = sampler_study.study_config("mbc")
   assert mbc.samplers == ("uniform", "mbc") and mbc.judge == "auto" and not mbc.ood
-  rw = sampler_study.study_config("reweight", ood=None, n_eval_train=5)
+  with pytest.raises(ValueError, match="^mitigations: checkpoint selection and merging need"):
+    sampler_study.study_config("reweight")  # no checkpoint cadence
+  rw = sampler_study.study_config("reweight", ood=None, n_eval_train=5,
+                                  train=TrainConfig(save_every_steps=2))
   assert rw.samplers == ("uniform", "memorization_reweight") and rw.ood
   assert rw.perturbations == ("First", "We know that") and rw.n_eval_train == 5
+  assert rw.mitigations == ("selection", "merge")
+  with pytest.raises(ValueError, match="^n_validation:"):
+    sampler_study.study_config("reweight", n_eval=0, train=TrainConfig(save_every_steps=2))
   three = sampler_study.study_config("mbc", samplers=["uniform", "mbc",
                                                       "memorization_reweight"])
   assert len(three.samplers) == 3
@@ -57,7 +63,8 @@ def test_study_config_presets_and_checks():
   for kwargs, field in [({"samplers": ["uniform", "bogus"]}, "samplers"),
                         ({"samplers": ["mbc"]}, "samplers"),
                         ({"baseline": "memorization_reweight"}, "baseline"),
-                        ({"judge": "gpt4"}, "judge"), ({"confidence": 1.0}, "confidence")]:
+                        ({"judge": "gpt4"}, "judge"), ({"confidence": 1.0}, "confidence"),
+                        ({"mitigations": ["prune"]}, "mitigations")]:
     with pytest.raises(ValueError, match=f"^{field}:"):
       sampler_study.study_config("mbc", **kwargs)
 
@@ -157,11 +164,31 @@ def test_reweight_study_through_the_binary(base_model, tmp_path):
       "--n_eval_train=4", "--n_ood=2", "--perturbations=First", "--max_new_tokens=12",
       "--eval_batch_size=8", "--noprogress", "--learning_rate=0.01", "--max_steps=4",
       "--global_batch_size=6", "--mbc_refresh_steps=2", "--reweight_p=1.5",
-      "--max_length=256", "--overlength=truncate")
+      "--max_length=256", "--overlength=truncate", "--save_every_steps=2",
+      "--n_validation=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "report written to" in proc.stdout
   rows = {r["sampler"]: r for r in _csv(out / "results.csv")}
-  assert set(rows) == {"uniform", "memorization_reweight"}
+  assert set(rows) == {"uniform", "memorization_reweight", "uniform+selection",
+                       "uniform+merge"}
+  # Selection: the uniform run's checkpoint of lowest perplexity on the 2 test examples
+  # after the 4 evaluated ones, evaluated on the same units as the samplers' runs.
+  from memdyn_jax.evaluation import examples as example_eval
+  test_ids = [e.id for e in sa.SyntheticArithTask(**TASK_KWARGS).load("test")]
+  ppl = {}
+  for step in (2, 4):
+    recs = [json.loads(x) for x in open(out / "runs" / "uniform" / "selection_eval" /
+                                        f"step_{step:08d}" / "validation.jsonl")]
+    assert [r["example_id"] for r in recs] == test_ids[4:6]
+    ppl[step] = example_eval.summarize(
+        [example_eval.ExampleRecord.from_dict(r) for r in recs])["perplexity"]
+  best = min(ppl, key=lambda k: (ppl[k], k))
+  assert rows["uniform+selection"]["steps"] == str(best)
+  assert rows["uniform+selection"]["checkpoint"].startswith(f"step {best}: lowest validation")
+  assert rows["uniform+merge"]["checkpoint"] == "uniform average of its 2 checkpoints [2, 4]"
+  merged = json.load(open(out / "merged" / "uniform" / "run.json"))["merge"]
+  assert [s["step"] for s in merged["sources"]] == [2, 4]
+  assert (out / "merged" / "uniform" / "study_eval" / "step_00000004" / "test.jsonl").exists()
   for r in rows.values():
     for key in ("test_accuracy", "test_perplexity", "robustness", "accuracy@First",
                 "ood_accuracy"):
@@ -187,6 +214,8 @@ def test_reweight_study_through_the_binary(base_model, tmp_path):
     (["--model=m", "--task=synthetic_arith", "--output_dir=/tmp/x", "--study=other"],
      "--study"),
     (["--model=m", "--task=nope", "--output_dir=/tmp/x"], "--task: unknown task 'nope'"),
+    (["--model=m", "--task=synthetic_arith", "--output_dir=/tmp/x", "--study=reweight"],
+     "--mitigations: checkpoint selection and merging need"),
     (["--model=/no/such/model", "--task=synthetic_arith", "--output_dir=/tmp/x",
       '--task_kwargs={"n_train": 4, "n_test": 2, "n_ood": 2}'], "--model:"),
 ])

@@ -36,6 +36,15 @@ def shipped_manifest(path: str = ASSET_DIR) -> dict[str, Any]:
                             f"rebuild it with `{BUILD_COMMAND}`") from None
 
 
+def task_kwargs(path: str = ASSET_DIR) -> dict[str, Any]:
+  """The `synthetic_arith` keyword arguments of the task a built base was pre-trained
+  around (its manifest's spec): fine-tuning data of other sizes or values would be out of
+  its distribution, and its test split would no longer be the held-out one."""
+  spec = shipped_manifest(path)["spec"]
+  return {"seed": spec["seed"], "max_steps": spec["task_max_steps"],
+          "max_value": spec["task_max_value"]}
+
+
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:

@@ -179,12 +179,17 @@ def sampling_frequency(counts: Mapping[str, np.ndarray], path: str) -> str:
 
 
 def sample_efficiency(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str,
-                      title: str = "") -> str:
+                      title: str = "",
+                      bands: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> str:
   """Test accuracy (y) vs training examples (x), one line per curation method
-  (Kang et al. Fig. 8): `curves[method] = (sizes, accuracies)`."""
+  (Kang et al. Fig. 8): `curves[method] = (sizes, accuracies)`; `bands[method] = (low,
+  high)` shades an interval around a line."""
   fig, ax = plt.subplots(figsize=(5.5, 4.2))
   for method, (x, y) in curves.items():
-    ax.plot(x, y, marker="o", ms=4, label=method)
+    line, = ax.plot(x, y, marker="o", ms=4, label=method)
+    if bands and method in bands:
+      low, high = bands[method]
+      ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, lw=0)
   ax.set(xlabel="training examples", ylabel="test accuracy", title=title or "Sample efficiency")
   ax.legend(fontsize=8)
   return _save(fig, path)

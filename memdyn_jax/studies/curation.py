@@ -62,6 +62,8 @@ STATE_FILE = "state.json"
 RUNS_DIR = "runs"
 IFD_DIR = "ifd"
 IFD_SCORES_FILE = "scores.json"
+SEED_DIR_PREFIX = "seed_"
+SUMMARY_FILE = "summary.json"
 
 
 
@@ -965,6 +967,54 @@ def run_study(setup: CurationSetup, configs: Sequence[CurationConfig], generator
   return results, write_report(out_dir, results, setup)
 
 
+def seed_dir(out_dir: str, seed: int) -> str:
+  """Where one seed's repetition of a multi-seed study lives."""
+  return os.path.join(out_dir, f"{SEED_DIR_PREFIX}{seed}")
+
+
+def seeded(setup: CurationSetup, configs: Sequence[CurationConfig], seed: int
+           ) -> tuple[CurationSetup, list[CurationConfig]]:
+  """One repetition of a study: `seed` drives the source draws, the generator and the
+  fine-tuning (data order), so repetitions differ in everything a seed touches."""
+  return (dataclasses.replace(setup, train_config=setup.train_config.replace(seed=seed)),
+          [dataclasses.replace(c, seed=seed) for c in configs])
+
+
+def run_seeds(setup: CurationSetup, configs: Sequence[CurationConfig], generator: Generator,
+              out_dir: str, seeds: Sequence[int], *, confidence: float = 0.95,
+              progress: bool = False, log: Callable[[str], None] | None = None
+              ) -> tuple[dict[int, list[CurationResult]], str]:
+  """Runs (or resumes) the study once per seed (`seeded`, `run_study`) and writes the
+  report across seeds.
+
+  One seed writes its study into `out_dir` itself; several write each into
+  `seed_dir(out_dir, seed)` (with its own report) and the mean curves, their
+  `confidence` bands across seeds and the efficiency ratios into `out_dir`
+  (`write_seeds_report`).
+
+  Returns:
+    ({seed: that seed's CurationResults}, the path of the top report.md).
+
+  Raises:
+    CurationConfigError: field "seeds": none, or repeated.
+    CurationError: as `run_study`.
+  """
+  seeds = [int(s) for s in seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise CurationConfigError("seeds", f"needs one or more distinct seeds, got {seeds}")
+  if len(seeds) == 1:
+    results, report = run_study(*seeded(setup, configs, seeds[0]), generator, out_dir,
+                                progress=progress, log=log)
+    return {seeds[0]: results}, report
+  by_seed = {}
+  for seed in seeds:
+    one_setup, one_configs = seeded(setup, configs, seed)
+    by_seed[seed], _ = run_study(
+        one_setup, one_configs, generator, seed_dir(out_dir, seed), progress=progress,
+        log=None if log is None else (lambda m, s=seed: log(f"seed {s}: {m}")))
+  return by_seed, write_seeds_report(out_dir, by_seed, setup, confidence=confidence)
+
+
 def curve_rows(results: Sequence[CurationResult]) -> list[dict[str, Any]]:
   """One row per (method, round): the sample-efficiency curves as a table."""
   keys = ("n_examples", "test_accuracy", "n_added", "pool_size", "train_premem_mean",
@@ -989,12 +1039,131 @@ def efficiency_rows(results: Sequence[CurationResult], reference: str = "premem"
 
 
 
+def mean_band(values, confidence: float = 0.95) -> tuple[float, float, float]:
+  """(mean, low, high): the Student-t interval of the mean of per-seed values (the spread
+  of repetitions, test-sampling noise included); NaN bounds for a single value."""
+  from scipy import stats
+
+  v = np.asarray(values, np.float64)
+  mean = float(v.mean())
+  if v.size < 2:
+    return mean, math.nan, math.nan
+  half = float(stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+  return mean, mean - half, mean + half
+
+
+def mean_curves(by_seed: Mapping[int, Sequence[CurationResult]]
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Each method's curve averaged over seeds, round by round (sizes and accuracies)."""
+  out = {}
+  for method in [r.method for r in next(iter(by_seed.values()))]:
+    curves = [next(r for r in results if r.method == method).curve()
+              for results in by_seed.values()]
+    rounds = min(len(c[0]) for c in curves)
+    out[method] = (np.mean([c[0][:rounds] for c in curves], axis=0),
+                   np.mean([c[1][:rounds] for c in curves], axis=0))
+  return out
+
+
+def seed_curve_rows(by_seed: Mapping[int, Sequence[CurationResult]], confidence: float = 0.95
+                    ) -> list[dict[str, Any]]:
+  """One row per (method, round) across seeds: mean test accuracy, its band and each
+  seed's value."""
+  rows = []
+  for method, (sizes, _) in mean_curves(by_seed).items():
+    for i, size in enumerate(sizes):
+      accs = {seed: next(r for r in results if r.method == method).rounds[i]["test_accuracy"]
+              for seed, results in by_seed.items()}
+      mean, low, high = mean_band(list(accs.values()), confidence)
+      rows.append({"method": method, "round": i, "n_examples": float(size),
+                   "test_accuracy": mean, "band_low": low, "band_high": high,
+                   **{f"seed_{s}": a for s, a in accs.items()}})
+  return rows
+
+
+def seed_efficiency_rows(by_seed: Mapping[int, Sequence[CurationResult]],
+                         reference: str = "premem") -> list[dict[str, Any]]:
+  """Data-efficiency ratio of `reference` against each baseline: on the seed-mean curves,
+  and each seed's own."""
+  curves = mean_curves(by_seed)
+  if reference not in curves:
+    return []
+  per_seed = {seed: {r["baseline"]: r for r in efficiency_rows(results, reference)}
+              for seed, results in by_seed.items()}
+  rows = []
+  for method, curve in curves.items():
+    if method == reference:
+      continue
+    eff = data_efficiency_ratio(curves[reference], curve)
+    rows.append({"baseline": method, **dataclasses.asdict(eff),
+                 **{f"ratio_seed_{s}": per_seed[s][method]["ratio_lower_bound"]
+                    for s in by_seed}})
+  return rows
+
+
+def write_seeds_report(out: str, by_seed: Mapping[int, Sequence[CurationResult]],
+                       setup: CurationSetup, confidence: float = 0.95) -> str:
+  """The study across seeds, into `out`: curve.csv (`seed_curve_rows`), efficiency.csv
+  (`seed_efficiency_rows`), sample_efficiency.png (mean curves with their bands),
+  summary.json and report.md.
+
+  Returns:
+    The path of report.md.
+  """
+  from memdyn_jax.report import markdown, plots
+
+  curve = seed_curve_rows(by_seed, confidence)
+  efficiency = seed_efficiency_rows(by_seed)
+  markdown.write_csv(os.path.join(out, "curve.csv"), curve)
+  if efficiency:
+    markdown.write_csv(os.path.join(out, "efficiency.csv"), efficiency)
+  curves = mean_curves(by_seed)
+  bands = {m: (np.asarray([r["band_low"] for r in curve if r["method"] == m]),
+               np.asarray([r["band_high"] for r in curve if r["method"] == m]))
+           for m in curves}
+  seeds = list(by_seed)
+  png = plots.sample_efficiency(
+      curves, os.path.join(out, "sample_efficiency.png"), bands=bands,
+      title=f"{setup.task.name}: test accuracy vs training examples ({len(seeds)} seeds)")
+  summary = {"task": setup.task.name, "seeds": seeds, "confidence": confidence,
+             "n_train": len(setup.train_examples), "n_test": len(setup.test_examples),
+             "curves": {m: [r for r in curve if r["method"] == m] for m in curves},
+             "efficiency": {r["baseline"]: r for r in efficiency},
+             "per_seed": {str(s): [{"method": r.method, "rounds": list(r.rounds)}
+                                   for r in results] for s, results in by_seed.items()}}
+  markdown.write_json(os.path.join(out, SUMMARY_FILE), summary)
+  rounds = len(next(iter(curves.values()))[0]) - 1
+  report = markdown.Report(f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2), "
+                           f"{len(seeds)} seeds")
+  report.paragraph(
+      f"{len(setup.train_examples)} original training examples, {rounds} rounds of "
+      f"additions, {len(setup.test_examples)} test examples; every round fine-tunes the "
+      f"base model afresh on the current set. Seeds {seeds}: each seed draws its own "
+      f"sources and new examples and its own fine-tuning data order "
+      f"({SEED_DIR_PREFIX}<seed>/ holds each seed's study and report). Bands: "
+      f"{100 * confidence:g}% Student-t intervals of the mean over seeds.")
+  report.image(png, "sample efficiency", out)
+  report.heading("Test accuracy vs training examples (mean over seeds)")
+  report.table(curve)
+  report.heading("Data efficiency at matched accuracy")
+  if efficiency:
+    report.paragraph("Examples each baseline needs (linear interpolation along its mean "
+                     "curve) to reach the accuracy PreMemAcc curation's mean curve ends "
+                     "with; ratio = baseline / PreMemAcc, NaN = never reached (then the "
+                     "ratio is above ratio_lower_bound); ratio_seed_<s>: the same on each "
+                     "seed's own curves (lower bound where never reached).")
+    report.table(efficiency)
+  else:
+    report.paragraph("Not computed: run the 'premem' method with at least one baseline.")
+  return report.write(os.path.join(out, "report.md"))
+
+
 def write_report(out: str, results: Sequence[CurationResult], setup: CurationSetup) -> str:
   """Writes the study's tables, plot and report into `out`.
 
   Files: curve.csv (`curve_rows`), efficiency.csv (`efficiency_rows`, when "premem" and a
-  baseline ran), sample_efficiency.png (test accuracy vs training examples per method) and
-  report.md.
+  baseline ran), sample_efficiency.png (test accuracy vs training examples per method),
+  summary.json (those figures and every round) and report.md.
 
   Returns:
     The path of report.md.
@@ -1009,6 +1178,11 @@ def write_report(out: str, results: Sequence[CurationResult], setup: CurationSet
   png = plots.sample_efficiency({r.method: r.curve() for r in results},
                                 os.path.join(out, "sample_efficiency.png"),
                                 title=f"{setup.task.name}: test accuracy vs training examples")
+  markdown.write_json(os.path.join(out, SUMMARY_FILE), {
+      "task": setup.task.name, "n_train": len(setup.train_examples),
+      "n_test": len(setup.test_examples), "curve": curve,
+      "efficiency": {r["baseline"]: r for r in efficiency},
+      "rounds": {r.method: list(r.rounds) for r in results}})
   rounds = max(len(r.rounds) for r in results) - 1  # round 0 adds nothing
   report = markdown.Report(f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2)")
   report.paragraph(

@@ -13,14 +13,20 @@ side by side. Two presets:
     training example (Ge et al. Fig. 8) as PNG + CSV.
   * "reweight" (Ruan et al.): `uniform` vs `memorization_reweight`. Test accuracy, test
     perplexity, robustness (accuracy under answer-preamble perturbations of the test
-    prompts) and OOD accuracy.
+    prompts) and OOD accuracy, against Ruan et al.'s other two mitigations applied to the
+    baseline run itself (`mitigations`): checkpoint selection (the checkpoint of lowest
+    perplexity on validation examples, test-split examples after the evaluated ones) and
+    merging (the uniform average of its saved checkpoints), evaluated on the same units.
 
 Both presets evaluate the same units where asked; the presets only pick defaults
 (samplers, judge, OOD, perturbations). Layout under `output_dir`:
 
     runs/<sampler>/            a training run (resumed if present; examples.json as
                                experiments/train.py writes it) with its records in
-                               runs/<sampler>/<EVAL_NAME>/ (atomic, skipped when done)
+                               runs/<sampler>/<EVAL_NAME>/ (atomic, skipped when done);
+                               the baseline's validation records (checkpoint selection)
+                               in runs/<baseline>/<SELECTION_EVAL_NAME>/
+    merged/<baseline>/         the merge of the baseline's checkpoints, a run directory
     sampling_frequency.csv/.png  draws per training example per sampler
     judge_<judge>.csv          per-item judge scores and verdicts
     results.csv, summary.json, report.md
@@ -49,6 +55,10 @@ from memdyn_jax.train.config import TrainConfig
 from memdyn_jax.train.samplers import SAMPLERS
 
 EVAL_NAME = "study_eval"
+SELECTION_EVAL_NAME = "selection_eval"
+VALIDATION = "validation"
+# Ruan et al.'s mitigations other than reweighting, applied to the baseline run.
+MITIGATIONS = ("selection", "merge")
 TRAIN, TEST, OOD, PERTURBED = "train", "test", "ood", "test_perturbed"
 JUDGES = ("auto", "reference", "local", "both", "none")
 # Tasks whose "answer" is the whole response: graded by exact match, so judged by a model.
@@ -68,12 +78,14 @@ class StudyPreset:
   ood: bool
   perturbations: tuple[str, ...]
   source: str
+  mitigations: tuple[str, ...] = ()
 
 
 PRESETS: dict[str, StudyPreset] = {
     "mbc": StudyPreset(("uniform", "mbc"), "auto", False, (), "Ge et al. Sec. 4"),
     "reweight": StudyPreset(("uniform", "memorization_reweight"), "none", True,
-                            ("First", "We know that"), "Ruan et al. (mitigation)"),
+                            ("First", "We know that"), "Ruan et al. (mitigation)",
+                            MITIGATIONS),
 }
 
 
@@ -94,6 +106,11 @@ class StudyConfig:
     subset_seed: seed of that subset.
     perturbations: answer preambles of the robustness units (none = no robustness).
     ood: evaluate the task's OOD split.
+    mitigations: of MITIGATIONS, applied to the baseline run and evaluated like a sampler:
+      "selection" (its checkpoint of lowest validation perplexity), "merge" (the uniform
+      average of its saved checkpoints). Both need the run to save several checkpoints.
+    n_validation: validation examples of checkpoint selection: the test split's examples
+      after the `n_eval` evaluated ones (disjoint from them).
     judge: "auto" (reference judge for tasks with short answers, else local), "reference",
       "local", "both" or "none".
     judge_tie_margin: local judge: |log-odds| at or below this is a tie.
@@ -113,6 +130,8 @@ class StudyConfig:
   subset_seed: int = 0
   perturbations: tuple[str, ...] = ()
   ood: bool = False
+  mitigations: tuple[str, ...] = ()
+  n_validation: int = 128
   judge: str = "auto"
   judge_tie_margin: float = 0.1
   judge_max_response_tokens: int = 256
@@ -121,6 +140,7 @@ class StudyConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "samplers", tuple(self.samplers))
+    object.__setattr__(self, "mitigations", tuple(self.mitigations))
     object.__setattr__(self, "perturbations", tuple(p.strip() for p in self.perturbations
                                                     if p.strip()))
     if self.study not in PRESETS:
@@ -132,6 +152,17 @@ class StudyConfig:
     if self.baseline not in self.samplers:
       raise StudyConfigError("baseline", f"{self.baseline!r} is not among the samplers "
                              f"{list(self.samplers)}")
+    bad = [m for m in self.mitigations if m not in MITIGATIONS]
+    if bad or len(set(self.mitigations)) != len(self.mitigations):
+      raise StudyConfigError("mitigations", f"distinct ones of {list(MITIGATIONS)}, got "
+                             f"{list(self.mitigations)}")
+    if self.mitigations and not (self.train.save_every_epochs or self.train.save_every_steps):
+      raise StudyConfigError("mitigations", "checkpoint selection and merging need the "
+                             "baseline run's checkpoints: set save_every_epochs or "
+                             "save_every_steps")
+    if "selection" in self.mitigations and (self.n_eval == 0 or self.n_validation < 1):
+      raise StudyConfigError("n_validation", "checkpoint selection needs n_validation >= 1 "
+                             "validation examples after the first n_eval > 0 test ones")
     if self.judge not in JUDGES:
       raise StudyConfigError("judge", f"{self.judge!r} is not one of {list(JUDGES)}")
     for name in ("n_eval", "n_eval_train", "n_ood", "judge_tie_margin"):
@@ -150,7 +181,7 @@ def study_config(study: str, **overrides) -> StudyConfig:
     raise StudyConfigError("study", f"{study!r} is not one of {sorted(PRESETS)}")
   p = PRESETS[study]
   base = dict(study=study, samplers=p.samplers, judge=p.judge, ood=p.ood,
-              perturbations=p.perturbations)
+              perturbations=p.perturbations, mitigations=p.mitigations)
   base.update({k: v for k, v in overrides.items() if v is not None})
   return StudyConfig(**base)
 
@@ -201,10 +232,10 @@ def _eval_config(cfg: StudyConfig, task: Task, units) -> dict[str, Any]:
                     for u in units}}
 
 
-def _load_unit(run_dir: str, step: int, split: str, perturbation: str | None = None
-               ) -> list[evaluation.ExampleRecord]:
+def _load_unit(run_dir: str, step: int, split: str, perturbation: str | None = None,
+               name: str = EVAL_NAME) -> list[evaluation.ExampleRecord]:
   rows = records_lib.read_jsonl(records_lib.record_path(run_dir, step, split, perturbation,
-                                                        name=EVAL_NAME))
+                                                        name=name))
   return [evaluation.ExampleRecord.from_dict(r) for r in rows]
 
 
@@ -302,14 +333,22 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
       drawn = checkpoints.drawn_examples(run_dir, trained)
       units = _units(cfg, evaluation.subset(drawn, cfg.n_eval_train, cfg.subset_seed),
                      heldout, ood)
-    records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME)
-    evaluation.evaluate_units(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],
-                              batch_size=cfg.eval_batch_size, keep_texts=True,
-                              progress=progress, name=EVAL_NAME)
+    loaded[sampler] = _evaluate_at(cfg, task, tokenizer, units, run_dir, step, progress)
     counts[sampler] = np.asarray(checkpoints.read_meta(run_dir, step)["draw_counts"], np.int64)
-    loaded[sampler] = {records_lib.unit_name(u.split, u.perturbation):
-                       _load_unit(run_dir, step, u.split, u.perturbation) for u in units}
     log(f"{sampler}: evaluated step {step}")
+  how = {s: "last checkpoint" for s in cfg.samplers}
+  if cfg.mitigations:
+    validation = _load_split(task, spec, "test", "task_path")[cfg.n_eval:][:cfg.n_validation]
+    baseline_dir = os.path.join(output_dir, "runs", cfg.baseline)
+    for mitigation in cfg.mitigations:
+      name = f"{cfg.baseline}+{mitigation}"
+      run_dir, steps[name], how[name] = _mitigate(
+          mitigation, cfg, task, tokenizer, baseline_dir, validation, output_dir, progress)
+      loaded[name] = _evaluate_at(cfg, task, tokenizer, units, run_dir, steps[name], progress)
+      # The baseline's draws up to the checkpoint used (the merge: up to its last source).
+      counts[name] = np.asarray(checkpoints.read_meta(baseline_dir, steps[name])["draw_counts"],
+                                np.int64)
+      log(f"{name}: {how[name]}, evaluated")
 
   files: dict[str, str] = {}
   from memdyn_jax.report import markdown, plots
@@ -324,9 +363,10 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
                                    judge_model or base_dir)
   files.update(judge_files)
   rows = []
-  for sampler in cfg.samplers:
+  for sampler in loaded:
     row = _row(sampler, steps[sampler], cfg.train.global_batch_size, counts[sampler],
                loaded[sampler], cfg.perturbations)
+    row["checkpoint"] = how[sampler]
     for name, by_sampler in judged.items():
       if sampler in by_sampler:
         r = by_sampler[sampler]
@@ -336,6 +376,8 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
   files["results_csv"] = markdown.write_csv(os.path.join(output_dir, "results.csv"), rows)
   summary = {"config": {"study": cfg.study, "samplers": list(cfg.samplers),
                         "baseline": cfg.baseline, "train": cfg.train.to_dict(),
+                        "mitigations": list(cfg.mitigations),
+                        "n_validation": cfg.n_validation,
                         "sampling": dataclasses.asdict(cfg.sampling)},
              "rows": rows,
              "judge": {n: {s: r.to_dict() for s, r in d.items()} for n, d in judged.items()}}
@@ -345,6 +387,62 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
   report = write_report(cfg, task, rows, judged, files, output_dir, len(ids), len(heldout))
   files["report"] = report
   return StudyResult(rows=tuple(rows), judged=judged, report=report, files=files)
+
+
+def _evaluate_at(cfg: StudyConfig, task: Task, tokenizer, units, run_dir: str, step: int,
+                 progress: bool) -> dict[str, list[evaluation.ExampleRecord]]:
+  """The study's units evaluated at one checkpoint of a run (skipped where saved)."""
+  records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME)
+  evaluation.evaluate_units(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],
+                            batch_size=cfg.eval_batch_size, keep_texts=True,
+                            progress=progress, name=EVAL_NAME)
+  return {records_lib.unit_name(u.split, u.perturbation):
+          _load_unit(run_dir, step, u.split, u.perturbation, EVAL_NAME) for u in units}
+
+
+def select_checkpoint(cfg: StudyConfig, task: Task, tokenizer, run_dir: str,
+                      validation: Sequence[Example], progress: bool) -> tuple[int, float]:
+  """Checkpoint selection (Ruan et al.): the run's checkpoint of lowest mean perplexity of
+  the validation targets (ties: the earliest); returns (step, that perplexity)."""
+  from memdyn_jax.train import checkpoints
+
+  steps = checkpoints.list_steps(run_dir)
+  if len(steps) < 2:
+    raise StudyConfigError("mitigations", f"{run_dir} saved {len(steps)} checkpoint(s); "
+                           "checkpoint selection needs several (save_every_*)")
+  unit = evaluation.EvalUnit(VALIDATION, tuple(validation), greedy=False)
+  records_lib.check_config(run_dir, _eval_config(cfg, task, [unit]), name=SELECTION_EVAL_NAME)
+  evaluation.evaluate_units(run_dir, task, tokenizer, [unit], cfg.sampling, steps=steps,
+                            batch_size=cfg.eval_batch_size, progress=progress,
+                            name=SELECTION_EVAL_NAME)
+  ppl = [evaluation.summarize(_load_unit(run_dir, s, VALIDATION, None,
+                                         SELECTION_EVAL_NAME))["perplexity"] for s in steps]
+  best = int(np.argmin(ppl))
+  return steps[best], float(ppl[best])
+
+
+def _mitigate(mitigation: str, cfg: StudyConfig, task: Task, tokenizer, baseline_dir: str,
+              validation: Sequence[Example], output_dir: str, progress: bool
+              ) -> tuple[str, int, str]:
+  """(run directory, step, description) of a mitigation applied to the baseline run."""
+  from memdyn_jax.train import checkpoints
+  from memdyn_jax import merging
+  from memdyn_jax.merging import run as merge_run
+
+  if mitigation == "selection":
+    step, ppl = select_checkpoint(cfg, task, tokenizer, baseline_dir, validation, progress)
+    return baseline_dir, step, (f"step {step}: lowest validation perplexity ({ppl:.4f} on "
+                                f"{len(validation)} examples)")
+  steps = checkpoints.list_steps(baseline_dir)
+  if len(steps) < 2:
+    raise StudyConfigError("mitigations", f"{baseline_dir} saved {len(steps)} checkpoint(s); "
+                           "merging needs several (save_every_*)")
+  merged_dir = os.path.join(output_dir, "merged", cfg.baseline)
+  merge_run.merge_to_run_dir(merged_dir, "linear",
+                             [merge_run.CheckpointRef(baseline_dir, s) for s in steps],
+                             config=merging.MergeConfig(method="linear"), tokenizer=tokenizer,
+                             log=lambda m: None)
+  return merged_dir, steps[-1], f"uniform average of its {len(steps)} checkpoints {steps}"
 
 
 def judge_runs(cfg: StudyConfig, task: Task, heldout: Sequence[Example],
@@ -414,7 +512,7 @@ _COLUMNS = {
     "mbc": ("sampler", "steps", "draws_min", "draws_max", "draws_std", "frac_never_drawn",
             "train_exact_memorization", "test_perplexity", "test_exact_memorization",
             "test_entropy", "test_sampled_entropy", "test_accuracy"),
-    "reweight": ("sampler", "steps", "train_exact_memorization", "train_perplexity",
+    "reweight": ("sampler", "checkpoint", "train_exact_memorization", "train_perplexity",
                  "test_accuracy", "test_perplexity", "robustness", "ood_accuracy"),
 }
 
@@ -435,6 +533,13 @@ def write_report(cfg: StudyConfig, task: Task, rows: Sequence[Mapping[str, Any]]
       f"T = {cfg.sampling.temperature:g}, top-p {cfg.sampling.top_p:g}. Perplexity, exact "
       "memorization and entropy are teacher-forced on the reference targets (entropy: mean "
       "predictive entropy over response tokens; sampled entropy: at the sampled tokens).")
+  if cfg.mitigations:
+    doc.paragraph(
+        f"Ruan et al.'s other mitigations, applied to the {cfg.baseline} run and evaluated "
+        f"on the same examples: {cfg.baseline}+selection is its checkpoint of lowest "
+        f"perplexity on {cfg.n_validation} validation examples (test-split examples after "
+        f"the evaluated ones), {cfg.baseline}+merge the uniform average of its saved "
+        "checkpoints (column `checkpoint`).")
   columns = [c for c in _COLUMNS[cfg.study] if any(c in r for r in rows)]
   columns += [c for c in markdown.columns_of(rows) if c not in columns
               and not c.endswith(("_wins", "_ties", "_losses"))]

@@ -1075,9 +1075,13 @@ def seed_curve_rows(by_seed: Mapping[int, Sequence[CurationResult]], confidence:
       accs = {seed: next(r for r in results if r.method == method).rounds[i]["test_accuracy"]
               for seed, results in by_seed.items()}
       mean, low, high = mean_band(list(accs.values()), confidence)
+      pools = [next(r for r in results if r.method == method).rounds[i].get("pool_size")
+               for results in by_seed.values()]
       rows.append({"method": method, "round": i, "n_examples": float(size),
                    "test_accuracy": mean, "band_low": low, "band_high": high,
-                   **{f"seed_{s}": a for s, a in accs.items()}})
+                   **{f"seed_{s}": a for s, a in accs.items()},
+                   # How selective the method's sources were: D_train examples drawn from.
+                   "pool_size": (float(np.mean(pools)) if None not in pools else math.nan)})
   return rows
 
 
@@ -1124,7 +1128,7 @@ def write_seeds_report(out: str, by_seed: Mapping[int, Sequence[CurationResult]]
   seeds = list(by_seed)
   png = plots.sample_efficiency(
       curves, os.path.join(out, "sample_efficiency.png"), bands=bands,
-      title=f"{setup.task.name}: test accuracy vs training examples ({len(seeds)} seeds)")
+      title=f"{setup.task.name}: test accuracy, mean of {len(seeds)} seeds")
   summary = {"task": setup.task.name, "seeds": seeds, "confidence": confidence,
              "n_train": len(setup.train_examples), "n_test": len(setup.test_examples),
              "curves": {m: [r for r in curve if r["method"] == m] for m in curves},
@@ -1133,25 +1137,35 @@ def write_seeds_report(out: str, by_seed: Mapping[int, Sequence[CurationResult]]
                                    for r in results] for s, results in by_seed.items()}}
   markdown.write_json(os.path.join(out, SUMMARY_FILE), summary)
   rounds = len(next(iter(curves.values()))[0]) - 1
-  report = markdown.Report(f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2), "
-                           f"{len(seeds)} seeds")
-  report.paragraph(
+  return _report(
+      out, f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2), {len(seeds)} seeds",
       f"{len(setup.train_examples)} original training examples, {rounds} rounds of "
       f"additions, {len(setup.test_examples)} test examples; every round fine-tunes the "
       f"base model afresh on the current set. Seeds {seeds}: each seed draws its own "
       f"sources and new examples and its own fine-tuning data order "
       f"({SEED_DIR_PREFIX}<seed>/ holds each seed's study and report). Bands: "
-      f"{100 * confidence:g}% Student-t intervals of the mean over seeds.")
+      f"{100 * confidence:g}% Student-t intervals of the mean over seeds.",
+      png, curve, efficiency,
+      "Examples each baseline needs (linear interpolation along its mean curve) to reach "
+      "the accuracy PreMemAcc curation's mean curve ends with; ratio = baseline / "
+      "PreMemAcc, NaN = never reached (then the ratio is above ratio_lower_bound); "
+      "ratio_seed_<s>: the same on each seed's own curves (lower bound where never "
+      "reached).", curve_heading="Test accuracy vs training examples (mean over seeds)")
+
+
+def _report(out: str, title: str, intro: str, png: str, curve, efficiency, how: str, *,
+            curve_heading: str = "Test accuracy vs training examples") -> str:
+  """report.md of a curation study: the plot, the curve table and the efficiency table."""
+  from memdyn_jax.report import markdown
+
+  report = markdown.Report(title)
+  report.paragraph(intro)
   report.image(png, "sample efficiency", out)
-  report.heading("Test accuracy vs training examples (mean over seeds)")
+  report.heading(curve_heading)
   report.table(curve)
   report.heading("Data efficiency at matched accuracy")
   if efficiency:
-    report.paragraph("Examples each baseline needs (linear interpolation along its mean "
-                     "curve) to reach the accuracy PreMemAcc curation's mean curve ends "
-                     "with; ratio = baseline / PreMemAcc, NaN = never reached (then the "
-                     "ratio is above ratio_lower_bound); ratio_seed_<s>: the same on each "
-                     "seed's own curves (lower bound where never reached).")
+    report.paragraph(how)
     report.table(efficiency)
   else:
     report.paragraph("Not computed: run the 'premem' method with at least one baseline.")
@@ -1184,20 +1198,11 @@ def write_report(out: str, results: Sequence[CurationResult], setup: CurationSet
       "efficiency": {r["baseline"]: r for r in efficiency},
       "rounds": {r.method: list(r.rounds) for r in results}})
   rounds = max(len(r.rounds) for r in results) - 1  # round 0 adds nothing
-  report = markdown.Report(f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2)")
-  report.paragraph(
+  return _report(
+      out, f"Data curation on {setup.task.name} (Kang et al. Sec. 5.2)",
       f"{len(setup.train_examples)} original training examples, {rounds} rounds of "
       f"additions, {len(setup.test_examples)} test examples; every round fine-tunes the "
-      "base model afresh on the current set.")
-  report.image(png, "sample efficiency", out)
-  report.heading("Test accuracy vs training examples")
-  report.table(curve)
-  report.heading("Data efficiency at matched accuracy")
-  if efficiency:
-    report.paragraph("Examples each baseline needs (linear interpolation along its curve) "
-                     "to reach the accuracy PreMemAcc curation ends with; ratio = baseline "
-                     "/ PreMemAcc. NaN = never reached: the ratio is above the lower bound.")
-    report.table(efficiency)
-  else:
-    report.paragraph("Not computed: run the 'premem' method with at least one baseline.")
-  return report.write(os.path.join(out, "report.md"))
+      "base model afresh on the current set.", png, curve, efficiency,
+      "Examples each baseline needs (linear interpolation along its curve) to reach the "
+      "accuracy PreMemAcc curation ends with; ratio = baseline / PreMemAcc. NaN = never "
+      "reached: the ratio is above the lower bound.")

@@ -134,14 +134,14 @@ def test_build_binary_end_to_end_at_tiny_size(tmp_path):
   assert manifest["spec"]["num_layers"] == 1 and not (tmp_path / "base.build").exists()
 
 
-def _run_quickstart(out):
+def _run_quickstart(out, workers=2):
   # One LR x one epoch count + the small-data run (half the data here): every stage runs,
   # compiles stay few.
   config = quickstart.QuickstartConfig(
       output_dir=str(out), n_train=16, learning_rates=(3e-3,), epochs=(1,), small_data_epochs=2,
       small_data_fraction=0.5,
       evals_per_run=2, n_eval=4, n_eval_train=8, n_samples=1, batch_size=8,
-      max_length=160, max_new_tokens=32, eval_batch_size=4)
+      max_length=160, max_new_tokens=32, eval_batch_size=4, workers=workers)
   return quickstart.run_study(config, spec=TINY)
 
 
@@ -166,11 +166,19 @@ def test_tiny_quickstart_runs_the_standard_pipeline(tmp_path, monkeypatch, cache
   # The sweep layout: sweep.json, run directories with eval/ records, analysis/.
   assert (out / "sweep.json").exists() and (out / "analysis" / "report.md").exists()
   assert (out / "analysis" / "train_perplexity_distributions.png").stat().st_size > 0
+  assert summary["workers"] == 2 and summary["cell_seconds"]["train"] > 0
   # A re-run reuses every run and evaluation: the same figures.
   _run_quickstart(out)
   again = json.loads((out / "summary.json").read_text())
-  drop = lambda d: {k: v for k, v in d.items() if k != "wall_seconds"}
+  drop = lambda d: {k: v for k, v in d.items()
+                    if k not in ("wall_seconds", "cell_seconds", "workers")}
   assert drop(again) == drop(summary)
+  # The runs computed in this process instead of two workers: the same figures.
+  _run_quickstart(tmp_path / "one_worker", workers=1)
+  one = json.loads((tmp_path / "one_worker" / "summary.json").read_text())
+  assert {k for k in one["settings"] if one["settings"][k] != summary["settings"][k]} == {
+      "workers"}
+  assert drop({**one, "settings": None}) == drop({**summary, "settings": None})
   assert report.analyze_sweep(str(out), str(tmp_path / "again")).summary["runs"] == \
       summary["runs"]
 

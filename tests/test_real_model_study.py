@@ -43,7 +43,7 @@ def test_smollm2_gsm8k_sweep_trains_evaluates_and_analyzes(smollm2_dir, gsm8k_di
   for cell in cells:
     run_dir = cell["run_dir"]
     info = checkpoints.read_run_info(run_dir)
-    assert info["config"]["learning_rate"] == float(cell["name"][2:8])
+    assert info["config"]["learning_rate"] == float(cell["name"].split("_")[0][len("lr"):])
     assert info["config"]["weight_decay"] == 0.01  # the Kang et al. preset underneath
     assert checkpoints.list_steps(run_dir) == [1]  # 4 problems, one step
     # The base (step 0) and the checkpoint, on 2 train and 2 test problems each.

@@ -126,6 +126,40 @@ def test_score_logits_reductions_and_empty_targets():
                              rtol=1e-6)
 
 
+def test_token_statistics_keeps_argmax_first_index_ties():
+  logits = jnp.asarray([[1.0, 3.0, 3.0, 0.0]] * 3 + [[2.0, 2.0, 2.0, 2.0]])
+  labels = jnp.asarray([1, 2, 3, 0])
+  logprob, entropy, hit = map(np.asarray, scoring.token_statistics(logits, labels))
+  np.testing.assert_array_equal(hit, np.asarray(jnp.argmax(logits, -1) == labels))
+  assert hit.tolist() == [True, False, False, True]
+  ref = np.asarray(jax.nn.log_softmax(logits))
+  np.testing.assert_allclose(logprob, ref[np.arange(4), labels], rtol=1e-6)
+  np.testing.assert_allclose(entropy, -(np.exp(ref) * ref).sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(entropy[3], np.log(4), rtol=1e-6)
+
+
+def test_sequence_chunk_divides_the_length_within_the_budget():
+  assert scoring.sequence_chunk(16, 256, 49152, 16 << 20) == 4  # 12.6 MB of logits a chunk
+  assert scoring.sequence_chunk(3, 11, 100, 1 << 30) == 11  # all of it fits
+  assert scoring.sequence_chunk(3, 12, 100, 5 * 1200) == 4  # 5 fit, 4 divides 12
+  assert scoring.sequence_chunk(64, 7, 10**6, 1) == 1
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # one position a chunk; one chunk
+def test_score_model_over_chunks_equals_score_logits(family, chunk_bytes):
+  _, model, cfg = family
+  ids, mask, target = _mixed_batch(cfg.vocab_size)
+  full = scoring.score_logits(model(jnp.asarray(ids), jnp.asarray(mask)), ids, mask, target)
+  chunked = jax.jit(lambda i, m, t: scoring.score_model(model, i, m, t, chunk_bytes=chunk_bytes))(
+      ids, mask, target)
+  for name, want in vars(full).items():
+    got = getattr(chunked, name)
+    if want.dtype == bool or want.dtype == jnp.int32:
+      np.testing.assert_array_equal(got, want, err_msg=name)
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_score_rejects_mismatched_shapes(family):
   _, model, _ = family
   with pytest.raises(ValueError, match="share one"):

@@ -76,38 +76,43 @@ class ScoreOutput:
   mean_entropy: jax.Array
 
 
-def score_logits(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
-                 target_mask: jax.Array) -> ScoreOutput:
-  """Scores `input_ids` under next-token `logits` (B, T, V); pure, jit-able.
+def token_statistics(logits: jax.Array, labels: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(log p(label), entropy, argmax == label) of each row of `logits` (..., V), float32.
 
-  Args:
-    logits: (B, T, V) logits; position t predicts token t + 1.
-    input_ids: (B, T) token ids.
-    attention_mask: (B, T) 1 on real tokens, 0 on padding.
-    target_mask: (B, T) 1 on the tokens to score.
-
-  Returns:
-    A ScoreOutput (module docstring for the conventions).
+  Two passes over V, fused by XLA: the max, then the exponentials' sum, their logit-weighted
+  sum and the earlier ties. With s1 = sum exp(l - max) and s2 = sum exp(l - max) (l - max):
+  logsumexp = max + log s1 and entropy = log s1 - s2 / s1. `argmax == label` keeps argmax's
+  first-index tie rule: the label's logit is the max and no earlier entry reaches it.
   """
-  b = input_ids.shape[0]
+  lg = logits.astype(jnp.float32)
+  labels = labels[..., None]
+  mx = jnp.max(lg, axis=-1, keepdims=True)
+  shifted = lg - mx
+  e = jnp.exp(shifted)
+  s1 = jnp.sum(e, axis=-1)
+  s2 = jnp.sum(e * shifted, axis=-1)
+  picked = jnp.take_along_axis(lg, labels, axis=-1)
+  vocab = jax.lax.broadcasted_iota(jnp.int32, lg.shape, lg.ndim - 1)
+  earlier_max = jnp.any((lg == mx) & (vocab < labels), axis=-1)
+  log_s1 = jnp.log(s1)
+  logprob = (picked - mx)[..., 0] - log_s1
+  return logprob, log_s1 - s2 / s1, (picked == mx)[..., 0] & ~earlier_max
+
+
+def _score_output(logprob: jax.Array, entropy: jax.Array, hit: jax.Array,
+                  attention_mask: jax.Array, target_mask: jax.Array) -> ScoreOutput:
+  """A ScoreOutput from the statistics (B, T - 1) of tokens 1..T-1 (`token_statistics`)."""
+  b = attention_mask.shape[0]
   valid = attention_mask.astype(bool)
   no_pred = jnp.zeros((b, 1), bool)
   predicted = jnp.concatenate([no_pred, valid[:, 1:] & valid[:, :-1]], axis=1)
   targets = target_mask.astype(bool) & predicted
 
-  lg = logits[:, :-1].astype(jnp.float32)
-  nxt = input_ids[:, 1:]
-  lse = jax.nn.logsumexp(lg, axis=-1)
-  picked = jnp.take_along_axis(lg, nxt[..., None], axis=-1)[..., 0]
-  # Entropy from the same logsumexp: H = lse - sum p * logit (one pass over V after lse).
-  probs = jnp.exp(lg - lse[..., None])
-  ent = lse - jnp.sum(probs * lg, axis=-1)
-  hit = jnp.argmax(lg, axis=-1) == nxt
-
   pad = lambda x: jnp.concatenate([jnp.zeros((b, 1), x.dtype), x], axis=1)
-  token_logprobs = jnp.where(targets, pad(picked - lse), 0.0)
+  token_logprobs = jnp.where(targets, pad(logprob), 0.0)
   argmax_correct = pad(hit) & predicted
-  entropy = jnp.where(predicted, pad(ent), 0.0)
+  entropy = jnp.where(predicted, pad(entropy), 0.0)
 
   n_target = targets.sum(axis=1)
   n_pred = predicted.sum(axis=1)
@@ -130,10 +135,58 @@ def score_logits(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Ar
   )
 
 
+def score_logits(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                 target_mask: jax.Array) -> ScoreOutput:
+  """Scores `input_ids` under next-token `logits` (B, T, V); pure, jit-able.
+
+  Args:
+    logits: (B, T, V) logits; position t predicts token t + 1.
+    input_ids: (B, T) token ids.
+    attention_mask: (B, T) 1 on real tokens, 0 on padding.
+    target_mask: (B, T) 1 on the tokens to score.
+
+  Returns:
+    A ScoreOutput (module docstring for the conventions).
+  """
+  stats = token_statistics(logits[:, :-1], input_ids[:, 1:])
+  return _score_output(*stats, attention_mask, target_mask)
+
+
+# Logits are made and reduced this many bytes at a time (B x chunk x V float32): a
+# slice that stays near the caches instead of a B x T x V array written and read back
+# five times (at 16 x 256 x 49152 that array is 805 MB, and its passes took longer than
+# the whole forward on CPU).
+LOGITS_CHUNK_BYTES = 16 << 20
+
+
+def sequence_chunk(batch: int, length: int, vocab: int,
+                   chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+  """The largest divisor of `length` whose (batch, chunk, vocab) float32 logits fit in
+  `chunk_bytes` (at least 1)."""
+  fits = max(1, chunk_bytes // (4 * batch * vocab))
+  return max(d for d in range(1, min(fits, length) + 1) if length % d == 0)
+
+
+def score_model(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array,
+                target_mask: jax.Array, *, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> ScoreOutput:
+  """`score_logits(model(input_ids, attention_mask), ...)` without the (B, T, V) logits:
+  the LM head and `token_statistics` run over slices of the sequence (`sequence_chunk`).
+  Pure, jit-able; the same numbers up to float rounding."""
+  b, t = input_ids.shape
+  hidden = model.hidden_states(input_ids, attention_mask)
+  labels = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
+  c = sequence_chunk(b, t, model.cfg.vocab_size, chunk_bytes)
+  # (B, T, ...) -> (T / c, B, c, ...): lax.map walks the chunks one at a time.
+  chunks = lambda x: jnp.swapaxes(x.reshape(b, t // c, c, *x.shape[2:]), 0, 1)
+  unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, t)[:, :-1]
+  stats = jax.lax.map(lambda xs: token_statistics(model.logits_from_hidden(xs[0]), xs[1]),
+                      (chunks(hidden), chunks(labels)))
+  return _score_output(*(unchunk(x) for x in stats), attention_mask, target_mask)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _score_jit(graphdef, state, input_ids, attention_mask, target_mask) -> ScoreOutput:
-  model = nnx.merge(graphdef, state)
-  return score_logits(model(input_ids, attention_mask), input_ids, attention_mask, target_mask)
+  return score_model(nnx.merge(graphdef, state), input_ids, attention_mask, target_mask)
 
 
 def score(model: nnx.Module, input_ids, attention_mask, target_mask) -> ScoreOutput:

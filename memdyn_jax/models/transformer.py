@@ -219,6 +219,14 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None) -> jax.Array:
     """Logits (B, T, V) in float32 for a (left- or right-) padded batch."""
+    return constrain_batch(self.logits_from_hidden(
+        self.hidden_states(input_ids, attention_mask, positions=positions)))
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                    positions: jax.Array | None = None) -> jax.Array:
+    """The last block's output (B, T, hidden), before the final norm: `__call__` without
+    the LM head, for callers that take the logits a slice at a time (the scorer: a
+    B x T x V logits array is the largest tensor of a forward)."""
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -229,7 +237,7 @@ class CausalLM(nnx.Module):
     slots = jnp.arange(t)
     h, _ = self._run_blocks(h, rope=self.rope_tables(positions), cache=None, q_slots=slots,
                             k_slots=slots, key_valid=valid)
-    return constrain_batch(self.logits_from_hidden(h))
+    return h
 
   @property
   def unrolled_layers(self) -> bool:

@@ -143,6 +143,10 @@ def test_sequence_chunk_divides_the_length_within_the_budget():
   assert scoring.sequence_chunk(3, 11, 100, 1 << 30) == 11  # all of it fits
   assert scoring.sequence_chunk(3, 12, 100, 5 * 1200) == 4  # 5 fit, 4 divides 12
   assert scoring.sequence_chunk(64, 7, 10**6, 1) == 1
+  with pytest.raises(ValueError, match="must all be positive"):
+    scoring.sequence_chunk(0, 256, 49152)
+  with pytest.raises(ValueError, match="must all be positive"):
+    scoring.sequence_chunk(16, 256, 49152, chunk_bytes=0)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # one position a chunk; one chunk
@@ -164,6 +168,9 @@ def test_score_rejects_mismatched_shapes(family):
   _, model, _ = family
   with pytest.raises(ValueError, match="share one"):
     scoring.score(model, np.zeros((2, 5)), np.ones((2, 5)), np.ones((2, 4)))
+  with pytest.raises(ValueError, match="share one"):
+    scoring.score_model(model, jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5), jnp.int32),
+                        jnp.ones((5,), jnp.int32))
 
 
 def test_length_buckets():

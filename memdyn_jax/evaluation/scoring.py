@@ -163,8 +163,18 @@ def sequence_chunk(batch: int, length: int, vocab: int,
                    chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
   """The largest divisor of `length` whose (batch, chunk, vocab) float32 logits fit in
   `chunk_bytes` (at least 1)."""
+  if min(batch, length, vocab, chunk_bytes) < 1:
+    raise ValueError(f"batch {batch}, length {length}, vocab {vocab} and chunk_bytes "
+                     f"{chunk_bytes} must all be positive")
   fits = max(1, chunk_bytes // (4 * batch * vocab))
   return max(d for d in range(1, min(fits, length) + 1) if length % d == 0)
+
+
+def _check_batch_shapes(input_ids, attention_mask, target_mask) -> None:
+  shapes = [np.shape(x) for x in (input_ids, attention_mask, target_mask)]
+  if len(set(shapes)) != 1 or len(shapes[0]) != 2:
+    raise ValueError(f"input_ids, attention_mask and target_mask must share one (B, T) shape, "
+                     f"got {shapes}")
 
 
 def score_model(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array,
@@ -172,6 +182,7 @@ def score_model(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Arr
   """`score_logits(model(input_ids, attention_mask), ...)` without the (B, T, V) logits:
   the LM head and `token_statistics` run over slices of the sequence (`sequence_chunk`).
   Pure, jit-able; the same numbers up to float rounding."""
+  _check_batch_shapes(input_ids, attention_mask, target_mask)
   b, t = input_ids.shape
   hidden = model.hidden_states(input_ids, attention_mask)
   labels = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
@@ -201,10 +212,7 @@ def score(model: nnx.Module, input_ids, attention_mask, target_mask) -> ScoreOut
   Returns:
     ScoreOutput of jax arrays.
   """
-  shapes = {np.shape(x) for x in (input_ids, attention_mask, target_mask)}
-  if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-    raise ValueError(f"input_ids, attention_mask and target_mask must share one (B, T) shape, "
-                     f"got {[np.shape(x) for x in (input_ids, attention_mask, target_mask)]}")
+  _check_batch_shapes(input_ids, attention_mask, target_mask)  # before tracing, on the host
   graphdef, state = nnx.split(model)
   as_int = lambda x: x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
   return _score_jit(graphdef, state, as_int(input_ids), as_int(attention_mask), as_int(target_mask))

@@ -275,12 +275,13 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask, rng, example_ids, pad_id,
              use_penalty: bool, n: int, max_new: int, mesh: Mesh | None) -> _Loop:
   model = nnx.merge(graphdef, state)
   b, p = prompt_ids.shape
-  cache = model.init_cache(b, p + max_new)
-  cache = cache.map_kv(lambda x, _: _constrain(x, mesh, cache.kv_axes))
-  logits, cache = model.forward_with_cache(prompt_ids, prompt_mask, cache)
+  h, cache = model.prefill(prompt_ids, prompt_mask, p + max_new)
+  cache = cache.map_kv(lambda x, axes: _constrain(x, mesh, axes))
+  logits = model.logits_from_hidden(h[:, -1:])[:, 0]  # left padding: the last slot is real
   # Prefill each prompt once, then copy its cache to its n sample rows.
   rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis) if n > 1 else x
-  cache = dataclasses.replace(cache.map_kv(rep), key_valid=rep(cache.key_valid),
+  cache = dataclasses.replace(cache.map_kv(lambda x, axes: rep(x, axes.index("batch"))),
+                              key_valid=rep(cache.key_valid),
                               next_pos=rep(cache.next_pos))
   rows = b * n
   sample_idx = jnp.tile(jnp.arange(n), b)
@@ -293,7 +294,7 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask, rng, example_ids, pad_id,
     seen = rep(seen)
   empty = rep(prompt_mask.sum(axis=1) == 0)  # filler rows: done from the start
   zeros = lambda dtype: jnp.zeros((rows, max_new), dtype)
-  return _Loop(cache=cache, logits=rep(logits[:, -1]), seen=seen, row_keys=row_keys,
+  return _Loop(cache=cache, logits=rep(logits), seen=seen, row_keys=row_keys,
                step=jnp.int32(0), done=empty, lengths=jnp.zeros((rows,), jnp.int32),
                finish=jnp.full((rows,), FINISH_LENGTH, jnp.int32),
                tokens=jnp.full((rows, max_new), pad_id, jnp.int32),

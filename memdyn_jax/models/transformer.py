@@ -41,11 +41,12 @@ FULL_UNROLL_MAX_LAYERS = 8
 class KVCache:
   """Keys/values of every layer in a padded slot layout.
 
-  k, v: (layers, B, kv_heads, S, head_dim) (heads before slots: attention over a cache
-  layer is a batched matmul, no transpose), or for unrolled stacks (`unrolled_layers`) a
-  tuple of one (B, kv_heads, S, head_dim) array per layer; key_valid (B, S): slot holds a
-  real token; index: next slot to write (shared by rows); next_pos (B,): next position id
-  per row.
+  k: (layers, B, kv_heads, head_dim, S) and v: (layers, B, kv_heads, S, head_dim) (heads
+  before slots, keys transposed: both attention matmuls over a cache layer are plain
+  batched matmuls, see `layers.dot_attention`), or for unrolled stacks (`unrolled_layers`)
+  tuples of one such array per layer without the `layers` axis; key_valid (B, S): slot
+  holds a real token; index: next slot to write (shared by rows); next_pos (B,): next
+  position id per row.
   """
 
   k: jax.Array | tuple[jax.Array, ...]
@@ -62,17 +63,17 @@ class KVCache:
   def max_len(self) -> int:
     return self.key_valid.shape[1]
 
-  @property
-  def kv_axes(self) -> tuple[str, ...]:
-    """Logical axes of each k/v array (for sharding constraints)."""
-    axes = ("batch", "kv_heads", "length", "head_dim")
+  def axes(self, which: str) -> tuple[str, ...]:
+    """Logical axes of each "k" or "v" array (for sharding constraints)."""
+    axes = {"k": ("batch", "kv_heads", "head_dim", "length"),
+            "v": ("batch", "kv_heads", "length", "head_dim")}[which]
     return axes if self.per_layer else ("layers",) + axes
 
   def map_kv(self, fn) -> "KVCache":
-    """The cache with `fn(array, batch_axis)` applied to every k/v array."""
-    axis = 0 if self.per_layer else 1
-    f = lambda kv: (tuple(fn(x, axis) for x in kv) if self.per_layer else fn(kv, axis))
-    return dataclasses.replace(self, k=f(self.k), v=f(self.v))
+    """The cache with `fn(array, logical_axes)` applied to every k/v array."""
+    def f(kv, axes):
+      return tuple(fn(x, axes) for x in kv) if self.per_layer else fn(kv, axes)
+    return dataclasses.replace(self, k=f(self.k, self.axes("k")), v=f(self.v, self.axes("v")))
 
 
 def _stack_blocks(make_block, n: int, rngs: nnx.Rngs):
@@ -176,7 +177,10 @@ class CausalLM(nnx.Module):
       logits = jnp.tanh(logits / cap) * cap
     return logits
 
-  def _run_blocks(self, h, *, rope, cache: KVCache | None, q_slots, k_slots, key_valid):
+  def _run_blocks(self, h, *, rope, cache: KVCache | None, q_slots, k_slots, key_valid,
+                  collect_kv: bool = False):
+    """The block stack. Returns (h, cache (k, v)) with a cache, else (h, None), or with
+    `collect_kv` (no cache) (h, (k, v)): each layer's fresh keys/values, (L,B,T,K,D)."""
     cfg = self.cfg
     graphdef, block_state = nnx.split(self.blocks)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
@@ -194,7 +198,9 @@ class CausalLM(nnx.Module):
       h, kv = block(h, rope=rope, layer_cache=layer_cache, write_index=write_index,
                     q_slots=q_slots, k_slots=k_slots, key_valid=key_valid, window=window,
                     **attn_kwargs)
-      return (h, kv if kv_all is not None else None), None
+      if kv_all is None:
+        return (h, None), (kv if collect_kv else None)
+      return (h, kv), None
 
     if cache is not None and cache.per_layer:
       # Unrolled with one cache array per layer: each layer reads and writes its own.
@@ -211,10 +217,10 @@ class CausalLM(nnx.Module):
     kv_all = (cache.k, cache.v) if cache is not None else None
     # Remat keeps the scan: the point is bounded memory, which the loop structure gives.
     unroll = cfg.num_layers if self.unrolled_layers else 1
-    (h, new_kv), _ = jax.lax.scan(body, (h, kv_all),
-                                  (block_state, windows, jnp.arange(cfg.num_layers)),
-                                  unroll=unroll)
-    return h, new_kv
+    (h, new_kv), fresh_kv = jax.lax.scan(body, (h, kv_all),
+                                         (block_state, windows, jnp.arange(cfg.num_layers)),
+                                         unroll=unroll)
+    return h, (fresh_kv if collect_kv else new_kv)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None) -> jax.Array:
@@ -227,6 +233,11 @@ class CausalLM(nnx.Module):
     """The last block's output (B, T, hidden), before the final norm: `__call__` without
     the LM head, for callers that take the logits a slice at a time (the scorer: a
     B x T x V logits array is the largest tensor of a forward)."""
+    h, _ = self._forward_fresh(input_ids, attention_mask, positions, collect_kv=False)
+    return h
+
+  def _forward_fresh(self, input_ids, attention_mask, positions, *, collect_kv: bool):
+    """The forward of a sequence attending over itself only: (h, per-layer (k, v) or None)."""
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -235,9 +246,34 @@ class CausalLM(nnx.Module):
       positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     h = constrain_batch(self.embed_tokens(input_ids, positions))
     slots = jnp.arange(t)
-    h, _ = self._run_blocks(h, rope=self.rope_tables(positions), cache=None, q_slots=slots,
-                            k_slots=slots, key_valid=valid)
-    return h
+    return self._run_blocks(h, rope=self.rope_tables(positions), cache=None, q_slots=slots,
+                            k_slots=slots, key_valid=valid, collect_kv=collect_kv)
+
+  def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None, max_len: int,
+              cache_dtype=None) -> tuple[jax.Array, KVCache]:
+    """A prompt's forward into a fresh cache of `max_len` slots: the last block's output
+    (B, T, hidden) and the cache, as `hidden_states_with_cache` on `init_cache(B, max_len)`
+    gives them, but attending over the prompt's T keys, not all `max_len` slots (the
+    empty slots cost a sampler's prefill 15-30%), and writing the cache once."""
+    b, t = input_ids.shape
+    if t > max_len:
+      raise ValueError(f"a prompt of {t} slots does not fit a cache of {max_len}")
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    h, (k, v) = self._forward_fresh(input_ids, attention_mask, None, collect_kv=True)
+    dtype = cache_dtype or self.dtype
+
+    def to_cache(x, axes, slot_axis):  # (L,B,T,K,D) -> the cache layout, max_len slots
+      widths = [(0, 0)] * x.ndim
+      widths[slot_axis] = (0, max_len - t)
+      x = jnp.pad(jnp.transpose(x, axes).astype(dtype), widths)
+      return tuple(x) if self.unrolled_layers else x  # unrolled: one array per layer
+
+    valid = attention_mask.astype(bool)
+    cache = KVCache(k=to_cache(k, (0, 1, 3, 4, 2), 4), v=to_cache(v, (0, 1, 3, 2, 4), 3),
+                    key_valid=jnp.pad(valid, ((0, 0), (0, max_len - t))), index=jnp.int32(t),
+                    next_pos=valid.sum(axis=1).astype(jnp.int32))
+    return h, cache
 
   @property
   def unrolled_layers(self) -> bool:
@@ -245,16 +281,17 @@ class CausalLM(nnx.Module):
     return self.cfg.num_layers <= FULL_UNROLL_MAX_LAYERS and self.remat == "none"
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache: stacked (L,B,K,S,D), or one array per layer for unrolled stacks."""
+    """An empty cache: stacked keys (L,B,K,D,S) and values (L,B,K,S,D), or one array per
+    layer for unrolled stacks."""
     cfg = self.cfg
     dtype = dtype or self.dtype
-    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k_shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     if self.unrolled_layers:
-      zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-      k, v = zeros(), zeros()
+      zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     else:
-      k = jnp.zeros((cfg.num_layers, *shape), dtype)
-      v = jnp.zeros((cfg.num_layers, *shape), dtype)
+      zeros = lambda shape: jnp.zeros((cfg.num_layers, *shape), dtype)
+    k, v = zeros(k_shape), zeros(v_shape)
     return KVCache(k=k, v=v,
                    key_valid=jnp.zeros((batch_size, max_len), bool), index=jnp.int32(0),
                    next_pos=jnp.zeros((batch_size,), jnp.int32))
@@ -267,6 +304,16 @@ class CausalLM(nnx.Module):
     Tokens are written at slots [cache.index, cache.index + T); positions continue each
     row's count of real tokens unless given (B, T).
     """
+    h, cache = self.hidden_states_with_cache(input_ids, attention_mask, cache,
+                                             positions=positions)
+    return self.logits_from_hidden(h), cache
+
+  def hidden_states_with_cache(self, input_ids: jax.Array, attention_mask: jax.Array | None,
+                               cache: KVCache, *, positions: jax.Array | None = None
+                               ) -> tuple[jax.Array, KVCache]:
+    """`forward_with_cache` without the LM head: the last block's output (B, T, hidden)
+    and the updated cache. A prefill needs the logits of its last position only (a
+    B x T x V prefill logits array costs as much as the rest of the prefill)."""
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -280,7 +327,7 @@ class CausalLM(nnx.Module):
         k_slots=jnp.arange(cache.max_len), key_valid=key_valid)
     new_cache = KVCache(k=new_k, v=new_v, key_valid=key_valid, index=cache.index + t,
                         next_pos=cache.next_pos + valid.sum(axis=1).astype(jnp.int32))
-    return self.logits_from_hidden(h), new_cache
+    return h, new_cache
 
 
 def attn_block_kwargs(cfg: ModelConfig, dtype, param_dtype) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling
 sliding/local windows shorter than the sequence, and soft-capping. The KV-cache path
 (prefill + one-token decode) must reproduce the same logits.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +112,47 @@ def test_kv_cache_prefill_and_decode_match_hf(case, layout):
   assert np.abs(ours - ref)[real].max() <= 1e-4, name
   assert int(cache.index) == LENGTH
   np.testing.assert_array_equal(np.asarray(cache.next_pos), mask.sum(1))
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_prefill_fills_the_cache_hidden_states_with_cache_fills(case, layout):
+  """`prefill` (attending over the prompt's own keys) = `hidden_states_with_cache` on an
+  empty cache (attending over every slot): the same hidden states, the same cache slot by
+  slot, and decoding on from it reproduces HF's logits."""
+  name, hf, model, cfg = case
+  if cfg.rope_type == "dynamic":
+    pytest.skip("dynamic NTK: incremental != full forward by design (see above)")
+  if layout == "stacked":
+    model = _rebuilt(model, cfg, remat="full")
+  ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
+  split, slots = 10, LENGTH + 3
+  prompt, prompt_mask = jnp.asarray(ids[:, :split]), jnp.asarray(mask[:, :split])
+  h_ref, cache_ref = model.hidden_states_with_cache(prompt, prompt_mask,
+                                                    model.init_cache(BATCH, slots))
+  h, cache = model.prefill(prompt, prompt_mask, slots)
+  real = mask[:, :split].astype(bool)
+  np.testing.assert_allclose(np.asarray(h)[real], np.asarray(h_ref)[real], atol=1e-5)
+  assert cache.per_layer == cache_ref.per_layer == (layout == "per_layer")
+  for field in ("key_valid", "index", "next_pos"):
+    np.testing.assert_array_equal(getattr(cache, field), getattr(cache_ref, field))
+  # Keys/values of real slots (padding slots hold what fully masked rows compute: never read)
+  valid = np.asarray(cache.key_valid)
+  for which, slot_axis in (("k", -1), ("v", -2)):
+    for ours, ref in zip(jax.tree.leaves(getattr(cache, which)),
+                         jax.tree.leaves(getattr(cache_ref, which))):
+      assert ours.shape == ref.shape and ours.dtype == ref.dtype
+      ours, ref = np.moveaxis(np.asarray(ours), slot_axis, -1), np.moveaxis(np.asarray(ref), slot_axis, -1)
+      keep = valid[:, None, None, :] if ours.ndim == 4 else valid[None, :, None, None, :]
+      np.testing.assert_allclose(np.where(keep, ours, 0), np.where(keep, ref, 0), atol=1e-5)
+  outs = [np.asarray(model.logits_from_hidden(h))]
+  for t in range(split, LENGTH):
+    logits, cache = model.forward_with_cache(jnp.asarray(ids[:, t:t + 1]),
+                                             jnp.asarray(mask[:, t:t + 1]), cache)
+    outs.append(np.asarray(logits))
+  ref = _hf_logits(hf, ids, mask, positions)
+  assert np.abs(np.concatenate(outs, axis=1) - ref)[mask.astype(bool)].max() <= 1e-4, name
+  with pytest.raises(ValueError, match="does not fit"):
+    model.prefill(prompt, prompt_mask, split - 1)
 
 
 def test_bf16_forward_is_sane(case):

@@ -104,9 +104,7 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)
     n_out = kernel.ndim - self.n_in
-    y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel,
-        ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
+    y = matmul(x.astype(self.dtype), kernel, self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - n_out) + self.bias.shape)
     if getattr(self, "lora_a", None) is not None:  # adapters added by memdyn_jax.train.lora
@@ -122,10 +120,25 @@ class Dense(nnx.Module):
       x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
     a = self.lora_a[...].astype(self.dtype)  # (in..., r)
     b = self.lora_b[...].astype(self.dtype)  # (r, out...)
-    h = jax.lax.dot_general(
-        x, a, ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
-    delta = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+    delta = matmul(matmul(x, a, self.n_in), b, 1)
     return (self.lora_scale * delta).astype(self.dtype)
+
+
+def matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """x (..., *in) @ kernel (*in, *out) -> (..., *out), as one 2-D matmul.
+
+  Flattening the leading (batch, length) axes and the kernel's in/out axes first is free on
+  every backend (row-major reshapes), and it matters on XLA:CPU: the weight gradient of a
+  dot contracting over two leading axes ran 2.5x slower than that of the 2-D form (SwiGLU
+  MLP forward + backward, 8x128 tokens, hidden 256: 38 ms vs 14 ms).
+  """
+  in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+  if x.shape[x.ndim - n_in:] != in_shape:
+    raise ValueError(f"input {x.shape} does not end in the kernel's input axes {in_shape}")
+  lead = x.shape[:x.ndim - n_in]
+  y = jnp.dot(x.reshape(-1, math.prod(in_shape)),
+              kernel.reshape(math.prod(in_shape), math.prod(out_shape)))
+  return y.reshape(*lead, *out_shape)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

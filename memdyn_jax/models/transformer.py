@@ -34,6 +34,12 @@ REMAT_POLICIES = ("none", "full", "dots")
 # compile time. Deep stacks (and rematerialised ones) stay scanned: one compiled block,
 # bounded compile time and memory.
 FULL_UNROLL_MAX_LAYERS = 8
+# Decoding keeps one cache array per layer and runs the layers unrolled up to this depth
+# (deeper stacks: one stacked cache in the scan carry). A layer of a stacked cache is a
+# dynamic slice, which XLA:CPU copies out before attending; per-layer arrays are read in
+# place: SmolLM2-135M's 30 layers decode 10-17% faster per step (16-64 rows). Unrolling a
+# decode step compiles one small program per layer, which deep models afford.
+PER_LAYER_CACHE_MAX_LAYERS = 64
 
 
 @jax.tree_util.register_dataclass
@@ -43,8 +49,8 @@ class KVCache:
 
   k: (layers, B, kv_heads, head_dim, S) and v: (layers, B, kv_heads, S, head_dim) (heads
   before slots, keys transposed: both attention matmuls over a cache layer are plain
-  batched matmuls, see `layers.dot_attention`), or for unrolled stacks (`unrolled_layers`)
-  tuples of one such array per layer without the `layers` axis; key_valid (B, S): slot
+  batched matmuls, see `layers.dot_attention`), or (`CausalLM.per_layer_cache`) tuples of
+  one such array per layer without the `layers` axis; key_valid (B, S): slot
   holds a real token; index: next slot to write (shared by rows); next_pos (B,): next
   position id per row.
   """
@@ -204,10 +210,15 @@ class CausalLM(nnx.Module):
 
     if cache is not None and cache.per_layer:
       # Unrolled with one cache array per layer: each layer reads and writes its own.
-      # (`layer` None tells Attention its cache is this layer's own.)
+      # (`layer` None tells Attention its cache is this layer's own.) The layer's weights
+      # are dynamic slices at indices XLA cannot fold: a static slice fuses into its
+      # consumer dot, which XLA:CPU then runs as a slow generic loop (3-5x slower step).
       new_k, new_v = [], []
+      layer_ids = jax.lax.optimization_barrier(jnp.arange(cfg.num_layers))
       for layer in range(cfg.num_layers):
-        state = jax.tree.map(lambda x: x[layer], block_state)
+        state = jax.tree.map(
+            lambda x: jax.lax.dynamic_index_in_dim(x, layer_ids[layer], keepdims=False),
+            block_state)
         (h, (k, v)), _ = body((h, (cache.k[layer], cache.v[layer])),
                               (state, windows[layer], None))
         new_k.append(k)
@@ -267,7 +278,7 @@ class CausalLM(nnx.Module):
       widths = [(0, 0)] * x.ndim
       widths[slot_axis] = (0, max_len - t)
       x = jnp.pad(jnp.transpose(x, axes).astype(dtype), widths)
-      return tuple(x) if self.unrolled_layers else x  # unrolled: one array per layer
+      return tuple(x) if self.per_layer_cache else x
 
     valid = attention_mask.astype(bool)
     cache = KVCache(k=to_cache(k, (0, 1, 3, 4, 2), 4), v=to_cache(v, (0, 1, 3, 2, 4), 3),
@@ -280,14 +291,19 @@ class CausalLM(nnx.Module):
     """Shallow stacks without remat run their layers unrolled (FULL_UNROLL_MAX_LAYERS)."""
     return self.cfg.num_layers <= FULL_UNROLL_MAX_LAYERS and self.remat == "none"
 
+  @property
+  def per_layer_cache(self) -> bool:
+    """Caches hold one array per layer, decoded unrolled (PER_LAYER_CACHE_MAX_LAYERS)."""
+    return self.cfg.num_layers <= PER_LAYER_CACHE_MAX_LAYERS
+
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache: stacked keys (L,B,K,D,S) and values (L,B,K,S,D), or one array per
-    layer for unrolled stacks."""
+    layer (`per_layer_cache`)."""
     cfg = self.cfg
     dtype = dtype or self.dtype
     k_shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
     v_shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-    if self.unrolled_layers:
+    if self.per_layer_cache:
       zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     else:
       zeros = lambda shape: jnp.zeros((cfg.num_layers, *shape), dtype)

@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 from memdyn_jax import models, testing
+from memdyn_jax.models import transformer
 
 CASES = {
     "llama": ("llama", {}),
@@ -87,14 +88,19 @@ def _rebuilt(model, cfg, **build_kwargs):
   return other
 
 
+def _use_cache_layout(monkeypatch, layout):
+  """Per-layer caches (unrolled decode) up to a depth, one stacked cache (scanned) beyond."""
+  if layout == "stacked":
+    monkeypatch.setattr(transformer, "PER_LAYER_CACHE_MAX_LAYERS", 0)
+
+
 @pytest.mark.parametrize("layout", ["per_layer", "stacked"])
-def test_kv_cache_prefill_and_decode_match_hf(case, layout):
+def test_kv_cache_prefill_and_decode_match_hf(case, layout, monkeypatch):
   name, hf, model, cfg = case
   if cfg.rope_type == "dynamic":
     pytest.skip("dynamic NTK rotates cached keys with the frequencies of their own step "
                 "(as HF's cache does), so incremental != full forward by design")
-  if layout == "stacked":  # remat keeps the layer scan, whose cache is one stacked array
-    model = _rebuilt(model, cfg, remat="full")
+  _use_cache_layout(monkeypatch, layout)
   ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   ref = _hf_logits(hf, ids, mask, positions)
   cache = model.init_cache(BATCH, LENGTH + 3)
@@ -115,15 +121,14 @@ def test_kv_cache_prefill_and_decode_match_hf(case, layout):
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "stacked"])
-def test_prefill_fills_the_cache_hidden_states_with_cache_fills(case, layout):
+def test_prefill_fills_the_cache_hidden_states_with_cache_fills(case, layout, monkeypatch):
   """`prefill` (attending over the prompt's own keys) = `hidden_states_with_cache` on an
   empty cache (attending over every slot): the same hidden states, the same cache slot by
   slot, and decoding on from it reproduces HF's logits."""
   name, hf, model, cfg = case
   if cfg.rope_type == "dynamic":
     pytest.skip("dynamic NTK: incremental != full forward by design (see above)")
-  if layout == "stacked":
-    model = _rebuilt(model, cfg, remat="full")
+  _use_cache_layout(monkeypatch, layout)
   ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   split, slots = 10, LENGTH + 3
   prompt, prompt_mask = jnp.asarray(ids[:, :split]), jnp.asarray(mask[:, :split])

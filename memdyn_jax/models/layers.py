@@ -331,9 +331,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
   """Masked grouped-query attention through the path `choose_attention` picks (logged once).
 
   q (B,T,H,D) -> (B,T,H,D); k/v (B,S,K,D), or with `kv_cache` a cache layer: k (B,K,D,S),
-  v (B,K,S,D) (the cache's layout: see `dot_attention`). The mask is `attention_mask(q_slots, k_slots,
-  key_valid, window)`. `layer_windows`: the static windows a traced `window` is one of (the
-  config's), which the splash kernel needs.
+  v (B,K,S,D) (the cache's layout: see `dot_attention`). The mask is
+  `attention_mask(q_slots, k_slots, key_valid, window)`. `layer_windows`: the static windows
+  a traced `window` is one of (the config's), which the splash kernel needs.
   """
   if isinstance(window, (int, np.integer)) and layer_windows is None:
     layer_windows = (int(window),)
@@ -351,6 +351,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
 
 
 KV_LAYOUTS = ("bskd", "cache")
+
+
+def to_cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Fresh keys/values (..., B, T, K, D) in the KV cache's layout (`kv_layout="cache"`):
+  keys (..., B, K, D, T), slots last; values (..., B, K, T, D), slots second to last."""
+  return jnp.moveaxis(k, -3, -1), jnp.swapaxes(v, -3, -2)
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
@@ -427,8 +433,8 @@ class Attention(nnx.Module):
     layer, and this layer's index. The new tokens are written in place at slot
     `write_index` of `layer` and the layer is attended from there, so a decode step copies
     no cache besides reading it. With `layer` None, k/v are this layer's own (B,K,D,S) /
-    (B,K,S,D) cache (unrolled stacks: attending straight from it spares the copy a slice of
-    the stacked cache costs on CPU).
+    (B,K,S,D) cache (per-layer caches: attending straight from it spares the copy a slice
+    of the stacked cache costs on CPU).
     `window` is this layer's (traced) window, `layer_windows` the config's (see `attention`).
     """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -436,7 +442,7 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if layer_cache is not None:
       cache_k, cache_v, layer = layer_cache
-      def write(c, x, slot_axis):  # x in the cache's layer layout, slot axis given
+      def write(c, x, slot_axis):  # x in the cache's layer layout
         start = [0] * x.ndim
         start[slot_axis] = write_index
         x = x.astype(c.dtype)
@@ -444,9 +450,8 @@ class Attention(nnx.Module):
           return jax.lax.dynamic_update_slice(c, x, start)
         return jax.lax.dynamic_update_slice(c, x[None], [layer] + start)
 
-      # (B,T,K,D) -> keys (B,K,D,T), values (B,K,T,D)
-      cache_k = write(cache_k, jnp.transpose(k, (0, 2, 3, 1)), 3)
-      cache_v = write(cache_v, jnp.swapaxes(v, 1, 2), 2)
+      new_k, new_v = to_cache_layout(k, v)
+      cache_k, cache_v = write(cache_k, new_k, 3), write(cache_v, new_v, 2)
       k, v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots=q_slots, k_slots=k_slots,
                     key_valid=key_valid, window=window, scale=scale, softcap=softcap, impl=impl,

@@ -71,6 +71,8 @@ class KVCache:
 
   def axes(self, which: str) -> tuple[str, ...]:
     """Logical axes of each "k" or "v" array (for sharding constraints)."""
+    if which not in ("k", "v"):
+      raise ValueError(f"cache arrays are 'k' or 'v', not {which!r}")
     axes = {"k": ("batch", "kv_heads", "head_dim", "length"),
             "v": ("batch", "kv_heads", "length", "head_dim")}[which]
     return axes if self.per_layer else ("layers",) + axes
@@ -271,17 +273,18 @@ class CausalLM(nnx.Module):
       raise ValueError(f"a prompt of {t} slots does not fit a cache of {max_len}")
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
-    h, (k, v) = self._forward_fresh(input_ids, attention_mask, None, collect_kv=True)
+    h, fresh_kv = self._forward_fresh(input_ids, attention_mask, None, collect_kv=True)
+    k, v = layers.to_cache_layout(*fresh_kv)  # (L,B,K,D,T), (L,B,K,T,D)
     dtype = cache_dtype or self.dtype
 
-    def to_cache(x, axes, slot_axis):  # (L,B,T,K,D) -> the cache layout, max_len slots
+    def to_slots(x, slot_axis):  # T slots -> max_len slots
       widths = [(0, 0)] * x.ndim
       widths[slot_axis] = (0, max_len - t)
-      x = jnp.pad(jnp.transpose(x, axes).astype(dtype), widths)
+      x = jnp.pad(x.astype(dtype), widths)
       return tuple(x) if self.per_layer_cache else x
 
     valid = attention_mask.astype(bool)
-    cache = KVCache(k=to_cache(k, (0, 1, 3, 4, 2), 4), v=to_cache(v, (0, 1, 3, 2, 4), 3),
+    cache = KVCache(k=to_slots(k, 4), v=to_slots(v, 3),
                     key_valid=jnp.pad(valid, ((0, 0), (0, max_len - t))), index=jnp.int32(t),
                     next_pos=valid.sum(axis=1).astype(jnp.int32))
     return h, cache

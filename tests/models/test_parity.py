@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from memdyn_jax import models, testing
-from memdyn_jax.models import transformer
+from memdyn_jax.models import layers, transformer
 
 CASES = {
     "llama": ("llama", {}),
@@ -146,7 +146,7 @@ def test_prefill_fills_the_cache_hidden_states_with_cache_fills(case, layout, mo
     for ours, ref in zip(jax.tree.leaves(getattr(cache, which)),
                          jax.tree.leaves(getattr(cache_ref, which))):
       assert ours.shape == ref.shape and ours.dtype == ref.dtype
-      ours, ref = np.moveaxis(np.asarray(ours), slot_axis, -1), np.moveaxis(np.asarray(ref), slot_axis, -1)
+      ours, ref = (np.moveaxis(np.asarray(x), slot_axis, -1) for x in (ours, ref))
       keep = valid[:, None, None, :] if ours.ndim == 4 else valid[None, :, None, None, :]
       np.testing.assert_allclose(np.where(keep, ours, 0), np.where(keep, ref, 0), atol=1e-5)
   outs = [np.asarray(model.logits_from_hidden(h))]
@@ -196,3 +196,26 @@ def test_unknown_attention_impl_is_an_error(case):
   _, _, _, cfg = case
   with pytest.raises(ValueError, match="attention_impl"):
     models.build_model(cfg, attention_impl="flash9000")
+
+
+def test_matmul_is_a_contraction_over_the_kernels_input_axes():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(4, 5, 6, 7)), jnp.float32)
+  ref = np.einsum("btij,ijkl->btkl", np.asarray(x, np.float64), np.asarray(kernel, np.float64))
+  np.testing.assert_allclose(np.asarray(layers.matmul(x, kernel, 2)), ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="input axes"):
+    layers.matmul(x, kernel, 1)
+
+
+def test_cache_layout_puts_slots_where_the_cache_attends_from():
+  k = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)  # (B, T, K, D)
+  ck, cv = layers.to_cache_layout(k, k + 1)
+  assert ck.shape == (2, 4, 5, 3) and cv.shape == (2, 4, 3, 5)
+  np.testing.assert_array_equal(ck[1, 2, 3, 0], k[1, 0, 2, 3])
+  np.testing.assert_array_equal(cv[1, 2, 0, 3], k[1, 0, 2, 3] + 1)
+  cache = transformer.KVCache(k=(ck,), v=(cv,), key_valid=jnp.ones((2, 3), bool),
+                              index=jnp.int32(3), next_pos=jnp.full((2,), 3, jnp.int32))
+  assert cache.axes("k")[-1] == cache.axes("v")[-2] == "length"
+  with pytest.raises(ValueError, match="'k' or 'v'"):
+    cache.axes("q")

@@ -19,9 +19,11 @@ from memdyn_jax import cli
 from memdyn_jax.studies.embedded import EmbeddedSpec
 
 flags.DEFINE_string("output_dir", None, "Directory the built model (HF format + manifest.json) "
-                    "is written to; replaced atomically when the build finishes.")
+                    "is written to: a new or empty folder, or an earlier built base (replaced "
+                    "atomically when the build finishes). Any other folder is refused.")
 flags.DEFINE_string("work_dir", None, "Tokenizer, initial weights and pre-training checkpoints "
-                    "of the build in progress (default: <output_dir>.build); removed on success.")
+                    "of the build in progress (default: <output_dir>.build); removed on success. "
+                    "A new or empty folder, or an interrupted build's (it holds spec.json).")
 flags.DEFINE_integer("save_every_steps", 250, "Pre-training checkpoint interval (steps).")
 flags.DEFINE_integer("probe_examples", 256, "Items per probe (arithmetic, copying, accuracy).")
 FLAG_NAMES = cli.define_dataclass_flags(EmbeddedSpec, help_format="{doc} (default {default!r})")
@@ -32,11 +34,17 @@ def main() -> int:
   if not FLAGS.output_dir:
     raise cli.UsageError("--output_dir: required")
   spec = EmbeddedSpec(**cli.dataclass_kwargs_from_flags(EmbeddedSpec, FLAG_NAMES))
+  from memdyn_jax import fileio
   from memdyn_jax.studies import embedded
   command = " ".join(["python", "experiments/build_embedded.py", *sys.argv[1:]])
-  manifest = embedded.build(spec, FLAGS.output_dir, work_dir=FLAGS.work_dir,
-                            save_every_steps=FLAGS.save_every_steps,
-                            probe_examples=FLAGS.probe_examples, command=command)
+  try:
+    manifest = embedded.build(spec, FLAGS.output_dir, work_dir=FLAGS.work_dir,
+                              save_every_steps=FLAGS.save_every_steps,
+                              probe_examples=FLAGS.probe_examples, command=command)
+  except fileio.NotReplaceableError as e:
+    raise cli.UsageError(f"--output_dir: {e}") from None
+  except embedded.EmbeddedBaseError as e:
+    raise cli.UsageError(str(e)) from None
   print(json.dumps({k: manifest[k] for k in ("pretrain_steps", "tokens_seen", "final_loss",
                                              "probes")}, indent=2))
   print(f"embedded base written to {FLAGS.output_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -55,6 +56,23 @@ def set_cpu_xla_defaults() -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
+def skip_absent_tpu() -> None:
+  """Sets JAX_PLATFORMS=cpu on a machine with libtpu installed (the test extra brings it,
+  for compiling TPU programs) but no TPU chip and no GPU: JAX would otherwise initialise
+  libtpu and print a dozen lines of warnings about a TPU it cannot find. A user's own
+  setting wins; TPU and GPU machines are left alone. Call before JAX creates its backend."""
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  try:  # JAX's own probes of the PCI bus (what its TPU initialisation checks)
+    from jax._src import hardware_utils
+    tpu_chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+    gpus = hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus()
+  except (ImportError, AttributeError, OSError):  # a JAX without these probes: leave it be
+    return
+  if not tpu_chips and not gpus:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def exit_status(stop_signal: int | None) -> int:
   """0, or 128 + the signal that stopped the work after it saved (143 SIGTERM, 130 SIGINT),
   as a shell reports a process the signal killed."""
@@ -79,6 +97,7 @@ def run_binary(prog: str, run: Callable[[], int]) -> None:
 
   def main(argv):
     set_cpu_xla_defaults()
+    skip_absent_tpu()
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
     if len(argv) > 1:

@@ -71,20 +71,101 @@ def atomic_write_json(path: str, value: Any, **kwargs) -> str:
   return path
 
 
-def replace_dir(make: Callable[[str], Any], final: str):
-  """Runs `make(tmp_dir)` in a fresh folder beside `final`, then puts it in place of
-  `final` (an existing one is replaced whole: nothing stale of it survives). A failure in
-  `make` leaves `final` as it was. Returns what `make` returned.
+# Written into every folder `replace_dir` makes: what wrote it and from what. A folder is
+# replaced only when this marker says it is an earlier output of the same writer and
+# source, so pointing an output flag at a run, its parent or a user's folder never deletes
+# it.
+OUTPUT_MARKER = ".memdyn-output.json"
+
+
+class NotReplaceableError(FileExistsError):
+  """An existing folder that `replace_dir` will not replace, since nothing says it is an
+  earlier output of the same writer. Nothing was deleted."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path} {reason}; nothing was deleted: choose a new folder, or remove "
+                     "it yourself if it is no longer needed")
+    self.path = path
+
+
+def _marker(kind: str, source: str | None) -> dict[str, Any]:
+  return {"written_by": "memdyn_jax", "kind": kind,
+          "source": None if source is None else os.path.abspath(source)}
+
+
+def mark_output(folder: str, kind: str, source: str | None = None) -> None:
+  """Makes `folder` (if needed) and writes the output marker saying `kind` from `source`
+  wrote it, so `check_replaceable` lets that writer replace or remove it later."""
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, OUTPUT_MARKER), "w", encoding="utf-8") as f:
+    json.dump(_marker(kind, source), f, indent=2)
+    f.write("\n")
+
+
+def read_output_marker(folder: str) -> dict[str, Any] | None:
+  """The marker `replace_dir` wrote in `folder`, or None (none, or unreadable)."""
+  try:
+    with open(os.path.join(folder, OUTPUT_MARKER), encoding="utf-8") as f:
+      marker = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return marker if isinstance(marker, dict) else None
+
+
+def check_replaceable(final: str, kind: str, source: str | None = None,
+                      also_replaces: Callable[[str], bool] | None = None) -> None:
+  """Raises `NotReplaceableError` unless `replace_dir(..., final, kind=kind, source=source)`
+  may put a new folder in place of `final`: it does not exist, is an empty folder, or is an
+  earlier output of the same `kind` and `source` (its marker), or `also_replaces(final)`
+  recognises it (outputs written before markers existed). `final` must never hold
+  `source` itself."""
+  final = os.path.abspath(final)
+  if source is not None:
+    src = os.path.abspath(source)
+    if src == final or src.startswith(final.rstrip(os.sep) + os.sep):
+      raise NotReplaceableError(final, f"holds {src}, the input of this {kind}")
+  if not os.path.lexists(final):
+    return
+  if not os.path.isdir(final) or os.path.islink(final):
+    raise NotReplaceableError(final, "exists and is not a folder")
+  entries = sorted(os.listdir(final))
+  if not entries:
+    return
+  marker = read_output_marker(final)
+  if marker is not None and marker.get("kind") == kind and (
+      source is None or marker.get("source") == os.path.abspath(source)):
+    return
+  if marker is None and also_replaces is not None and also_replaces(final):
+    return
+  shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
+  what = (f"an earlier {marker.get('kind')} of {marker.get('source')}" if marker
+          else f"not an earlier {kind}" + (f" of {os.path.abspath(source)}" if source else ""))
+  raise NotReplaceableError(final, f"exists and is {what} (it holds {shown})")
+
+
+def replace_dir(make: Callable[[str], Any], final: str, *, kind: str,
+                source: str | None = None, also_replaces: Callable[[str], bool] | None = None):
+  """Runs `make(tmp_dir)` in a fresh folder beside `final`, marks it as an output of `kind`
+  from `source` (`OUTPUT_MARKER`), then puts it in place of `final`: an existing one is
+  replaced whole (nothing stale of it survives) only if `check_replaceable` allows it,
+  checked before `make` runs and again before the swap. A failure in `make` leaves `final`
+  as it was. Returns what `make` returned.
 
   The swap is two renames (old out, new in); a kill between them leaves `final` absent
   and the complete new folder under a `.tmp-` name, never a mix of the two.
+
+  Raises:
+    NotReplaceableError: `final` exists and is not an earlier output of this writer.
   """
+  check_replaceable(final, kind, source, also_replaces)
   parent = os.path.dirname(os.path.abspath(final))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
   try:
     result = make(tmp)
+    mark_output(tmp, kind, source)
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are meant to be shared
+    check_replaceable(final, kind, source, also_replaces)  # `make` may have taken hours
     old = None
     if os.path.exists(final):
       old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(final) + "-", dir=parent)

@@ -9,6 +9,10 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# The test extra installs libtpu (TPU programs are compiled here, deviceless); JAX must not
+# try to open a TPU on this CPU machine, which prints warnings into every captured stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # =========================================================================================
 # Tasks and data fixtures: local shared data, tiny locally-trained tokenizers (no hub).
 # =========================================================================================

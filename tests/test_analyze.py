@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from memdyn_jax import evaluation, metrics, report
+from memdyn_jax import evaluation, fileio, metrics, report
 from memdyn_jax.evaluation import records
 from memdyn_jax.report import analysis, collect, markdown, merges, plots
 
@@ -531,8 +531,29 @@ def test_reanalysis_replaces_the_whole_output_folder(sweep, tmp_path):
   assert sorted(os.listdir(out)) == before and os.listdir(tmp_path) == ["out"]
   result = report.analyze_sweep(root, str(out), report.AnalysisOptions(threshold=str(PLANTED)))
   assert not (out / "merges.csv").exists() and "merges.csv" in before
-  assert sorted(os.listdir(out)) == sorted(os.path.basename(f) for f in result.files)
+  assert sorted(os.listdir(out)) == sorted(
+      [fileio.OUTPUT_MARKER, *(os.path.basename(f) for f in result.files)])
   assert os.listdir(tmp_path) == ["out"]
+
+
+def test_analysis_never_replaces_a_folder_it_did_not_write(sweep, tmp_path):
+  """--output_dir at a user's folder, or at the sweep's parent, is refused: one line naming
+  the flag, nothing deleted. An analysis written before output markers is still replaced."""
+  root, _ = sweep
+  user = tmp_path / "mine"
+  user.mkdir()
+  (user / "notes.txt").write_text("keep me")
+  for target in (str(user), os.path.dirname(os.path.abspath(root))):
+    before = sorted(os.listdir(target))
+    assert_one_line_error(run_cli(f"--sweep_dir={root}", f"--output_dir={target}"),
+                          "analyze.py", "--output_dir")
+    assert sorted(os.listdir(target)) == before
+  old = tmp_path / "old_analysis"
+  old.mkdir()
+  for name in ("report.md", "summary.json", "checkpoints.csv"):
+    (old / name).write_text("from an earlier version\n")
+  report.analyze_sweep(root, str(old), report.AnalysisOptions(threshold=str(PLANTED)))
+  assert fileio.read_output_marker(str(old))["kind"] == "analysis"
 
 
 def test_one_run_with_one_checkpoint_is_analyzed_as_far_as_it_can_be(tmp_path):

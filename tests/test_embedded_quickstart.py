@@ -93,6 +93,31 @@ def test_preempted_build_is_not_installed_and_keeps_its_work(tmp_path, monkeypat
     embedded.build(TINY, str(tmp_path / "other"), work_dir=str(root / "work"), progress=False)
 
 
+def test_build_never_adopts_or_replaces_a_folder_of_something_else(tmp_path):
+  """The work directory is removed on success and the output replaced: neither may be a
+  user's folder. Both refusals come before any build work; nothing is deleted."""
+  from memdyn_jax import fileio
+
+  user = tmp_path / "mine"
+  user.mkdir()
+  (user / "notes.txt").write_text("keep me")
+  with pytest.raises(embedded.EmbeddedBaseError, match="work_dir .*no spec.json"):
+    embedded.build(TINY, str(tmp_path / "out"), work_dir=str(user), progress=False)
+  with pytest.raises(fileio.NotReplaceableError, match="nothing was deleted"):
+    embedded.build(TINY, str(user), work_dir=str(tmp_path / "work"), progress=False)
+  assert os.listdir(user) == ["notes.txt"] and not (tmp_path / "work").exists()
+  proc = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "experiments", "build_embedded.py"),
+       f"--output_dir={user}"], capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      l for l in proc.stderr.strip().splitlines() if l.startswith("build_embedded.py: error: "
+                                                                  "--output_dir: ")]
+  assert os.listdir(user) == ["notes.txt"]
+  # A base built before output markers existed is still a built base: replaceable.
+  assert embedded._is_built_base(embedded.ASSET_DIR) and not embedded._is_built_base(str(user))
+
+
 def test_shipped_base_loads_matches_manifest_and_probe_band():
   manifest = embedded.verify(embedded.ASSET_DIR)
   assert embedded.spec_of(manifest) == embedded.EmbeddedSpec()

@@ -98,6 +98,27 @@ def test_evaluate_writes_records_and_a_rerun_skips(linear_merge):
 # ------------------------------------------------------------------------------ library
 
 
+def test_a_folder_named_like_the_partial_merge_is_never_removed(tiny_run, tmp_path):
+  """A merge writes into <output_dir>.partial and removes an interrupted attempt there
+  first: only one it marked itself, never a user's folder of that name."""
+  run_dir, _ = tiny_run
+  out = tmp_path / "soup"
+  user = tmp_path / "soup.partial"
+  user.mkdir()
+  (user / "notes.txt").write_text("keep me")
+  assert_one_line_error(run_cli(f"--checkpoints={run_dir}:2-4", f"--output_dir={out}"),
+                        "merge.py", "--output_dir")
+  assert os.listdir(user) == ["notes.txt"] and not out.exists()
+  shutil.rmtree(user)
+  interrupted = tmp_path / "soup.partial"
+  from memdyn_jax import fileio
+  fileio.mark_output(str(interrupted), merged_run.MERGE_PARTIAL, str(out))
+  (interrupted / "half_written").write_text("x")
+  proc = run_cli(f"--checkpoints={run_dir}:2-4", f"--output_dir={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not interrupted.exists() and checkpoints.list_steps(str(out)) == [4]
+
+
 def test_selectors(tiny_run):
   run_dir, _ = tiny_run
   parse = merged_run.parse_checkpoints

@@ -42,7 +42,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from memdyn_jax import merging
+from memdyn_jax import fileio, merging
 from memdyn_jax.errors import FieldError
 from memdyn_jax.merging import MergeConfig
 from memdyn_jax.train import checkpoints
@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # annotations only: the evaluation loads on first use
   from memdyn_jax.evaluation.run import EvalSettings
 
 MERGE_FIELD = "merge"
+MERGE_PARTIAL = "merge_partial"  # the output-marker kind of a merge being written
 HF_DIR = "hf"
 GREEDY_SOUP = "greedy_soup"
 METHODS = merging.METHODS + (GREEDY_SOUP,)
@@ -453,8 +454,13 @@ def merge_to_run_dir(out_dir: str, method: str, sources: Sequence[CheckpointRef]
            "step": step, **extra, "request": request}
   partial = out_dir + ".partial"
   is_writer = jax.process_index() == 0
-  if is_writer and os.path.exists(partial):
-    shutil.rmtree(partial)  # an interrupted earlier attempt
+  if is_writer:
+    try:  # an interrupted earlier attempt is removed; a folder of anything else never is
+      fileio.check_replaceable(partial, MERGE_PARTIAL, out_dir)
+    except fileio.NotReplaceableError as e:
+      raise MergeInputError("output_dir", str(e)) from e
+    shutil.rmtree(partial, ignore_errors=True)
+    fileio.mark_output(partial, MERGE_PARTIAL, out_dir)
   epoch = checkpoints.read_meta(last.run_dir, last.step).get("epoch")
   checkpoints.save_params(partial, step, params, {"step": step, "epoch": epoch,
                                                   "config": cfg.to_dict(), MERGE_FIELD: merge})

@@ -135,6 +135,7 @@ R2_PREDICTORS = {"premem": "train_premem", "train_accuracy": "train_accuracy",
                  "train_perplexity": "train_perplexity", "gradient_variance": "gradient_variance",
                  "distance_from_init": "distance_from_init", "atc": "atc_predicted_accuracy"}
 SUMMARY_FILE = "summary.json"
+ANALYSIS_OUTPUT = "analysis"  # the output-marker kind of analyze_sweep's folders
 
 
 def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
@@ -153,7 +154,8 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     AnalysisError: no such folder or no evaluated run in it, a malformed record file, a
       merged model whose sources cannot be read (field "sweep_dir"); a threshold that
       cannot be calibrated ("threshold"); an ATC reference that is not in the sweep
-      ("atc_reference").
+      ("atc_reference"); an existing output folder that is not an earlier analysis of
+      this sweep ("output_dir": never deleted).
   """
   from memdyn_jax import metrics
   from memdyn_jax.evaluation import records
@@ -218,9 +220,21 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     sheet.written.append(sheet.report.write(os.path.join(out, "report.md")))
     return [os.path.relpath(p, out) for p in sheet.written], rows, summary
 
-  written, rows, summary = fileio.replace_dir(write_all, final)
+  try:
+    written, rows, summary = fileio.replace_dir(write_all, final, kind=ANALYSIS_OUTPUT,
+                                                source=sweep_dir, also_replaces=_is_old_analysis)
+  except fileio.NotReplaceableError as e:
+    raise AnalysisError("output_dir", str(e)) from e
   written = [os.path.join(final, p) for p in written]
   return AnalysisResult(final, tuple(written), len(runs), len(rows), summary)
+
+
+def _is_old_analysis(folder: str) -> bool:
+  """An analysis folder written before output markers existed: files only, report.md and
+  summary.json among them."""
+  entries = os.listdir(folder)
+  return ({"report.md", SUMMARY_FILE} <= set(entries)
+          and all(os.path.isfile(os.path.join(folder, e)) for e in entries))
 
 
 def _threshold(trajs, options: AnalysisOptions, task: str | None, base_ppl):

@@ -28,6 +28,16 @@ from memdyn_jax.models.embedded import (ASSET_DIR, BUILD_COMMAND, EMBEDDED_NAME,
 # Part of every cache key: bump it with any code change that alters what a build of the same
 # spec produces (corpus, tokenizer, packing, trainer), so stale caches are not reused.
 BUILD_VERSION = 3
+EMBEDDED_OUTPUT = "embedded_base"  # the output-marker kind of a built base's folder
+
+
+def _is_built_base(folder: str) -> bool:
+  """A base built before output markers existed: its manifest names a spec key."""
+  try:
+    with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
+      return "spec_key" in json.load(f)
+  except (OSError, ValueError, TypeError):
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,12 +271,14 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
   Stages: tokenizer, initial weights, pre-training, export, probes, manifest. Everything
   before the export lives in `work_dir` (default `<output_dir>.build`), and pre-training
   checkpoints every `save_every_steps`, so an interrupted build re-run with the same
-  arguments continues where it stopped. `output_dir` is replaced atomically at the end and
-  the work directory removed.
+  arguments continues where it stopped. `output_dir` is replaced atomically at the end (only
+  if it is new, empty or an earlier built base) and the work directory removed (only if it
+  is new, empty or this build's: it holds spec.json).
 
   Raises:
-    EmbeddedBaseError: `work_dir` holds a build of another spec, or pre-training stopped
-      (SIGTERM) before its last step.
+    EmbeddedBaseError: `work_dir` holds a build of another spec or is a folder of something
+      else, or pre-training stopped (SIGTERM) before its last step.
+    fileio.NotReplaceableError: `output_dir` exists and is not a built base.
   """
   from memdyn_jax.train import checkpoints
   from memdyn_jax import models
@@ -276,8 +288,14 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
 
   start = time.time()
   work_dir = work_dir or os.path.abspath(output_dir).rstrip(os.sep) + ".build"
-  os.makedirs(work_dir, exist_ok=True)
   stamp = os.path.join(work_dir, "spec.json")
+  # The work directory is removed on success: only a folder this build made may be it.
+  if os.path.isdir(work_dir) and os.listdir(work_dir) and not os.path.exists(stamp):
+    raise EmbeddedBaseError(f"work_dir {work_dir} exists and is not the work directory of an "
+                            "embedded build (no spec.json); nothing was deleted: choose a new "
+                            "work directory")
+  fileio.check_replaceable(output_dir, EMBEDDED_OUTPUT, also_replaces=_is_built_base)
+  os.makedirs(work_dir, exist_ok=True)
   if os.path.exists(stamp):
     with open(stamp) as f:
       held = json.load(f)
@@ -293,7 +311,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
   if not os.path.exists(tok_dir):
     fileio.replace_dir(lambda d: synthetic_corpus.build_tokenizer(
         d, seed=spec.seed, vocab_size=spec.tokenizer_vocab_size, task=task,
-        whole_numbers=spec.whole_numbers), tok_dir)
+        whole_numbers=spec.whole_numbers), tok_dir, kind="embedded_tokenizer")
   tokenizer = models.load_tokenizer(tok_dir)
   cfg = models.from_hf_config(spec.hf_config(tokenizer))
   init_dir = os.path.join(work_dir, "init")
@@ -301,7 +319,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
     def save_init(d):
       models.save_pretrained(models.build_model(cfg, seed=spec.seed), cfg, d)
       tokenizer.save_pretrained(d)
-    fileio.replace_dir(save_init, init_dir)
+    fileio.replace_dir(save_init, init_dir, kind="embedded_init")
 
   data = pretraining_data(spec, tokenizer, task)
   train_cfg = TrainConfig(
@@ -345,7 +363,7 @@ def build(spec: EmbeddedSpec, output_dir: str, work_dir: str | None = None,
     with open(os.path.join(d, MANIFEST_FILE), "w") as f:
       json.dump(manifest, f, indent=2)
       f.write("\n")
-  fileio.replace_dir(export, output_dir)
+  fileio.replace_dir(export, output_dir, kind=EMBEDDED_OUTPUT, also_replaces=_is_built_base)
   shutil.rmtree(work_dir, ignore_errors=True)
   logging.info("embedded model: %d params, %d pre-training steps, final loss %s, %.0f s",
                models.num_params(cfg), result.step, manifest["final_loss"], time.time() - start)

@@ -454,12 +454,19 @@ def lora_config(cfg: TrainConfig):
                              target_modules=tuple(cfg.lora_target_modules))
 
 
+HF_EXPORT = "hf_export"  # the output-marker kind of export_hf's folders
+GENERATION_CONFIG = "generation_config.json"
+
+
 def export_hf(run_dir: str, out_dir: str, step: int | None = None, *, dtype=None,
-              tokenizer_from: str | None = None) -> str:
-  """Writes one checkpoint of a run as an HF model directory (config.json, safetensors and
-  the base model's tokenizer files) that `transformers.AutoModelForCausalLM` and
-  `models.from_pretrained` load. LoRA adapters are merged into the weights. The folder
-  appears only when complete (an existing one is replaced).
+              tokenizer_from: str | None = None) -> int:
+  """Writes one checkpoint of a run as an HF model directory (config.json, safetensors, the
+  base model's tokenizer files and generation_config.json) that
+  `transformers.AutoModelForCausalLM` and `models.from_pretrained` load. LoRA adapters are
+  merged into the weights. The folder appears only when complete. An existing `out_dir` is
+  replaced only if it is an earlier export of this run (its output marker says so) or
+  empty: any other folder (the run itself, its parent, a user's folder) is refused before
+  anything is read or written.
 
   Args:
     run_dir: the training run directory.
@@ -469,12 +476,15 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, *, dtype=None
     tokenizer_from: where the tokenizer files come from; default the run's base model.
 
   Returns:
-    `out_dir`.
+    The step exported.
 
   Raises:
+    fileio.NotReplaceableError: `out_dir` exists and is not an earlier export of this run.
     FileNotFoundError: not a run directory, or no checkpoint.
     ValueError: no such step; CheckpointReadError: its files cannot be read.
   """
+  read_run_info(run_dir)  # a missing run is reported as such, before the output is judged
+  fileio.check_replaceable(out_dir, HF_EXPORT, run_dir)
   model, meta = restore(run_dir, step)
   with open(os.path.join(run_dir, MODEL_CONFIG)) as f:
     model_cfg = models.from_hf_config(json.load(f))
@@ -484,9 +494,12 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None, *, dtype=None
     models.save_pretrained(model, model_cfg, tmp, dtype=dtype)
     if jax.process_index() == 0:
       models.load_tokenizer(source).save_pretrained(tmp)
+      generation = os.path.join(models.resolve_checkpoint_dir(source), GENERATION_CONFIG)
+      if os.path.exists(generation):  # sampling defaults (eos ids) of the base model
+        shutil.copyfile(generation, os.path.join(tmp, GENERATION_CONFIG))
 
-  fileio.replace_dir(write, out_dir)
-  return out_dir
+  fileio.replace_dir(write, out_dir, kind=HF_EXPORT, source=run_dir)
+  return int(meta["step"])
 
 
 # ------------------------------------------------------------------ examples listing

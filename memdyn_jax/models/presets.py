@@ -134,6 +134,16 @@ PUBLISHED_NUM_PARAMS: dict[str, int] = {
     "gpt-neo-2.7b": 2_651_307_520,
 }
 
+# The hub ids of the presets' models: what a command's --model names (launch/ sizes their
+# checkpoints from these architectures without downloading anything).
+HUB_IDS: dict[str, str] = {
+    "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+    "google/gemma-2-9b": "gemma2-9b",
+    "deepseek-ai/deepseek-math-7b-base": "deepseek-math-7b",
+    "Qwen/Qwen2.5-7B": "qwen2.5-7b",
+    "EleutherAI/gpt-neo-2.7B": "gpt-neo-2.7b",
+}
+
 
 def preset_names() -> list[str]:
   """Names accepted by `preset_config` / `preset_hf_config`."""

@@ -501,24 +501,21 @@ def model_num_params(model: str) -> int | None:
   from memdyn_jax.models import config as config_lib, embedded, presets, registry
   if model == embedded.EMBEDDED_NAME:
     model = embedded.ASSET_DIR
-  raw = None
   path = os.path.join(model, "config.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      raw = json.load(f)
-  elif not os.path.exists(model) and model.count("/") == 1:
+  if not os.path.isfile(path) and not os.path.exists(model) and model.count("/") == 1:
     import huggingface_hub  # the cache only: nothing is fetched
     cached = huggingface_hub.try_to_load_from_cache(model, "config.json")
-    if isinstance(cached, str):
-      with open(cached) as f:
+    path = cached if isinstance(cached, str) else None
+  try:
+    if path and os.path.isfile(path):
+      with open(path) as f:
         raw = json.load(f)
     elif model in presets.HUB_IDS:
       raw = presets.preset_hf_config(presets.HUB_IDS[model])
-  if raw is None:
-    return None
-  try:
+    else:
+      return None
     return registry.num_params(config_lib.from_hf_config(raw))
-  except (ValueError, KeyError, TypeError):
+  except (OSError, ValueError, KeyError, TypeError):  # unreadable, or not an architecture here
     return None
 
 
@@ -684,8 +681,8 @@ def slurm_fan_out_jobs(target: SlurmTarget, sizing: JobSizing, sweep_args: Seque
   max_time = parse_slurm_time(target.time)
   check_time_fits_lead("time", target.time, lead)
   num_examples = sizing.train_examples or sweep.task.max_examples
-  if (sizing.seconds_per_step is not None and not num_examples
-      and not all(c.config.max_steps for c in cells)):
+  # Even max_steps cells need it: their checkpoints every N epochs are counted over it.
+  if sizing.seconds_per_step is not None and not num_examples:
     raise TargetError("--train_examples: per-cell time limits (--seconds_per_step) need the "
                       "training set size: give --train_examples=N (or --max_examples to "
                       "the sweep)")

@@ -16,7 +16,8 @@ end of slerp): an HF directory or RUN_DIR:STEP; default the first run's base mod
 if accuracy on --validation_split improves), slerp (--t), task_arithmetic (--lambda,
 --weights), ties and dare_ties (--density, --lambda, --weights), dare_linear; see
 memdyn_jax/merging/methods.py for the formulas. Merging reads one tensor of each checkpoint
-at a time.
+at a time; slerp, ties and dare_* merge the decoder's stacked blocks one layer at a time, as
+mergekit does (README, "Sweeps and merging": where the results differ from mergekit's).
 
 The output (`memdyn_jax.merging.run.merge_for_evaluation`) is laid out like a training
 run: run.json with a "merge" field, an orbax checkpoint that

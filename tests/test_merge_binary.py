@@ -191,6 +191,82 @@ def test_greedy_soup_binary_scores_candidates_on_the_validation_split(tiny_run, 
   assert "greedy soup:" in proc.stdout
 
 
+# ------------------------------------------------------------------------------ stacked layers
+
+
+@pytest.fixture(scope="module")
+def two_layer_run(tiny_run, tmp_path_factory):
+  """(run_dir, base_dir): `tiny_run`'s recipe (task, tokenizer, training, checkpoints at
+  steps 2 and 4) on a two-layer base: tiny_run's one layer cannot tell a merge per layer
+  from one over the whole stack."""
+  from memdyn_jax.tasks import synthetic_arith as sa
+  from memdyn_jax.train import loop, task_run
+  from memdyn_jax.train.config import TrainConfig
+
+  _, tiny_base = tiny_run
+  root = tmp_path_factory.mktemp("two_layers")
+  base = str(root / "base")
+  shutil.copytree(tiny_base, base)  # its tokenizer
+  with open(os.path.join(base, "config.json")) as f:
+    cfg = models.from_hf_config({**json.load(f), "num_hidden_layers": 2})
+  models.save_pretrained(models.build_model(cfg, seed=1), cfg, base)
+  task = sa.SyntheticArithTask(seed=0, **EVAL_TASK_KWARGS)
+  tok = models.load_tokenizer(base, padding_side="right")
+  train_cfg = TrainConfig(learning_rate=1e-2, num_epochs=2, global_batch_size=6,
+                          warmup_steps=1, save_every_steps=2, max_length=256,
+                          overlength="truncate")
+  data, ids = loop.task_train_data(tok, task, task.load("train"), train_cfg)
+  run_dir = str(root / "run")
+  loop.train(train_cfg, data, base, run_dir, progress=False, async_checkpoints=False)
+  task_run.write_examples_listing(
+      run_dir, task_run.TaskSpec("synthetic_arith", {"seed": 0, **EVAL_TASK_KWARGS}), ids)
+  assert checkpoints.list_steps(run_dir) == [2, 4]
+  return run_dir, base
+
+
+@pytest.mark.parametrize("flags,config,with_base", [
+    (["--method=ties", "--density=0.4"], MergeConfig("ties", density=0.4), True),
+    (["--method=slerp", "--t=0.3"], MergeConfig("slerp", t=0.3), False)],
+    ids=["ties", "slerp"])
+def test_binary_merges_the_stacked_blocks_one_layer_at_a_time(two_layer_run, tmp_path, flags,
+                                                              config, with_base):
+  """What mergekit does on the HF layout (one tensor per layer): every layer's slice of a
+  stacked block parameter is merged on its own; the stack merged whole is another result."""
+  run_dir, base_dir = two_layer_run
+  out = str(tmp_path / "merged")
+  proc = run_cli(f"--checkpoints={run_dir}:all", f"--output_dir={out}", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = merging.PytreeSource(nnx.state(checkpoints.restore(out)[0], nnx.Param))
+  inputs = [merging.PytreeSource(nnx.state(checkpoints.restore(run_dir, s)[0], nnx.Param))
+            for s in (2, 4)]
+  base = (merging.PytreeSource(nnx.state(models.from_pretrained(base_dir)[0], nnx.Param))
+          if with_base else None)
+  axes = merging.layer_axes_of(inputs[0].tree)
+  differs = 0
+  for path in got.paths():
+    name = merging.path_str(path)
+    xs = [np.asarray(m.get(path)) for m in inputs]
+    b = None if base is None else np.asarray(base.get(path))
+    whole = np.asarray(merging.merge_tensor(config, path, xs, b))
+    if name.startswith("blocks/"):  # the decoder's stack: (layers, ...)
+      assert axes[name] == (0,) and xs[0].shape[0] == 2, name
+      want = np.stack([merging.merge_tensor(config, path, [x[l] for x in xs],
+                                            None if b is None else b[l]) for l in range(2)])
+      differs += not np.allclose(whole, want, rtol=1e-5, atol=1e-6)
+    else:
+      assert axes[name] == (), name
+      want = whole
+    np.testing.assert_allclose(np.asarray(got.get(path)), want, rtol=1e-6, atol=1e-7,
+                               err_msg=name)
+  assert differs >= 5, differs  # most stacked tensors: per layer is another merge
+  # Straight from the checkpoints, the sources read the stacked axes from the run's model.
+  source = merging.OrbaxCheckpointSource(run_dir, 4)
+  try:
+    assert {merging.path_str(p): source.layer_axes(p) for p in source.paths()} == axes
+  finally:
+    source.close()
+
+
 # ------------------------------------------------------------------------------ bad inputs
 
 

@@ -386,6 +386,185 @@ def test_merge_tensor_directly():
     merging.merge_tensor(MergeConfig("linear"), ("a",), [x], base=y)
 
 
+# ---------------------------------------------------------------- stacked layers
+
+
+WHOLE_TENSOR_CONFIGS = [
+    MergeConfig("ties", density=0.3, weights=(1.0, 0.5)),
+    MergeConfig("slerp", t=0.3),
+    MergeConfig("dare_linear", density=0.5, seed=4, lambda_=0.8),
+    MergeConfig("dare_ties", density=0.5, seed=4, weights=(1.0, 2.0))]
+
+
+def per_layer_reference(cfg, name, xs, base, layer_axis=0):
+  """Stacks the merges of each layer's slices, each merged as a tensor of its own (DARE: the
+  layer's keys, `dare_key` with its index)."""
+  out = []
+  for l in range(xs[0].shape[layer_axis]):
+    take = lambda x: np.take(np.asarray(x, np.float32), l, axis=layer_axis)
+    layer_xs, layer_base = [take(x) for x in xs], None if base is None else take(base)
+    if cfg.method.startswith("dare"):
+      dropped = []  # DARE's drop-and-rescale by hand, then the method at density 1
+      for i, x in enumerate(layer_xs):
+        keep = np.asarray(jax.random.bernoulli(merging.dare_key(cfg.seed, name, i, (l,)),
+                                               cfg.density, x.shape))
+        dropped.append(layer_base + np.where(keep, (x - layer_base) / cfg.density, 0.0))
+      dense = MergeConfig("ties" if cfg.method == "dare_ties" else "task_arithmetic",
+                          weights=cfg.weights, lambda_=cfg.lambda_,
+                          density=1.0 if cfg.method == "dare_ties" else None,
+                          normalize=cfg.resolved_normalize)
+      out.append(np.asarray(merging.merge_tensor(dense, (name,), dropped, layer_base)))
+    else:
+      out.append(np.asarray(merging.merge_tensor(cfg, (name,), layer_xs, layer_base)))
+  return np.stack(out, axis=layer_axis)
+
+
+@pytest.mark.parametrize("cfg", WHOLE_TENSOR_CONFIGS, ids=lambda c: c.method)
+def test_stacked_tensor_merges_per_layer(cfg):
+  rng = np.random.default_rng(7)
+  # Layers of very different scales: a merge over the whole stack differs from per layer.
+  scales = np.array([0.1, 1.0, 5.0], np.float32)[:, None, None]
+  base = rng.normal(size=(3, 6, 5)).astype(np.float32) * scales
+  xs = [base + rng.normal(size=base.shape).astype(np.float32) * scales * (i + 1)
+        for i in range(2)]
+  b = None if cfg.method == "slerp" else base
+  got = np.asarray(merging.merge_tensor(cfg, ("w",), xs, b, layer_axes=(0,)))
+  want = per_layer_reference(cfg, "w", xs, b)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  if cfg.method == "ties":
+    np.testing.assert_array_equal(got, want)
+  whole = np.asarray(merging.merge_tensor(cfg, ("w",), xs, b))
+  assert np.max(np.abs(whole - want)) > 1e-3  # the stack as one tensor is another merge
+  # The stacked axis anywhere (moved back in place), and two stacked axes (one layer per
+  # pair of indices, DARE keys folded with both).
+  moved = np.asarray(merging.merge_tensor(cfg, ("w",), [np.moveaxis(x, 0, 1) for x in xs],
+                                          None if b is None else np.moveaxis(b, 0, 1),
+                                          layer_axes=(1,)))
+  np.testing.assert_allclose(np.moveaxis(moved, 1, 0), got, rtol=1e-6, atol=1e-6)
+  if not cfg.method.startswith("dare"):
+    two = np.asarray(merging.merge_tensor(
+        cfg, ("w",), [x.reshape(3, 2, 3, 5) for x in xs],
+        None if b is None else b.reshape(3, 2, 3, 5), layer_axes=(0, 1)))
+    want_two = np.stack([per_layer_reference(cfg, "w", [x.reshape(3, 2, 3, 5)[l] for x in xs],
+                                             None if b is None else b.reshape(3, 2, 3, 5)[l])
+                         for l in range(3)])
+    np.testing.assert_allclose(two, want_two, rtol=1e-6, atol=1e-6)
+
+
+def test_elementwise_methods_ignore_the_layer_axes():
+  rng = np.random.default_rng(8)
+  base = rng.normal(size=(3, 4)).astype(np.float32)
+  xs = [base + rng.normal(size=(3, 4)).astype(np.float32) for _ in range(2)]
+  for cfg, b in ((MergeConfig("linear"), None), (MergeConfig("task_arithmetic", lambda_=0.5), base)):
+    np.testing.assert_array_equal(
+        np.asarray(merging.merge_tensor(cfg, ("w",), xs, b, layer_axes=(0,))),
+        np.asarray(merging.merge_tensor(cfg, ("w",), xs, b)))
+  with pytest.raises(ValueError, match="out of range"):
+    merging.merge_tensor(MergeConfig("slerp"), ("w",), xs, layer_axes=(2,))
+  with pytest.raises(ValueError, match="repeat"):
+    merging.merge_tensor(MergeConfig("slerp"), ("w",), xs, layer_axes=(0, -2))
+
+
+def test_dare_layer_masks_do_not_depend_on_the_stack():
+  rng = np.random.default_rng(9)
+  base = rng.normal(size=(3, 8, 8)).astype(np.float32)
+  xs = [base + rng.normal(size=base.shape).astype(np.float32) for _ in range(2)]
+  cfg = MergeConfig("dare_ties", density=0.5, seed=1)
+  full = np.asarray(merging.merge_tensor(cfg, ("w",), xs, base, layer_axes=(0,)))
+  first_two = np.asarray(merging.merge_tensor(cfg, ("w",), [x[:2] for x in xs], base[:2],
+                                              layer_axes=(0,)))
+  np.testing.assert_array_equal(first_two, full[:2])
+  assert not np.array_equal(full[0] - base[0], full[1] - base[1])  # fresh masks per layer
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_states():
+  """Parameter States (nnx Params with their logical axes) of three tiny 3-layer Llamas: a
+  base and two fine-tuned-like models, the base plus deltas of very different size per layer.
+  Values are drawn into the abstract model's State (eager init takes seconds here)."""
+  from memdyn_jax import models
+  cfg = models.ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=16,
+                           intermediate_size=24, num_layers=3, num_heads=2, num_kv_heads=1,
+                           head_dim=8, max_position_embeddings=32, norm_eps=1e-5,
+                           hidden_act="silu", layer_windows=(0, 0, 0))
+  abstract = nnx.state(models.abstract_model(cfg), nnx.Param)
+  rng = np.random.default_rng(3)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  base = jax.tree.map(lambda v: v.replace(jnp.asarray(
+      rng.normal(size=v.shape).astype(np.float32) * 0.2)), abstract, is_leaf=is_var)
+
+  def tuned(scale):
+    def one(v):
+      noise = rng.normal(size=v.shape).astype(np.float32) * scale
+      if v.get_metadata()["logical_axes"][0] == merging.LAYERS_AXIS:
+        noise *= np.array([0.1, 1.0, 4.0], np.float32).reshape((-1,) + (1,) * (v.ndim - 1))
+      return v.replace(v[...] + noise)
+    return jax.tree.map(one, base, is_leaf=is_var)
+  return base, [tuned(0.02), tuned(0.03)]
+
+
+# dare_linear's per-layer path is dare_ties' (synthetic arrays test both): threefry is slow
+# to compile on XLA:CPU, once per tensor shape.
+@pytest.mark.parametrize("cfg", [c for c in WHOLE_TENSOR_CONFIGS if c.method != "dare_linear"],
+                         ids=lambda c: c.method)
+def test_model_state_merges_its_stacked_blocks_per_layer(tiny_llama_states, cfg):
+  base, tuned = tiny_llama_states
+  axes = merging.layer_axes_of(base)
+  stacked = {n for n, a in axes.items() if a}
+  # The model's structure, not shapes, names the stacked tensors: every block parameter,
+  # the layer axis first; embeddings, final norm and head are not stacked.
+  source = merging.PytreeSource(base)
+  names = {merging.path_str(p) for p in source.paths()}
+  assert stacked == {n for n in names if n.startswith("blocks/")} and len(stacked) >= 9
+  assert all(axes[n] == (0,) for n in stacked) and set(axes) == names
+  assert all(source.layer_axes(p) == axes[merging.path_str(p)] for p in source.paths())
+  b = None if cfg.method == "slerp" else base
+  models_ = tuned if b is not None else [base, tuned[0]]
+  inputs = [merging.PytreeSource(m) for m in models_]
+  base_in = None if b is None else merging.PytreeSource(b)
+  out = merging.PytreeSource(merging.merge_pytrees(cfg, b, models_))
+  # A kernel and a norm of the stack (each layer on its own), and an unstacked tensor.
+  for path in (("blocks", "self_attn", "q_proj", "kernel"),
+               ("blocks", "input_layernorm", "scale"), ("embedding",)):
+    name = merging.path_str(path)
+    xs = [m.get(path) for m in inputs]
+    base_t = None if base_in is None else base_in.get(path)
+    whole = np.asarray(merging.merge_tensor(cfg, path, xs, base_t))
+    want = per_layer_reference(cfg, name, xs, base_t) if name in stacked else whole
+    np.testing.assert_allclose(np.asarray(out.get(path)), want, rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+    if name in stacked:  # the stack merged as one tensor is another merge
+      assert np.max(np.abs(whole - want)) > 1e-4, name
+
+
+def test_layer_axes_disagreements_and_unknown_names_raise(tiny_llama_states):
+  base, tuned = tiny_llama_states
+  cfg = MergeConfig("ties", density=0.5)
+  path = ("blocks", "mlp", "up_proj", "kernel")
+  xs = [merging.PytreeSource(m).get(path) for m in tuned]
+  base_t = merging.PytreeSource(base).get(path)
+  # A source without metadata says nothing: the others' stacked axes count.
+  plain = merging.to_pytree(merging.PytreeSource(tuned[0]))
+  out = merging.merge_pytrees(cfg, base, [plain, tuned[1]])
+  np.testing.assert_array_equal(
+      np.asarray(out["blocks"]["mlp"]["up_proj"]["kernel"]),
+      np.asarray(merging.merge_tensor(cfg, path, xs, base_t, layer_axes=(0,))))
+  # Explicit layer axes win over the sources' metadata: none given, stacks merge whole.
+  out = merging.merge_pytrees(cfg, base, tuned, layer_axes={})
+  np.testing.assert_array_equal(np.asarray(out["blocks"]["mlp"]["up_proj"]["kernel"][...]),
+                                np.asarray(merging.merge_tensor(cfg, path, xs, base_t)))
+  with pytest.raises(ValueError, match="layer_axes names tensors the models lack"):
+    merging.merge_pytrees(cfg, base, tuned, layer_axes={"blocks/nope": (0,)})
+
+  class Lying(merging.PytreeSource):
+    def layer_axes(self, path):
+      return ()
+
+  with pytest.raises(ValueError, match="disagree on the stacked layer axes"):
+    merging.merge(cfg, merging.PytreeSource(base),
+                  [Lying(tuned[0]), merging.PytreeSource(tuned[1])], merging.PytreeSink())
+
+
 # ---------------------------------------------------------------- orbax and sharding
 
 
@@ -409,6 +588,8 @@ def test_orbax_checkpoint_source_reads_one_array_at_a_time(tmp_path):
                                  for p in merging.PytreeSource(states[0]).paths())
   np.testing.assert_array_equal(sources[1].get(("layers", 1, "kernel")),
                                 states[1]["layers"][1]["kernel"][...])
+  # No run.json / model_config.json: the model's structure is unknown (merged whole).
+  assert sources[0].layer_axes(("layers", 1, "kernel")) is None
   # Merge straight from the checkpoints into the nnx State layout.
   sink = merging.PytreeSink(template=states[0])
   merging.merge(MergeConfig("linear"), None, sources, sink)
@@ -446,6 +627,17 @@ _SHARDED = textwrap.dedent("""
       ref = merging.merge_pytrees(cfg, base_in, [{"w": jnp.asarray(m["w"], jnp.bfloat16)}
                                                  for m in models])["w"]
       np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    # A stacked tensor, merged per layer, each layer sharded over both mesh axes.
+    sh3 = NamedSharding(mesh, P(None, "a", "b"))
+    base3 = rng.normal(size=(3, 8, 6)).astype(np.float32)
+    xs3 = [base3 + rng.normal(size=(3, 8, 6)).astype(np.float32) for _ in range(2)]
+    for cfg, b in [(MergeConfig("ties", density=0.5), base3), (MergeConfig("slerp"), None)]:
+      out = merging.merge_tensor(cfg, ("w",), [jax.device_put(x, sh3) for x in xs3], b,
+                                 layer_axes=(0,))
+      assert out.sharding == sh3, (cfg.method, out.sharding)
+      ref = np.stack([merging.merge_tensor(cfg, ("w",), [x[l] for x in xs3],
+                                           None if b is None else b[l]) for l in range(3)])
+      np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-6)
     print("OK")
 """)
 

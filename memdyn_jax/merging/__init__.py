@@ -1,7 +1,8 @@
 """Checkpoint merging (Ruan et al.'s fix for over-memorization).
 
     methods.py  the merge methods, tensor by tensor (soups, SLERP, task arithmetic, TIES,
-                DARE) over lazy tensor sources; greedy soup
+                DARE; stacked layers one layer at a time) over lazy tensor sources; greedy
+                soup
     run.py      a merge written as a run directory that evaluation reads like a training
                 run's (`merge_to_run_dir`)
 
@@ -10,10 +11,11 @@ first use, so importing the package imports no JAX.
 """
 import importlib
 
-_METHODS = ("METHODS", "SLERP_DOT_THRESHOLD", "MergeConfigError", "path_str", "TValue",
-            "MergeConfig", "TensorSource", "TensorSink", "PytreeSource", "PytreeSink",
-            "OrbaxCheckpointSource", "to_pytree", "keep_count", "dare_key", "merge_tensor",
-            "merge", "merge_pytrees", "GreedySoupResult", "greedy_soup", "Path")
+_METHODS = ("METHODS", "PER_LAYER_METHODS", "LAYERS_AXIS", "SLERP_DOT_THRESHOLD",
+            "MergeConfigError", "path_str", "TValue", "MergeConfig", "TensorSource",
+            "TensorSink", "PytreeSource", "PytreeSink", "OrbaxCheckpointSource", "to_pytree",
+            "layer_axes_of", "keep_count", "dare_key", "merge_tensor", "merge", "merge_pytrees",
+            "GreedySoupResult", "greedy_soup", "Path")
 
 
 def __getattr__(name):

@@ -10,7 +10,7 @@ p = `density`, W = Σ wᵢ.
                   weights=None is the uniform soup.
   task_arithmetic θ = θ_b + λ Σ wᵢ δᵢ   (normalize: divided by W; off by default).
   ties            δ̂ᵢ = δᵢ with all but its ⌊p·n⌋ largest |entries| zeroed (per model, per
-                  tensor; equal magnitudes are kept lowest flat index first); γ =
+                  tensor or layer; equal magnitudes are kept lowest flat index first); γ =
                   sign(Σ wᵢ δ̂ᵢ) elementwise with a sum of exactly 0 electing +1 (mergekit's
                   choice); entry i *agrees* where sign(wᵢ δ̂ᵢ) = γ (a zero entry never agrees);
                   merged = Σ_agree wᵢ δ̂ᵢ / Σ_agree wᵢ (the disjoint mean, normalize on by
@@ -19,23 +19,37 @@ p = `density`, W = Σ wᵢ.
   dare_linear     δ̂ᵢ = δᵢ ⊙ mᵢ / p with mᵢ ~ Bernoulli(p) elementwise (so E[δ̂ᵢ] = δᵢ), then
                   task_arithmetic on δ̂ᵢ.
   dare_ties       the same drop-and-rescale δ̂ᵢ, then ties' election and disjoint mean.
-  slerp           two tensors a, b (base and one model, or two models), flattened:
+  slerp           two tensors (or layers) a, b (base and one model, or two models), flattened:
                   â = a/|a|, b̂ = b/|b|, Ω = arccos(â·b̂),
                   θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, falling back to the plain
                   lerp (1−t)a + tb where |â·b̂| > 0.9995 (nearly parallel) or either norm is
-                  ~0 (no angle is defined; mergekit would treat the pair as orthogonal). t is one number or
-                  chosen per tensor.
+                  ~0 (no angle is defined; mergekit would treat the pair as orthogonal).
+                  t is one number or chosen per tensor.
+
+Stacked layers: the decoder stores its blocks' parameters stacked over a leading `layers`
+axis (one array per block parameter, not one per layer). mergekit, and the papers that use
+it, merge each layer's tensor on its own, so every method whose result depends on the
+tensor as a whole (slerp's angle, ties' top-k, DARE's masks; `PER_LAYER_METHODS`) is
+applied to each slice along the stacked axes and the results stacked back; the
+elementwise ones (linear, task_arithmetic) need no slicing. Which axes are stacked is read
+from the model's structure, never guessed from shapes: the `logical_axes` metadata of the
+nnx Variables ('layers' entries, `layer_axes_of`), which `PytreeSource` over an nnx State
+and `OrbaxCheckpointSource` of a training run report (or `merge(..., layer_axes=)`). A
+plain array without such metadata is merged whole.
 
 DARE masks are reproducible: the key of model i on a tensor is
-fold_in(fold_in(key(seed), crc32(path) & 0x7fffffff), i), so a tensor's mask does not
-depend on which other tensors are merged, nor on the sharding (threefry is partitionable).
+fold_in(fold_in(key(seed), crc32(path) & 0x7fffffff), i), and on layer l of a stacked
+tensor fold_in(that, l) (`dare_key`), so a layer's mask depends neither on which other
+tensors are merged nor on how many layers are stacked, nor on the sharding (threefry is
+partitionable).
 
 Scale: `merge` pulls one tensor at a time from every `TensorSource` (lazy: an orbax
-checkpoint restores only that array), computes it in float32 under `jit`, casts it back to
-the first model's dtype and hands it to a `TensorSink`. Host memory therefore holds at
-most one tensor per input, never whole models. Outputs keep the input arrays' sharding
-(inputs on other devices are first moved there), so a `PytreeSink` collects the merged
-model on the accelerators, sharded like the inputs, ready for an orbax save. Tensors of
+checkpoint restores only that array), computes it in float32 under `jit` (a stacked tensor
+one layer at a time, `lax.map`), casts it back to the first model's dtype and hands it to a
+`TensorSink`. Host memory therefore holds at most one tensor per input, never whole
+models. Outputs keep the input arrays' sharding (inputs on other devices are first moved
+there), so a `PytreeSink` collects the merged model on the accelerators, sharded like the
+inputs, ready for an orbax save. Tensors of
 non-floating dtypes are copied from the first model. Every process of a multi-host job
 must run `merge` with the same arguments (the order of reads is deterministic).
 """
@@ -64,6 +78,10 @@ _USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 _USES_LAMBDA = _NEEDS_BASE
 _DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True,
                       "dare_linear": False, "dare_ties": True, "slerp": False}
+# Methods whose result on an entry depends on the rest of the tensor (norms, top-k, the
+# mask stream): applied per layer along stacked axes. The others are elementwise.
+PER_LAYER_METHODS = ("slerp", "ties", "dare_linear", "dare_ties")
+LAYERS_AXIS = "layers"  # the logical axis name of a stack of layers (models.transformer)
 SLERP_DOT_THRESHOLD = 0.9995
 _EPS = 1e-8
 
@@ -206,7 +224,11 @@ def _check_t(value, where: str = "") -> None:
 
 
 class TensorSource(Protocol):
-  """A model whose tensors are read one at a time (lazily where the storage allows)."""
+  """A model whose tensors are read one at a time (lazily where the storage allows).
+
+  A source that knows its model's structure may also have `layer_axes(path)`: the axes
+  along which that tensor stacks layers (() for none), or None where it cannot tell.
+  """
 
   def paths(self) -> Sequence[Path]:
     """Every tensor's path, in a fixed order."""
@@ -247,8 +269,31 @@ def _flatten(tree) -> list[tuple[Path, Any]]:
   return out
 
 
+def _variable_layer_axes(leaf) -> tuple[int, ...] | None:
+  """The stacked-layer axes of an nnx Variable by its `logical_axes` (None: no metadata)."""
+  if not _is_variable(leaf):
+    return None
+  axes = leaf.get_metadata().get("logical_axes")
+  if axes is None:
+    return None
+  return tuple(i for i, name in enumerate(axes) if name == LAYERS_AXIS)
+
+
+def layer_axes_of(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Per tensor name (`path_str`), the axes along which it stacks layers, from the
+  `logical_axes` metadata of a pytree's nnx Variables (e.g. `nnx.state(model, nnx.Param)`,
+  abstract or not); tensors without that metadata are left out."""
+  out = {}
+  for path, leaf in _flatten(tree):
+    axes = _variable_layer_axes(leaf)
+    if axes is not None:
+      out[path_str(path)] = axes
+  return out
+
+
 class PytreeSource:
-  """A `TensorSource` over an in-memory pytree: nested dicts, lists, an nnx `State`."""
+  """A `TensorSource` over an in-memory pytree: nested dicts, lists, an nnx `State` (whose
+  Variables' `logical_axes` give `layer_axes`)."""
 
   def __init__(self, tree: Any):
     self.tree = tree
@@ -261,6 +306,9 @@ class PytreeSource:
   def get(self, path: Path) -> Any:
     leaf = self._leaves[tuple(path)]
     return leaf[...] if _is_variable(leaf) else leaf
+
+  def layer_axes(self, path: Path) -> tuple[int, ...] | None:
+    return _variable_layer_axes(self._leaves[tuple(path)])
 
 
 class PytreeSink:
@@ -311,7 +359,9 @@ class OrbaxCheckpointSource:
 
   Paths are those of the saved nnx `State` without the Variables' trailing 'value' key,
   so they match a `PytreeSource` over `nnx.state(model, nnx.Param)` (list indices become
-  strings: 'layers/0/...'; names are compared with `path_str`).
+  strings: 'layers/0/...'; names are compared with `path_str`). `layer_axes` comes from
+  the run's model (run.json and model_config.json, built abstractly: nothing allocated);
+  a directory without them reports None (unknown: merged whole).
 
   Args:
     run_dir: the training run directory.
@@ -345,6 +395,8 @@ class OrbaxCheckpointSource:
     if not self.directory.is_dir():
       raise ValueError(f"checkpoint {step} of {run_dir} has no item {item!r}")
     self._sharding = sharding
+    self._run_dir, self._item = run_dir, item
+    self._layer_axes: dict[str, tuple[int, ...]] | None = None
     self._reading = functools.partial(checkpoints.reading_checkpoint, run_dir, step)
     self._handler = ocp.PyTreeCheckpointHandler()
     try:
@@ -369,6 +421,23 @@ class OrbaxCheckpointSource:
   def shape(self, path: Path) -> tuple[int, ...]:
     """A tensor's shape, from the checkpoint's metadata (no array is read)."""
     return tuple(self._index[path_str(path)][1].shape)
+
+  def layer_axes(self, path: Path) -> tuple[int, ...] | None:
+    """The axes along which a tensor stacks layers, from the run's model structure."""
+    if self._layer_axes is None:
+      self._layer_axes = self._model_layer_axes()
+    return self._layer_axes.get(path_str(path))
+
+  def _model_layer_axes(self) -> dict[str, tuple[int, ...]]:
+    from memdyn_jax import sharding as sharding_lib
+    from memdyn_jax.train import checkpoints
+    if self._item != "params" or not all(
+        os.path.exists(os.path.join(self._run_dir, name))
+        for name in (checkpoints.RUN_INFO, checkpoints.MODEL_CONFIG)):
+      return {}
+    mesh = sharding_lib.make_mesh(devices=jax.local_devices()[:1])
+    _, params, _ = checkpoints.abstract_params(self._run_dir, mesh)
+    return layer_axes_of(params)
 
   def get(self, path: Path) -> jax.Array:
     keys, meta = self._index[path_str(path)]
@@ -486,53 +555,114 @@ def _slerp(a, b, t):
   return jnp.where(use_lerp, (1.0 - t) * a + t * b, s0 * a + s1 * b)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "normalize", "density", "out_dtype",
-                                             "sharding"))
-def _merge_kernel(base, xs, weights, t, lambda_, keys, *, method, normalize, density, out_dtype,
-                  sharding):
+def _merge_math(base, xs, weights, t, lambda_, keys, *, method, normalize, density):
+  """The merge of one tensor (or one layer's slice), in float32."""
   xs = [x.astype(jnp.float32) for x in xs]
   weights = [weights[i] for i in range(len(xs))]
   if method == "linear":
     out = _sum([w * x for w, x in zip(weights, xs)])
-    if normalize:
-      out = out / _sum(weights)
-  elif method == "slerp":
-    out = _slerp(xs[0], xs[1], t)
+    return out / _sum(weights) if normalize else out
+  if method == "slerp":
+    return _slerp(xs[0], xs[1], t)
+  base = base.astype(jnp.float32)
+  deltas = [x - base for x in xs]
+  if method == "ties":
+    deltas = [_trim_magnitude(d, density) for d in deltas]
+  elif method in ("dare_linear", "dare_ties"):
+    deltas = [_dare(d, keys[i], density) for i, d in enumerate(deltas)]
+  if method in ("ties", "dare_ties"):
+    merged = _ties_combine(deltas, weights, normalize)
   else:
-    base = base.astype(jnp.float32)
-    deltas = [x - base for x in xs]
-    if method == "ties":
-      deltas = [_trim_magnitude(d, density) for d in deltas]
-    elif method in ("dare_linear", "dare_ties"):
-      deltas = [_dare(d, keys[i], density) for i, d in enumerate(deltas)]
-    if method in ("ties", "dare_ties"):
-      merged = _ties_combine(deltas, weights, normalize)
-    else:
-      merged = _sum([w * d for w, d in zip(weights, deltas)])
-      if normalize:
-        merged = merged / _sum(weights)
-    out = base + lambda_ * merged
-  out = out.astype(out_dtype)
+    merged = _sum([w * d for w, d in zip(weights, deltas)])
+    if normalize:
+      merged = merged / _sum(weights)
+  return base + lambda_ * merged
+
+
+def _fold_layer(keys, index):
+  """Each model's key folded with a layer's index (one fold per stacked axis)."""
+  for i in range(index.shape[0]):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, index[i])
+  return keys
+
+
+def _per_layer(fn, base, xs, keys, layer_axes, out_dtype):
+  """`fn(base, xs, keys)` on each layer's slice along `layer_axes`, stacked back in place.
+
+  `lax.map` runs the layers one after another, so float32 temporaries are one layer's, not
+  the stack's (the point for big models); each layer's DARE keys are `_fold_layer`'s.
+  """
+  lead = tuple(range(len(layer_axes)))
+  stack = tuple(xs[0].shape[a] for a in layer_axes)
+
+  def to_rows(x):  # the stacked axes first, flattened into one
+    x = jnp.moveaxis(x, layer_axes, lead)
+    return x.reshape((-1,) + x.shape[len(lead):])
+
+  indices = jnp.stack(jnp.unravel_index(jnp.arange(math.prod(stack)), stack), axis=-1)
+
+  def one(args):
+    b, layer_xs, index = args
+    layer_keys = None if keys is None else _fold_layer(keys, index)
+    return fn(b, layer_xs, layer_keys).astype(out_dtype)
+
+  rows = jax.lax.map(one, (None if base is None else to_rows(base),
+                           [to_rows(x) for x in xs], indices))
+  return jnp.moveaxis(rows.reshape(stack + rows.shape[1:]), lead, layer_axes)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "normalize", "density", "layer_axes",
+                                             "out_dtype", "sharding"))
+def _merge_kernel(base, xs, weights, t, lambda_, keys, *, method, normalize, density, layer_axes,
+                  out_dtype, sharding):
+  fn = functools.partial(_merge_math, weights=weights, t=t, lambda_=lambda_, method=method,
+                         normalize=normalize, density=density)
+  if layer_axes and method in PER_LAYER_METHODS:
+    out = _per_layer(lambda b, x, k: fn(b, x, keys=k), base, list(xs), keys, layer_axes,
+                     out_dtype)
+  else:
+    out = fn(base, list(xs), keys=keys).astype(out_dtype)
   if sharding is not None:
     out = jax.lax.with_sharding_constraint(out, sharding)
   return out
 
 
-def dare_key(seed: int, name: str, model_index: int) -> jax.Array:
-  """The DARE mask key of model `model_index` on tensor `name` (see `path_str`)."""
+def dare_key(seed: int, name: str, model_index: int, layer: Sequence[int] = ()) -> jax.Array:
+  """The DARE mask key of model `model_index` on tensor `name` (see `path_str`); of its
+  layer `layer` (an index per stacked axis) where the tensor stacks layers."""
   key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
-  return jax.random.fold_in(key, model_index)
+  key = jax.random.fold_in(key, model_index)
+  for index in layer:
+    key = jax.random.fold_in(key, index)
+  return key
 
 
-def merge_tensor(config: MergeConfig, path: Path, tensors: Sequence[Any], base: Any = None
-                 ) -> jax.Array:
+def _check_layer_axes(layer_axes: Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+  axes = tuple(int(a) for a in layer_axes)
+  if any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(f"layer axes {axes} out of range for tensor {name} of rank {ndim}")
+  axes = tuple(sorted(a % ndim for a in axes))
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"layer axes {tuple(layer_axes)} of tensor {name} repeat an axis")
+  return axes
+
+
+def merge_tensor(config: MergeConfig, path: Path, tensors: Sequence[Any], base: Any = None, *,
+                 layer_axes: Sequence[int] = ()) -> jax.Array:
   """Merges one tensor of every model (and the base's).
 
   For slerp, `tensors` are the two endpoints (t=0 gives the first). The result has the
   first tensor's dtype and, if it is a jax Array, its sharding.
 
+  Args:
+    config, path, tensors, base: as above; `path` names the tensor (DARE keys, slerp t).
+    layer_axes: the axes along which the tensor stacks layers: the `PER_LAYER_METHODS`
+      merge each layer's slice on its own (the result equals stacking the merges of the
+      slices, DARE keys as `dare_key` with the layer's index).
+
   Raises:
-    ValueError: shapes differ, or the base is missing/superfluous for the method.
+    ValueError: shapes differ, the base is missing/superfluous for the method, or bad
+      layer axes.
     MergeConfigError: the weights do not match the models.
   """
   name = path_str(path)
@@ -550,6 +680,7 @@ def merge_tensor(config: MergeConfig, path: Path, tensors: Sequence[Any], base: 
     raise ValueError(f"tensor {name} has different shapes across models: {sorted(shapes)}")
   weights = config.model_weights(len(tensors))
   ref = tensors[0]
+  layer_axes = _check_layer_axes(layer_axes, np.ndim(ref), name)
   sharding = next((x.sharding for x in [*tensors, base] if isinstance(x, jax.Array)), None)
 
   def place(x):
@@ -571,7 +702,7 @@ def merge_tensor(config: MergeConfig, path: Path, tensors: Sequence[Any], base: 
       jnp.asarray(weights, jnp.float32), jnp.float32(t), jnp.float32(lambda_), keys,
       method=config.method, normalize=config.resolved_normalize,
       density=None if config.density is None else float(config.density),
-      out_dtype=jnp.dtype(ref.dtype), sharding=sharding)
+      layer_axes=layer_axes, out_dtype=jnp.dtype(ref.dtype), sharding=sharding)
 
 
 # ------------------------------------------------------------------------------------------
@@ -589,8 +720,20 @@ def _index(source: TensorSource) -> dict[str, Path]:
   return index
 
 
+def _stacked_axes(name: str, sources: Sequence[tuple[TensorSource, Mapping[str, Path]]],
+                  given: Mapping[str, Sequence[int]] | None) -> tuple[int, ...]:
+  """A tensor's stacked-layer axes: as given, else as the sources that know say."""
+  if given is not None:
+    return tuple(given.get(name, ()))
+  said = {tuple(axes) for source, index in sources if hasattr(source, "layer_axes")
+          for axes in [source.layer_axes(index[name])] if axes is not None}
+  if len(said) > 1:
+    raise ValueError(f"the sources disagree on the stacked layer axes of {name}: {sorted(said)}")
+  return said.pop() if said else ()
+
+
 def merge(config: MergeConfig, base: TensorSource | None, models: Sequence[TensorSource],
-          out: TensorSink) -> None:
+          out: TensorSink, *, layer_axes: Mapping[str, Sequence[int]] | None = None) -> None:
   """Merges models tensor by tensor into `out`, reading one tensor per source at a time.
 
   Args:
@@ -599,10 +742,15 @@ def merge(config: MergeConfig, base: TensorSource | None, models: Sequence[Tenso
       t=0 endpoint (then give one model), otherwise None.
     models: the models to merge (slerp: two in all, counting the base).
     out: receives each merged tensor under the first model's path.
+    layer_axes: per tensor name, the axes along which it stacks layers (merged one layer
+      at a time by the `PER_LAYER_METHODS`; unnamed tensors: none), e.g. `layer_axes_of`
+      the model's parameter State; None = what the sources report (`TensorSource`), a
+      tensor no source knows being merged whole.
 
   Raises:
-    ValueError: wrong number of models, a base missing or not used, or sources whose
-      tensor names or shapes differ.
+    ValueError: wrong number of models, a base missing or not used, sources whose tensor
+      names or shapes differ or that disagree on a tensor's stacked axes, or `layer_axes`
+      naming tensors the models lack.
     MergeConfigError: weights that do not match the models.
   """
   models = list(models)
@@ -629,23 +777,34 @@ def merge(config: MergeConfig, base: TensorSource | None, models: Sequence[Tenso
       extra = sorted(set(other) - set(names))[:5]
       raise ValueError(f"{who} and model 0 hold different tensors: {who} lacks {missing}, "
                        f"has extra {extra}")
+  if layer_axes is not None and set(layer_axes) - set(names):
+    raise ValueError(f"layer_axes names tensors the models lack: "
+                     f"{sorted(set(layer_axes) - set(names))[:5]}")
+  sources = list(zip(models, indexes)) + ([(base, base_index)] if base is not None else [])
   for name in names:
+    # Only the whole-tensor methods look (an orbax source builds its model to answer).
+    axes = (_stacked_axes(name, sources, layer_axes) if config.method in PER_LAYER_METHODS
+            else ())
     tensors = [m.get(ix[name]) for m, ix in zip(models, indexes)]
     base_tensor = base.get(base_index[name]) if base is not None else None
-    out.put(indexes[0][name], merge_tensor(config, indexes[0][name], tensors, base_tensor))
+    out.put(indexes[0][name], merge_tensor(config, indexes[0][name], tensors, base_tensor,
+                                           layer_axes=axes))
 
 
 def _as_source(x) -> TensorSource:
   return x if hasattr(x, "paths") and hasattr(x, "get") else PytreeSource(x)
 
 
-def merge_pytrees(config: MergeConfig, base: Any, models: Sequence[Any]) -> Any:
+def merge_pytrees(config: MergeConfig, base: Any, models: Sequence[Any], *,
+                  layer_axes: Mapping[str, Sequence[int]] | None = None) -> Any:
   """`merge` on in-memory pytrees (or sources); the result has the first model's
-  structure (its nnx Variables rebuilt), or nested dicts if it is not a pytree."""
+  structure (its nnx Variables rebuilt), or nested dicts if it is not a pytree. An nnx
+  State's stacked layers are merged per layer (its `logical_axes`; see `merge`)."""
   models = [_as_source(m) for m in models]
   template = models[0].tree if isinstance(models[0], PytreeSource) else None
   sink = PytreeSink(template)
-  merge(config, None if base is None else _as_source(base), models, sink)
+  merge(config, None if base is None else _as_source(base), models, sink,
+        layer_axes=layer_axes)
   return sink.result()
 
 

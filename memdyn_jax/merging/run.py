@@ -3,7 +3,8 @@ like any checkpoint of a training run (Ruan et al.'s merging against over-memori
 
 Inputs are checkpoints of training runs, `RUN_DIR:SELECTOR` (`parse_checkpoints`), merged
 tensor by tensor with `memdyn_jax.merging` (one tensor of each input in memory at a time,
-read lazily from orbax, placed on the mesh like the model's parameters). The base (for
+read lazily from orbax, placed on the mesh like the model's parameters; the stacked blocks
+one layer at a time where the method sees a tensor whole, as mergekit does). The base (for
 task arithmetic, TIES, DARE; optional for SLERP) is an HF directory or `RUN_DIR:STEP`;
 by default the first source run's base model. Output layout:
 
@@ -438,7 +439,8 @@ def merge_to_run_dir(out_dir: str, method: str, sources: Sequence[CheckpointRef]
     else:
       sink = merging.PytreeSink(template=target)
       try:
-        merging.merge(config, base_source, inputs, sink)
+        # Stacked blocks are merged per layer: the model's structure names the axes.
+        merging.merge(config, base_source, inputs, sink, layer_axes=merging.layer_axes_of(target))
       except merging.MergeConfigError:
         raise
       except ValueError as e:  # model counts, a base a method does not take

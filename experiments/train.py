@@ -7,8 +7,9 @@ Every `TrainConfig` field is a flag (default: the preset's value). Mesh flags pl
 run on the devices (`--mesh_data=-1` = data parallel over everything). On a pod the same
 command runs on every host (`jax.distributed` is initialised from the environment).
 A run directory that already holds this run is resumed (`--noresume` refuses instead).
-Exit status: 0 done, 2 bad flags/inputs, 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C)
-after checkpointing (a re-run continues).
+Exit status: 0 done, 2 bad flags/inputs, 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C):
+after checkpointing the current step once training, at once before (from start-up, while
+loading and restoring: nothing to save), one line either way; a re-run continues.
 """
 from __future__ import annotations
 
@@ -66,4 +67,5 @@ def run() -> int:
 
 
 if __name__ == "__main__":
-  cli.run_binary(PROG, run)
+  cli.run_binary(PROG, run, stopped_at_once="before training started: nothing to save; re-run "
+                 "the same command")

@@ -129,6 +129,33 @@ def test_train_interrupted_then_rerun_equals_an_uninterrupted_run(tiny_run, stra
   assert losses(run) == losses(straight_run)  # one line per step, none lost
 
 
+@pytest.mark.parametrize("name,sig", [("train.py", signal.SIGINT), ("train.py", signal.SIGTERM),
+                                      ("evaluate.py", signal.SIGINT), ("merge.py", signal.SIGTERM)])
+def test_a_stop_signal_in_the_first_second_is_one_line(tiny_run, tmp_path, name, sig):
+  """The walk's Ctrl-C in a binary's first seconds: swallowed (the run trained to its end,
+  exit 0) or a multi-line KeyboardInterrupt. Now one line, 128 + signal, nothing written;
+  merge.py is still importing JAX at that point."""
+  run_dir, base = tiny_run
+  copy = str(tmp_path / "run_a")
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(records.EVAL_DIR))
+  out = str(tmp_path / "out")
+  args = {"train.py": (f"--model={base}", f"--output_dir={out}", *TRAIN_FLAGS),
+          "evaluate.py": (f"--run_dir={copy}", f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}",
+                          *EVAL_CLI_FLAGS),
+          "merge.py": (f"--checkpoints={copy}:2-4", f"--output_dir={out}")}[name]
+  proc = start(name, *args)
+  time.sleep(1.0)
+  proc.send_signal(sig)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == EXIT[sig], stderr[-3000:]
+  assert not stderr.strip(), stderr[-3000:]
+  assert stdout.strip().splitlines() == [stdout.strip()], stdout
+  assert stdout.startswith(f"{name}: stopped by {signal.Signals(sig).name} "), stdout
+  if name != "merge.py":
+    assert "nothing to save" in stdout
+  assert not checkpoints.list_steps(out) and not os.path.exists(os.path.join(copy, "eval"))
+
+
 # ------------------------------------------------------------------------------- evaluate
 
 
@@ -148,6 +175,22 @@ def test_evaluate_interrupted_then_rerun_equals_an_uninterrupted_one(evaluated_r
   assert done.returncode == 0, done.stderr[-3000:]
   assert_same_records(record_rows(copy), record_rows(run_dir))
   assert (records.load_checkpoint_stats(copy) == records.load_checkpoint_stats(run_dir))
+
+
+def test_evaluate_signalled_after_its_work_exits_0(tiny_run, tmp_path):
+  """The walk's SIGTERM after evaluate.py finished exited 143 with training's wording."""
+  copy = str(tmp_path / "run_a")
+  shutil.copytree(tiny_run[0], copy, ignore=shutil.ignore_patterns(records.EVAL_DIR))
+  proc = start("evaluate.py", f"--run_dir={copy}", "--steps=4", "--nograd_variance",
+               f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
+  for line in proc.stdout:  # printed once the checkpoint's records are all written
+    if line.startswith("evaluate.py: step 4:"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "evaluated 1 checkpoint(s)" in stdout and "stopped" not in stdout, stdout
+  assert "will checkpoint" not in stderr, stderr
 
 
 # ---------------------------------------------------------------------------------- sweep

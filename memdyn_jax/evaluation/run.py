@@ -549,7 +549,7 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
       The base model's parameters are loaded once, on the first checkpoint that needs them.
     should_stop: checked after each unit's records are written; when it returns True the
       evaluation stops there (what is written stays; a re-run continues), e.g. the flag of
-      `train.loop.StopSignals` on SIGTERM / Ctrl-C.
+      `signals.StopSignals` on SIGTERM / Ctrl-C.
 
   Returns:
     A StepTiming per checkpoint evaluated (skipped ones are absent).

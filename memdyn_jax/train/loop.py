@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -33,6 +31,7 @@ from memdyn_jax.train import checkpoints as ckpt
 from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import hf_io
+from memdyn_jax.signals import STOP_SIGNALS, StopSignals  # noqa: F401 - re-exported
 from memdyn_jax.train import step as step_lib
 from memdyn_jax.train.config import TrainConfig, checkpoint_steps, epoch_crossed
 from memdyn_jax.train.optim import make_optimizer, make_schedule
@@ -141,40 +140,6 @@ def make_default_sampler(cfg: TrainConfig, num_examples: int,
                   batch_size=cfg.global_batch_size)
   return make_sampler(cfg.sampler, num_examples, seed=cfg.seed,
                       data_fraction=cfg.data_fraction, **kwargs)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopSignals:
-  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag that a loop checks between
-  units of work, so it saves and stops cleanly; a second SIGINT aborts at once
-  (KeyboardInterrupt). Installed on the main thread only; nests (the innermost holds)."""
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._old = {}
-
-  @property
-  def fired(self) -> bool:
-    return self.signum is not None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-    return self
-
-  def _handle(self, signum, frame):
-    if signum == signal.SIGINT and self.signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    log.warning("%s received: will checkpoint and stop after the current step%s",
-                signal.Signals(signum).name,
-                " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for s, old in self._old.items():
-      signal.signal(s, old)
 
 
 def _metrics_lines_up_to(path: str, last_step: int) -> list[str]:
@@ -370,8 +335,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   losses: list[float] = []
   preempted = False
   last_time = time.perf_counter()
-  try:
-    with StopSignals() as stop:
+  with StopSignals() as stop:  # to the end: a signal while the run closes changes nothing
+    try:
       for s in range(start, total):
         if sampler.wants_scores(s):
           if ppl_fn is None:
@@ -417,21 +382,21 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
           last_saved = done
         for hook in hooks:
           hook(done, record)
-        if stop.fired:
+        if stop.fired and done < total:  # after the last step it changes nothing
           if last_saved != done:
             save(done)
             last_saved = done
           preempted = True
           break
-    mngr.wait_until_finished()
-  finally:
-    bar.close()
-    writer.close()
-    mngr.close()
+      mngr.wait_until_finished()
+    finally:
+      bar.close()
+      writer.close()
+      mngr.close()
   final = start + len(losses)
   return TrainResult(run_dir=output_dir, step=final, total_steps=total, losses=tuple(losses),
                      preempted=preempted, model=nnx.merge(graphdef, trained, rngs, frozen),
-                     stop_signal=stop.signum)
+                     stop_signal=stop.signum if preempted else None)
 
 
 def task_train_data(tokenizer, task, examples, cfg: TrainConfig) -> tuple[TrainData, list[str]]:

@@ -52,7 +52,8 @@ def run() -> int:
   mesh = cli.mesh_from_flags()
   try:
     result = task_run.train_on_task(cfg, spec, FLAGS.model, FLAGS.output_dir, mesh=mesh,
-                                    resume=FLAGS.resume, progress=FLAGS.progress)
+                                    resume=FLAGS.resume, progress=FLAGS.progress,
+                                    log_line=lambda m: print(f"{PROG}: {m}", flush=True))
   except task_run.TaskRunError as e:
     raise cli.usage_error(e) from None
   # The run directory refuses (another run, damaged, existing with --noresume) or the data

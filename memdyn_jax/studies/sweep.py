@@ -421,7 +421,8 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
   else:
     try:
       result = task_run.train_on_task(cell.config, sweep.task, sweep.model, cell.run_dir,
-                                      mesh=mesh, progress=progress)
+                                      mesh=mesh, progress=progress,
+                                      log_line=lambda m: log(f"{cell.name}: {m}"))
     except loop.NonFiniteError as e:
       log(f"{cell.name}: training failed: {e}")
       return CellOutcome(cell.name, error=str(e))

@@ -223,7 +223,8 @@ def per_example_perplexity(ppl_fn: Callable, states: tuple, data: TrainData, chu
 def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *,
           mesh: Mesh | None = None, resume: bool = True, sampler: ExampleSampler | None = None,
           progress: bool = True, hooks: Sequence[Callable[[int, dict], None]] = (),
-          async_checkpoints: bool = True, rules=sharding_lib.DEFAULT_RULES) -> TrainResult:
+          async_checkpoints: bool = True, rules=sharding_lib.DEFAULT_RULES,
+          log_line: Callable[[str], None] | None = None) -> TrainResult:
   """Fine-tunes `model_path` on `data`, checkpointing into `output_dir`.
 
   Args:
@@ -240,6 +241,9 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
     hooks: `hook(step, record)` after each step (and after its checkpoint save started).
     async_checkpoints: write checkpoints in the background.
     rules: logical-axis sharding rules.
+    log_line: prints a line for the user (process 0 only): the step a resumed run continues
+      from, and that the train step is compiling (minutes on a large model, before the
+      first step); default this module's logger at INFO.
 
   Returns:
     A TrainResult.
@@ -310,7 +314,10 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
         mngr, latest, params=trained, opt_state=opt_state, rngs=rngs)
     sampler.load_state_dict(meta["sampler"])
     start = int(meta["step"])
-    log.info("resumed %s from step %d", output_dir, start)
+  is_main = jax.process_index() == 0
+  say = (log_line or (lambda m: log.info("%s", m))) if is_main else (lambda m: None)
+  if latest is not None:
+    say(f"{output_dir}: resumed from step {start} of {total}")
   last_saved = start if latest is not None else None
 
   batch_shardings = {k: step_lib.microbatch_sharding(mesh, 3, rules) for k in _ARRAYS}
@@ -319,7 +326,6 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
                                         batch_shardings=batch_shardings, seed=cfg.seed,
                                         model_hook=model_hook)
   ppl_fn = None
-  is_main = jax.process_index() == 0
   writer = MetricsWriter(output_dir, start, enabled=is_main)
 
   def save(done: int) -> None:
@@ -334,6 +340,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
              dynamic_ncols=True)
   losses: list[float] = []
   preempted = False
+  if start < total:  # the first call compiles; its bar shows nothing meanwhile
+    say(f"{output_dir}: compiling the train step (the first step waits for it)")
   last_time = time.perf_counter()
   with StopSignals() as stop:  # to the end: a signal while the run closes changes nothing
     try:

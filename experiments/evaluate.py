@@ -14,7 +14,10 @@ every knob is a flag.
 
 Per checkpoint also the gradient variance (Kang et al. App. B.1: --grad_variance_minibatches
 minibatches of --grad_variance_batch_size examples drawn from the train subset, one
-compiled program reused across checkpoints), into `step_<step>/checkpoint.json`.
+compiled program reused across checkpoints), into `step_<step>/checkpoint.json`. The
+default 5 minibatches of 8 shrink to fit a smaller train subset (--num_train=4: 4 of 1),
+said in one line. A re-run says how many (checkpoint, unit) pairs were already done; the
+progress bar also shows the unit in progress (phase, prompts done, tokens/s).
 --mesh_data/--mesh_fsdp/--mesh_tensor place the model and batches as in training.
 
 Splits: "train" (a seeded subset of the examples the run was trained on, --num_train),

@@ -719,9 +719,10 @@ class _UnitProgress:
     now = time.perf_counter()
     if phase != self.phase:
       self.phase, self.start = phase, now
-    rate = tokens / (now - self.start) if tokens and now > self.start else None
-    self.bar.set_postfix(step=self.step, split=self.unit, **{phase: f"{done}/{total}"},
-                         **({"tok_s": f"{rate:.0f}"} if rate is not None else {}))
+    shown = {"step": self.step, "split": self.unit, phase: f"{done}/{total}"}
+    if tokens and now > self.start:
+      shown["tok_s"] = f"{tokens / (now - self.start):.0f}"
+    self.bar.set_postfix(shown)  # in this order (keywords would be sorted)
 
 
 def _load_step(run_dir: str, step: int, info: Mapping[str, Any], mesh):

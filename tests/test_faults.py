@@ -354,6 +354,16 @@ def test_reads_abandoned_by_a_failed_restore_print_nothing(monkeypatch):
   assert [u.exc_value for u in seen] == [failed, other]
 
 
+def test_a_stop_signal_during_a_read_is_the_stop_not_a_read_error():
+  """orbax wraps whatever ends an array read, a Ctrl-C too: it comes out as the stop."""
+  from memdyn_jax.signals import StopRequested
+  stop = StopRequested(signal.SIGINT, "stopped by SIGINT before training started")
+  with pytest.raises(StopRequested) as info:
+    with checkpoints.reading_checkpoint("/runs/a", 4):
+      raise Exception(f"{checkpoints._ORBAX_ARRAY_READ}: (slice(0, 4, 1),).") from stop
+  assert info.value is stop
+
+
 def test_a_corrupt_checkpoint_is_one_line_naming_run_step_and_fix(tiny_run, tmp_path):
   """The walk's damage (one array data file cut in half): evaluate.py, a resuming train.py
   and export.py each print one line naming the run, the step and the fix, exit 2, and

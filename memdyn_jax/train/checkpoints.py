@@ -107,7 +107,7 @@ def _is_abandoned_read(unraisable) -> bool:
   the GeneratorExit of the close into a plain Exception, reported as unraisable. Such a read
   did not fail; the failure that ended the restore is raised on its own."""
   exc = unraisable.exc_value
-  return (type(exc) is Exception and str(exc).startswith(_ORBAX_ARRAY_READ)
+  return (_is_orbax_read_error(exc)
           and isinstance(exc.__cause__, (GeneratorExit, asyncio.CancelledError)))
 
 
@@ -135,9 +135,13 @@ def _storage_error(e: BaseException) -> BaseException | None:
     return e
   if isinstance(e, ValueError):
     return e if _STATUS_CODE.match(str(e)) else None
-  if type(e) is Exception and str(e).startswith(_ORBAX_ARRAY_READ) and e.__cause__ is not None:
+  if _is_orbax_read_error(e) and e.__cause__ is not None:
     return _storage_error(e.__cause__)
   return None
+
+
+def _is_orbax_read_error(e: BaseException) -> bool:
+  return type(e) is Exception and str(e).startswith(_ORBAX_ARRAY_READ)
 
 
 @contextlib.contextmanager
@@ -164,6 +168,8 @@ def reading_checkpoint(run_dir: str, step: int):
     yield
   except Exception as e:  # noqa: BLE001 - orbax's wrapper is a plain Exception: re-raised
     # unless `_storage_error` recognises it
+    if _is_orbax_read_error(e) and isinstance(e.__cause__, KeyboardInterrupt):
+      raise e.__cause__  # a Ctrl-C / stop signal (`signals.StopRequested`) during the read
     cause = _storage_error(e)
     if cause is None:
       raise

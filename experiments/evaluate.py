@@ -14,19 +14,23 @@ every knob is a flag.
 
 Per checkpoint also the gradient variance (Kang et al. App. B.1: --grad_variance_minibatches
 minibatches of --grad_variance_batch_size examples drawn from the train subset, one
-compiled program reused across checkpoints), into `step_<step>/checkpoint.json`.
+compiled program reused across checkpoints), into `step_<step>/checkpoint.json`. The
+default 5 minibatches of 8 shrink to fit a smaller train subset (--num_train=4: 4 of 1),
+said in one line. A re-run says how many (checkpoint, unit) pairs were already done; the
+progress bar also shows the unit in progress (phase, prompts done, tokens/s).
 --mesh_data/--mesh_fsdp/--mesh_tensor place the model and batches as in training.
 
 Splits: "train" (a seeded subset of the examples the run was trained on, --num_train),
 "test", "ood" (tasks that have one), "perturbed" (the train subset with each
 --perturbations preamble after the answer cue; no greedy pass, no target scoring).
 Exit status: 0 done, 2 bad flags or inputs (one-line error naming the flag or path), 143 / 130
-stopped by SIGTERM / SIGINT (Ctrl-C) after the records in progress (a re-run continues).
+stopped by SIGTERM / SIGINT (Ctrl-C): after the records in progress once evaluating, at once
+before (nothing to save), one line either way; a re-run continues. A signal once every
+record is written changes nothing (exit 0).
 """
 from __future__ import annotations
 
 import os
-import signal
 
 from absl import flags
 
@@ -72,23 +76,25 @@ def run() -> int:
     raise cli.usage_error(e, _EVAL_FLAGS) from None
   steps = _ints("steps", FLAGS.steps) or None
   from memdyn_jax.evaluation import run as run_evaluation
-  from memdyn_jax.train.loop import StopSignals
+  from memdyn_jax.signals import StopSignals, signal_name
   mesh = cli.mesh_from_flags()
-  try:
-    with StopSignals() as stop:
+  # Held to the last line: a signal once everything is written changes nothing.
+  with StopSignals("will stop once the records in progress are written") as stop:
+    try:
       timings = run_evaluation.evaluate(
           run_dir, settings, steps=steps, mesh=mesh, progress=FLAGS.progress,
           log=lambda m: print(f"{PROG}: {m}", flush=True), should_stop=lambda: stop.fired)
-  except EvalSettingsError as e:
-    raise cli.usage_error(e, _EVAL_FLAGS) from None
-  if stop.fired:
-    print(f"{PROG}: {run_dir}: stopped by {signal.Signals(stop.signum).name} after writing "
-          f"the records in progress; re-run the same command to continue")
-    return cli.exit_status(stop.signum)
-  print(f"{PROG}: {run_dir}: evaluated {len(timings)} checkpoint(s)"
-        + ("" if timings else " (all records already present)"))
-  return 0
+    except EvalSettingsError as e:
+      raise cli.usage_error(e, _EVAL_FLAGS) from None
+    if stop.fired and run_evaluation.pending_steps(run_dir, settings, steps):
+      print(f"{PROG}: {run_dir}: stopped by {signal_name(stop.signum)} after writing the "
+            "records in progress; re-run the same command to continue")
+      return cli.exit_status(stop.signum)
+    print(f"{PROG}: {run_dir}: evaluated {len(timings)} checkpoint(s)"
+          + ("" if timings else " (all records already present)"))
+    return 0
 
 
 if __name__ == "__main__":
-  cli.run_binary(PROG, run)
+  cli.run_binary(PROG, run, stopped_at_once="before evaluating: nothing to save; re-run the "
+                 "same command")

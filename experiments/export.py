@@ -45,7 +45,9 @@ def run() -> int:
     raise UsageError(f"--output_dir: {e}") from None
   except FileNotFoundError as e:
     raise UsageError(f"--run_dir: {e}") from None
-  except ValueError as e:  # no such step, or a checkpoint that cannot be read
+  except checkpoints.CheckpointReadError as e:  # names the run, the step and the fix
+    raise UsageError(str(e)) from None
+  except ValueError as e:  # no such step
     raise UsageError(f"--step: {e}") from None
   print(f"{PROG}: {FLAGS.run_dir} step {step} -> {out}")
   return 0

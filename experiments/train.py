@@ -7,8 +7,9 @@ Every `TrainConfig` field is a flag (default: the preset's value). Mesh flags pl
 run on the devices (`--mesh_data=-1` = data parallel over everything). On a pod the same
 command runs on every host (`jax.distributed` is initialised from the environment).
 A run directory that already holds this run is resumed (`--noresume` refuses instead).
-Exit status: 0 done, 2 bad flags/inputs, 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C)
-after checkpointing (a re-run continues).
+Exit status: 0 done, 2 bad flags/inputs, 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C):
+after checkpointing the current step once training, at once before (from start-up, while
+loading and restoring: nothing to save), one line either way; a re-run continues.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def run() -> int:
   mesh = cli.mesh_from_flags()
   try:
     result = task_run.train_on_task(cfg, spec, FLAGS.model, FLAGS.output_dir, mesh=mesh,
-                                    resume=FLAGS.resume, progress=FLAGS.progress)
+                                    resume=FLAGS.resume, progress=FLAGS.progress,
+                                    log_line=lambda m: print(f"{PROG}: {m}", flush=True))
   except task_run.TaskRunError as e:
     raise cli.usage_error(e) from None
   # The run directory refuses (another run, damaged, existing with --noresume) or the data
@@ -66,4 +68,5 @@ def run() -> int:
 
 
 if __name__ == "__main__":
-  cli.run_binary(PROG, run)
+  cli.run_binary(PROG, run, stopped_at_once="before training started: nothing to save; re-run "
+                 "the same command")

@@ -85,9 +85,56 @@ def stopped_note(stop_signal: int) -> str:
           "same command to continue")
 
 
-def run_binary(prog: str, run: Callable[[], int]) -> None:
+STOPPED_AT_ONCE = ("while nothing was being saved: the work in progress is dropped (what was "
+                   "written before stays); re-run the same command to continue")
+_AT_START = None  # the binary's at-once block (`_stop_at_once`)
+
+
+def _stop_at_once():
+  """The at-once `signals.StopSignals` a binary holds from its start (entered once, on the
+  main thread): until its work saves on a signal, SIGTERM / Ctrl-C stop it at once. A
+  StopRequested that no `run_binary` catches (raised while the binary's modules load) is
+  printed as the same one line, and the process exits 128 + the signal."""
+  global _AT_START
+  if _AT_START is not None:
+    return _AT_START
+  from memdyn_jax.signals import StopRequested, StopSignals
+  previous = sys.excepthook
+
+  def excepthook(kind, value, tb):
+    if not isinstance(value, StopRequested):
+      return previous(kind, value, tb)
+    print(f"{os.path.basename(sys.argv[0])}: {value}", flush=True)
+    sys.stderr.flush()
+    os._exit(exit_status(value.signum))  # Python would exit by SIGINT even for a SIGTERM
+
+  sys.excepthook = excepthook
+  _AT_START = StopSignals(at_once=STOPPED_AT_ONCE).__enter__()
+  return _AT_START
+
+
+# A binary imports this module first: holding the at-once block from here covers its other
+# module-level imports too (merge.py's import JAX: 1.5-3 s). Only for the binaries of
+# experiments/ beside this package: a test or notebook importing this module keeps its own.
+_MAIN = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+if os.path.dirname(os.path.abspath(_MAIN)) == os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"):
+  _stop_at_once()
+
+
+def run_binary(prog: str, run: Callable[[], int], *, stopped_at_once: str = STOPPED_AT_ONCE
+               ) -> None:
   """`app.run` with one-line errors for flag parsing and `UsageError`; `run()` is the
-  binary's body and returns its exit status."""
+  binary's body and returns its exit status.
+
+  From its start until `run()` returns, SIGTERM / Ctrl-C stop the binary at once with one
+  line, "PROG: stopped by SIGINT <stopped_at_once>", exit 128 + the signal, except inside
+  the blocks of its work that save first (graceful `signals.StopSignals`: training steps,
+  evaluation records), which stop after saving and return the status themselves. A signal
+  after `run()` returned changes nothing.
+  """
+  from memdyn_jax.signals import STOP_SIGNALS, StopRequested
+  _stop_at_once().at_once = stopped_at_once
 
   def parse_flags(argv):
     try:
@@ -103,9 +150,15 @@ def run_binary(prog: str, run: Callable[[], int]) -> None:
     if len(argv) > 1:
       fail(prog, f"unexpected arguments {argv[1:]}")
     try:
-      sys.exit(run())
+      status = run()
     except UsageError as e:
       fail(prog, str(e))
+    except StopRequested as e:
+      print(f"{prog}: {e}", flush=True)
+      status = exit_status(e.signum)
+    for s in STOP_SIGNALS:  # the work is done: a signal now changes nothing
+      signal.signal(s, lambda *_: None)
+    sys.exit(status)
 
   app.run(main, flags_parser=parse_flags)
 

@@ -169,7 +169,7 @@ def assert_one_line_error(proc, prog: str, needle: str) -> str:
   containing `needle`; returns that line.
 
   A failed checkpoint read is held to it too: the reads that race the reported one print
-  nothing (checkpoints._quiet_orphaned_reads).
+  nothing (checkpoints.reading_checkpoint).
   """
   assert proc.returncode == 2, proc.stderr[-3000:]
   stderr = proc.stderr

@@ -537,3 +537,53 @@ def test_checkpoint_scalars_and_tensorboard_events(evaluated_run):
   run_dir, _ = evaluated_run
   events = [f for f in os.listdir(os.path.join(run_dir, "tensorboard")) if f.endswith(".eval")]
   assert events, os.listdir(os.path.join(run_dir, "tensorboard"))
+
+
+def test_progress_within_a_unit_counts_prompts_and_tokens(tiny_run):
+  """The walk's bar sat still for 52 s inside a unit: each phase now reports its prompts
+  done (of the unit's) and the tokens generated so far, batch by batch."""
+  from memdyn_jax.evaluation.examples import evaluate_examples
+  run_dir, _ = tiny_run
+  task, tok, _ = _library_inputs(run_dir)
+  model, _ = checkpoints.restore(run_dir, 4)
+  params = evaluation.default_sampling("synthetic_arith", n=2, max_new_tokens=4)
+  calls = []
+  evaluate_examples(model, tok, task, task.load("test")[:3], "test", params=params,
+                    batch_size=2, greedy=True, progress=lambda *a: calls.append(a))
+  phases = [c[0] for c in calls]
+  assert phases == ["sampling", "sampling", "greedy", "greedy", "scoring", "scoring"]
+  assert [c[1:3] for c in calls] == [(2, 3), (3, 3), (2, 3), (3, 3), (0, 3), (3, 3)]
+  sampled, greedy = calls[1][3], calls[3][3]
+  assert 0 < calls[0][3] <= sampled <= 3 * 2 * 4 and 0 < greedy <= 3 * 4  # n=2, 4 tokens
+
+
+def test_a_small_evaluation_sizes_the_gradient_variance_and_says_what_it_resumes(tiny_run,
+                                                                                  tmp_path):
+  """--num_train=4 failed on the default gradient variance (5 minibatches of 8): the
+  default shape is sized to the subset, in one line, and a re-run finds it done; a resumed
+  evaluation says how much was already done."""
+  import shutil
+
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.evaluation.run import EvalSettings
+  run_dir = str(tmp_path / "run_a")
+  shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns(records.EVAL_DIR))
+  settings = EvalSettings(splits=("test",), task_kwargs=EVAL_TASK_KWARGS, num_train=4,
+                          max_eval=2, max_new_tokens=4, n_samples=1, batch_size=2,
+                          greedy=False)
+  assert run_evaluation.train_subset_size(run_dir, settings) == 4
+  lines = []
+  run_evaluation.evaluate(run_dir, settings, steps=[2], progress=False, log=lines.append)
+  assert lines[0] == ("gradient variance over 4 minibatches of 1: the train subset has 4 "
+                      "example(s), fewer than the default 5 minibatches of 8 "
+                      "(--grad_variance_minibatches, --grad_variance_batch_size set it)")
+  stats = records.read_checkpoint_stats(run_dir, 2)
+  assert stats[records.GRADIENT_VARIANCE_SETTINGS]["num_minibatches"] == 4
+  lines.clear()
+  run_evaluation.evaluate(run_dir, settings, progress=False, log=lines.append)
+  assert "resumed: 1 of 2 (checkpoint, unit) pairs already evaluated, 1 to go" in lines
+  assert run_evaluation.pending_steps(run_dir, settings) == []  # the sized shape is found
+  one = dataclasses.replace(settings, num_train=1)
+  assert one.grad_variance_config(1) is None  # under 2 examples: none
+  shaped = dataclasses.replace(settings, grad_variance_batch_size=4)  # set by hand: kept
+  assert shaped.grad_variance_config(4).batch_size == 4

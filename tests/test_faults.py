@@ -129,6 +129,33 @@ def test_train_interrupted_then_rerun_equals_an_uninterrupted_run(tiny_run, stra
   assert losses(run) == losses(straight_run)  # one line per step, none lost
 
 
+@pytest.mark.parametrize("name,sig", [("train.py", signal.SIGINT), ("train.py", signal.SIGTERM),
+                                      ("evaluate.py", signal.SIGINT), ("merge.py", signal.SIGTERM)])
+def test_a_stop_signal_in_the_first_second_is_one_line(tiny_run, tmp_path, name, sig):
+  """The walk's Ctrl-C in a binary's first seconds: swallowed (the run trained to its end,
+  exit 0) or a multi-line KeyboardInterrupt. Now one line, 128 + signal, nothing written;
+  merge.py is still importing JAX at that point."""
+  run_dir, base = tiny_run
+  copy = str(tmp_path / "run_a")
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(records.EVAL_DIR))
+  out = str(tmp_path / "out")
+  args = {"train.py": (f"--model={base}", f"--output_dir={out}", *TRAIN_FLAGS),
+          "evaluate.py": (f"--run_dir={copy}", f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}",
+                          *EVAL_CLI_FLAGS),
+          "merge.py": (f"--checkpoints={copy}:2-4", f"--output_dir={out}")}[name]
+  proc = start(name, *args)
+  time.sleep(1.0)
+  proc.send_signal(sig)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == EXIT[sig], stderr[-3000:]
+  assert not stderr.strip(), stderr[-3000:]
+  assert stdout.strip().splitlines() == [stdout.strip()], stdout
+  assert stdout.startswith(f"{name}: stopped by {signal.Signals(sig).name} "), stdout
+  if name != "merge.py":
+    assert "nothing to save" in stdout
+  assert not checkpoints.list_steps(out) and not os.path.exists(os.path.join(copy, "eval"))
+
+
 # ------------------------------------------------------------------------------- evaluate
 
 
@@ -148,6 +175,22 @@ def test_evaluate_interrupted_then_rerun_equals_an_uninterrupted_one(evaluated_r
   assert done.returncode == 0, done.stderr[-3000:]
   assert_same_records(record_rows(copy), record_rows(run_dir))
   assert (records.load_checkpoint_stats(copy) == records.load_checkpoint_stats(run_dir))
+
+
+def test_evaluate_signalled_after_its_work_exits_0(tiny_run, tmp_path):
+  """The walk's SIGTERM after evaluate.py finished exited 143 with training's wording."""
+  copy = str(tmp_path / "run_a")
+  shutil.copytree(tiny_run[0], copy, ignore=shutil.ignore_patterns(records.EVAL_DIR))
+  proc = start("evaluate.py", f"--run_dir={copy}", "--steps=4", "--nograd_variance",
+               f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
+  for line in proc.stdout:  # printed once the checkpoint's records are all written
+    if line.startswith("evaluate.py: step 4:"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "evaluated 1 checkpoint(s)" in stdout and "stopped" not in stdout, stdout
+  assert "will checkpoint" not in stderr, stderr
 
 
 # ---------------------------------------------------------------------------------- sweep
@@ -207,19 +250,52 @@ def test_merge_killed_while_writing_then_rerun_equals_an_uninterrupted_one(tiny_
 # ------------------------------------------------------------------- corrupt checkpoint
 
 
-def corrupt_copy(run_dir: str, copy: str) -> int:
-  """Copies a run and truncates the array files of its last checkpoint, as a full disk or a
-  cut copy leaves them; returns that step."""
+# How a checkpoint's array files get damaged: every one cut in half (tensorstore then fails
+# opening the stores), or one data file under params/ocdbt.process_0/d/ cut in half,
+# emptied or removed (orbax then fails reading the array's bytes and raises a plain
+# Exception wrapping tensorstore's error: the walk's 150-line traceback).
+DAMAGE = ("all halved", "one halved", "one emptied", "one missing")
+
+
+def corrupt_copy(run_dir: str, copy: str, how: str = "all halved") -> int:
+  """Copies a run and damages the array files of its last checkpoint (`DAMAGE`), as a full
+  disk or a cut copy leaves them; returns that step."""
   shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(records.EVAL_DIR))
   step = checkpoints.list_steps(copy)[-1]
-  data = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(
-      checkpoints.checkpoint_dir(copy), str(step), "params")) for f in fs
-      if os.path.basename(d) == "d"]  # tensorstore's array data files
+  params_dir = os.path.join(checkpoints.checkpoint_dir(copy), str(step), "params")
+  data = [os.path.join(d, f) for d, _, fs in os.walk(params_dir) for f in fs
+          if os.path.basename(d) == "d"]  # tensorstore's array data files
   assert data
+  if how != "all halved":  # the largest file of the process's OCDBT store: array bytes
+    data = [max((p for p in data if f"ocdbt.process_0{os.sep}d{os.sep}" in p),
+                key=os.path.getsize)]
   for path in data:
+    if how == "one missing":
+      os.remove(path)
+      continue
     with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
+      f.truncate(0 if how == "one emptied" else os.path.getsize(path) // 2)
   return step
+
+
+def listing(root: str) -> list[tuple[str, int]]:
+  return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_each_kind_of_damage_is_a_checkpoint_read_error(tiny_run, tmp_path, how):
+  copy = str(tmp_path / "run_a")
+  step = corrupt_copy(tiny_run[0], copy, how)
+  with pytest.raises(checkpoints.CheckpointReadError) as info:
+    checkpoints.restore(copy, step)
+  assert info.value.step == step and info.value.path == os.path.join(
+      checkpoints.checkpoint_dir(copy), str(step))
+  assert "\n" not in str(info.value) and f"Remove {info.value.path}" in str(info.value)
+  # Only storage failures are turned into it: another plain Exception passes unchanged.
+  with pytest.raises(Exception, match="^unrelated$"):
+    with checkpoints.reading_checkpoint(copy, step):
+      raise Exception("unrelated")
 
 
 def test_a_corrupt_checkpoint_is_reported_once(tiny_run, tmp_path):
@@ -252,11 +328,51 @@ def test_a_corrupt_checkpoint_is_reported_once(tiny_run, tmp_path):
     asyncio_log.removeHandler(handler)
 
 
+def test_reads_abandoned_by_a_failed_restore_print_nothing(monkeypatch):
+  """orbax closes the array reads still waiting when a restore fails; its wrapper turns each
+  close into an unraisable plain Exception (up to 520 stderr lines after the one-line error).
+  Those are dropped; any other unraisable report still reaches the hook that was there."""
+  import types
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoints._quiet_late_read_deliveries()
+
+  def report(exc):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                                             exc_traceback=None, err_msg=None, object=None))
+
+  def wrapped(cause):
+    try:
+      raise Exception(f"{checkpoints._ORBAX_ARRAY_READ}: (slice(0, 4, 1),). See ...") from cause
+    except Exception as e:  # noqa: BLE001 - orbax's own type
+      return e
+
+  abandoned, failed, other = wrapped(GeneratorExit()), wrapped(ValueError("DATA_LOSS: x")), \
+      Exception("something else")
+  for exc in (abandoned, failed, other):
+    report(exc)
+  assert [u.exc_value for u in seen] == [failed, other]
+
+
+def test_a_stop_signal_during_a_read_is_the_stop_not_a_read_error():
+  """orbax wraps whatever ends an array read, a Ctrl-C too: it comes out as the stop."""
+  from memdyn_jax.signals import StopRequested
+  stop = StopRequested(signal.SIGINT, "stopped by SIGINT before training started")
+  with pytest.raises(StopRequested) as info:
+    with checkpoints.reading_checkpoint("/runs/a", 4):
+      raise Exception(f"{checkpoints._ORBAX_ARRAY_READ}: (slice(0, 4, 1),).") from stop
+  assert info.value is stop
+
+
 def test_a_corrupt_checkpoint_is_one_line_naming_run_step_and_fix(tiny_run, tmp_path):
+  """The walk's damage (one array data file cut in half): evaluate.py, a resuming train.py
+  and export.py each print one line naming the run, the step and the fix, exit 2, and
+  delete nothing."""
   from conftest import assert_one_line_error
   run_dir, base = tiny_run
   copy = str(tmp_path / "run_a")
-  step = corrupt_copy(run_dir, copy)
+  step = corrupt_copy(run_dir, copy, "one halved")
+  before = listing(copy)
   needle = f"checkpoint at step {step} cannot be read"
   proc = run_binary("evaluate.py", f"--run_dir={copy}", f"--steps={step}",
                     f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
@@ -271,5 +387,12 @@ def test_a_corrupt_checkpoint_is_one_line_naming_run_step_and_fix(tiny_run, tmp_
                                                 "max_length", "overlength")],
                     "--num_epochs=2", "--noprogress", "--mesh_data=1")
   assert_one_line_error(proc, "train.py", needle)
-  assert_one_line_error(run_binary("export.py", f"--run_dir={copy}", f"--output_dir={tmp_path}/x"),
-                        "export.py", needle)
+  line = assert_one_line_error(
+      run_binary("export.py", f"--run_dir={copy}", f"--output_dir={tmp_path}/x"),
+      "export.py", needle)
+  assert "--step" not in line  # the step was not given: the run's damage, not a bad flag
+  after = dict(listing(copy))
+  assert all(path in after for path, _ in before)  # nothing deleted
+  assert [e for e in before if e[0].startswith(checkpoints.CHECKPOINT_DIR)] == [
+      e for e in after.items() if e[0].startswith(checkpoints.CHECKPOINT_DIR)]  # nor changed
+  assert not os.path.exists(tmp_path / "x")

@@ -21,7 +21,9 @@ from memdyn_jax.merging import MergeConfig
 
 from conftest import EVAL_CLI_FLAGS, EVAL_TASK_KWARGS, assert_one_line_error, run_binary
 
-EVAL_FLAGS = (f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}", *EVAL_CLI_FLAGS)
+# No gradient-variance flags: its default shape (5 minibatches of 8) is sized to --num_train=4.
+EVAL_FLAGS = (f"--task_kwargs={json.dumps(EVAL_TASK_KWARGS)}",
+              *[f for f in EVAL_CLI_FLAGS if not f.startswith("--grad_variance")])
 
 
 def run_cli(*args):
@@ -40,6 +42,8 @@ def linear_merge(tiny_run, tmp_path_factory):
   proc = run_cli(f"--checkpoints={run_dir}:2-4", f"--output_dir={out}", "--evaluate",
                  *EVAL_FLAGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "merge.py: gradient variance over 4 minibatches of 1: the train subset has 4" \
+      in proc.stdout, proc.stdout
   return run_dir, out, proc
 
 

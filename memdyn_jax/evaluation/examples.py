@@ -20,7 +20,7 @@ checkpoint costs no compilation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -158,7 +158,8 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
                       params: sampling.SamplingParams, perturbation: str | None = None,
                       batch_size: int = 16, max_length: int | None = None, mesh=None,
                       append_eos: bool = False, greedy: bool = False,
-                      score_targets: bool = True, keep_texts: bool = False
+                      score_targets: bool = True, keep_texts: bool = False,
+                      progress: Callable[[str, int, int, int], None] | None = None
                       ) -> list[ExampleRecord]:
   """Samples, grades and scores `examples` with `model`; one record per example.
 
@@ -182,6 +183,9 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
     score_targets: teacher-force the target trace (off for perturbed prompts, whose target
       score equals the unperturbed one).
     keep_texts: store the sample and greedy texts in the records.
+    progress: `progress(phase, done, total, tokens)` as the work goes: phase "sampling",
+      "greedy" (after each batch of prompts: prompts done of `total`, tokens generated so
+      far) or "scoring" (at its start and end).
 
   Returns:
     One ExampleRecord per example, in input order.
@@ -193,22 +197,32 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
     raise ValueError(f"no examples to evaluate for split {split!r}")
   if not params.stop:
     params = dataclasses.replace(params, stop=tuple(task.stop))
+  n = len(examples)
+
+  def phase(name: str):
+    return None if progress is None else (lambda done, tokens: progress(name, done, n, tokens))
+
   prompts = [task.format_prompt(ex.question, perturbation) for ex in examples]
   completions = sampling.sample(model, tokenizer, prompts, params, batch_size=batch_size,
-                                mesh=mesh)
+                                mesh=mesh, progress=phase("sampling"))
   greedy_out = [None] * len(examples)
   if greedy:
     gparams = dataclasses.replace(params, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, n=1)
     greedy_out = [c[0] for c in sampling.sample(model, tokenizer, prompts, gparams,
-                                                batch_size=batch_size, mesh=mesh)]
+                                                batch_size=batch_size, mesh=mesh,
+                                                progress=phase("greedy"))]
   by_index = {}
   if score_targets:
+    if progress is not None:
+      progress("scoring", 0, n, 0)
     clean_prompts = [task.format_prompt(ex.question) for ex in examples]
     targets = [task.format_target(ex) for ex in examples]
     scores = scoring.score_texts(model, tokenizer, clean_prompts, targets,
                                  batch_size=batch_size, max_length=max_length,
                                  overlength="truncate", mesh=mesh, append_eos=append_eos)
     by_index = {s.index: s for s in scores}
+    if progress is not None:
+      progress("scoring", n, n, 0)
   records = []
   for i, (ex, samples) in enumerate(zip(examples, completions)):
     grades = [task.grade_detailed(c.text, ex.answer) for c in samples]

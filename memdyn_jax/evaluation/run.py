@@ -127,14 +127,25 @@ class EvalSettings:
     d.update(splits=list(self.splits), perturbations=list(self.perturbations))
     return d
 
-  def grad_variance_config(self):
-    """The `GradientVarianceConfig` of the settings, or None when off."""
+  def grad_variance_config(self, num_train: int | None = None):
+    """The `GradientVarianceConfig` of the settings, or None when off.
+
+    With `num_train` (the size of the train subset the minibatches are drawn from) and the
+    default shape (5 minibatches of 8: 40 examples), a smaller subset gets as many of the
+    minibatches as it fills, each as large as fits (4 examples: 4 minibatches of 1), and
+    none under 2 examples (None). Any other shape is kept as given (`evaluate` refuses a
+    subset too small for it).
+    """
     if not self.grad_variance:
       return None
     from memdyn_jax.evaluation.gradient_variance import GradientVarianceConfig
-    return GradientVarianceConfig(num_minibatches=self.grad_variance_minibatches,
-                                  batch_size=self.grad_variance_batch_size,
-                                  seed=self.subset_seed)
+    k, b = self.grad_variance_minibatches, self.grad_variance_batch_size
+    if num_train is not None and (k, b) == DEFAULT_GRAD_VARIANCE_SHAPE and num_train < k * b:
+      k = min(k, num_train)
+      if k < 2:
+        return None
+      b = num_train // k
+    return GradientVarianceConfig(num_minibatches=k, batch_size=b, seed=self.subset_seed)
 
   def unit_keys(self) -> list[tuple[str, str | None]]:
     """(split, perturbation) of every unit evaluated at each checkpoint."""
@@ -143,6 +154,31 @@ class EvalSettings:
       keys += ([("perturbed", p) for p in self.preambles] if split == "perturbed"
                else [(split, None)])
     return keys
+
+
+# (minibatches, examples each) of the gradient variance by default: sized down to a smaller
+# train subset (`EvalSettings.grad_variance_config`), so small evaluations need no flags.
+DEFAULT_GRAD_VARIANCE_SHAPE = (EvalSettings.grad_variance_minibatches,
+                               EvalSettings.grad_variance_batch_size)
+
+
+def train_subset_size(run_dir: str, settings: EvalSettings) -> int | None:
+  """How many train examples `build_units` draws for the settings, from the run's files
+  alone (its task is not loaded): the rows of examples.json (else run.json's count), of
+  those the ones subset.json keeps, at most `num_train`. None when the files do not say."""
+  from memdyn_jax.train import checkpoints
+  try:
+    listing = checkpoints.read_examples_listing(run_dir)
+    rows = (len(listing["ids"]) if listing else
+            (checkpoints.read_run_info(run_dir).get("data") or {}).get("num_examples"))
+    drawn = checkpoints.read_subset(run_dir)
+  except (OSError, ValueError, KeyError, TypeError):  # reported when the units are built
+    return None
+  if drawn is not None:
+    rows = len(drawn)
+  if rows is None:
+    return None
+  return min(int(rows), settings.num_train) if settings.num_train else int(rows)
 
 
 def sampling_params(task_name: str, settings: EvalSettings):
@@ -311,7 +347,8 @@ def pending_steps(run_dir: str, settings: EvalSettings,
     steps = spread_steps(checkpoints.list_steps(run_dir), settings.checkpoints_per_run)
   steps = sorted(set(steps) | ({0} if settings.include_base else set()))
   name = settings.eval_name
-  gv_config = settings.grad_variance_config()
+  gv_config = settings.grad_variance_config(
+      train_subset_size(run_dir, settings) if settings.grad_variance else None)
   gv_wanted = None if gv_config is None else dataclasses.asdict(gv_config)
 
   def gv_done(step):
@@ -347,7 +384,8 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     steps: checkpoint steps (default all).
     mesh: device mesh (default the first local device).
     progress: tqdm bar.
-    log: optional `log(message)` after each checkpoint.
+    log: optional `log(message)`: a line after each checkpoint, and one each for work
+      already done (a resumed evaluation) and a gradient-variance shape sized to the subset.
     should_stop: checked after each unit written; True stops there (see
       `evaluate_units`).
 
@@ -375,7 +413,9 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     return []
   tokenizer = load_tokenizer(run_dir, settings)
   units, train = build_units(run_dir, task, settings, tokenizer)
-  gv_config = settings.grad_variance_config()
+  gv_config = settings.grad_variance_config(None if train is None else len(train))
+  if settings.grad_variance and log is not None:
+    _log_grad_variance_shape(settings, gv_config, len(train), log)
   if gv_config is not None and len(train) < gv_config.num_minibatches * gv_config.batch_size:
     raise EvalSettingsError(
         "grad_variance_batch_size", f"{gv_config.num_minibatches} minibatches of "
@@ -398,6 +438,19 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
   if timings and jax.process_index() == 0:
     write_tensorboard(run_dir, task.name, [t.step for t in timings], name=settings.eval_name)
   return timings
+
+
+def _log_grad_variance_shape(settings: EvalSettings, config, num_train: int,
+                             log: Callable[[str], None]) -> None:
+  """One line when the default gradient-variance shape was sized down to the subset."""
+  asked = (settings.grad_variance_minibatches, settings.grad_variance_batch_size)
+  if config is not None and (config.num_minibatches, config.batch_size) == asked:
+    return
+  why = (f"the train subset has {num_train} example(s), fewer than the default "
+         f"{asked[0]} minibatches of {asked[1]}")
+  log(f"gradient variance skipped: {why} and under the 2 it needs" if config is None else
+      f"gradient variance over {config.num_minibatches} minibatches of {config.batch_size}: "
+      f"{why} (--grad_variance_minibatches, --grad_variance_batch_size set it)")
 
 
 def checkpoint_scalars(rows: Sequence[Mapping[str, Any]], threshold: float
@@ -536,9 +589,11 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
     max_length, append_eos: scoring convention; default the run's training config.
     mesh: device mesh; default the first local device.
     keep_texts: store sample texts in the records.
-    progress: tqdm bar over (checkpoint, unit) pairs.
+    progress: tqdm bar over (checkpoint, unit) pairs, showing the unit in progress too
+      (its phase, prompts done of the unit's, tokens/s).
     name: eval folder name under `run_dir`.
-    log: optional `log(message)` called after each checkpoint.
+    log: optional `log(message)` called after each checkpoint, and once at the start when
+      some of the (checkpoint, unit) pairs asked for are already evaluated.
     grad_variance: also measure each checkpoint's gradient variance (Kang et al. App. B.1)
       into `step_<n>/checkpoint.json`; a checkpoint whose stored value was measured with
       the same settings is skipped, one with other settings is measured again.
@@ -549,7 +604,7 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
       The base model's parameters are loaded once, on the first checkpoint that needs them.
     should_stop: checked after each unit's records are written; when it returns True the
       evaluation stops there (what is written stays; a re-run continues), e.g. the flag of
-      `train.loop.StopSignals` on SIGTERM / Ctrl-C.
+      `signals.StopSignals` on SIGTERM / Ctrl-C.
 
   Returns:
     A StepTiming per checkpoint evaluated (skipped ones are absent).
@@ -579,6 +634,10 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
   append_eos = cfg.get("append_eos", False) if append_eos is None else append_eos
   pending = [(s, u) for s in sorted(set(wanted)) for u in units
              if not records.is_done(run_dir, s, u.split, u.perturbation, name=name)]
+  asked = len(set(wanted)) * len(units)
+  if log is not None and pending and len(pending) < asked:
+    log(f"resumed: {asked - len(pending)} of {asked} (checkpoint, unit) pairs already "
+        f"evaluated, {len(pending)} to go")
   gv_batches, gv_settings, gv_pending = None, None, set()
   if grad_variance is not None:
     if grad_variance_examples is None:
@@ -620,13 +679,14 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
       todo = [u for s, u in pending if s == step]
       t1 = time.perf_counter()
       for unit in todo:
-        bar.set_postfix(step=step,
-                        split=records.unit_name(unit.split, unit.perturbation))
+        unit_name = records.unit_name(unit.split, unit.perturbation)
+        bar.set_postfix(step=step, split=unit_name)
         recs = evaluate_examples(
             model, tokenizer, task, unit.examples, unit.split, params=params,
             perturbation=unit.perturbation, batch_size=batch_size, max_length=max_length,
             mesh=mesh, append_eos=append_eos, greedy=unit.greedy,
-            score_targets=unit.score_targets, keep_texts=keep_texts)
+            score_targets=unit.score_targets, keep_texts=keep_texts,
+            progress=_UnitProgress(bar, step, unit_name) if progress else None)
         records.write_records(run_dir, step, unit.split, [r.to_dict() for r in recs],
                                   unit.perturbation, name=name)
         bar.update(1)
@@ -644,6 +704,25 @@ def evaluate_units(run_dir: str, task: Task, tokenizer, units: Sequence[EvalUnit
   finally:
     bar.close()
   return timings
+
+
+class _UnitProgress:
+  """Shows the unit in progress on the evaluation's bar: each phase's prompts done (of the
+  unit's) and its generated tokens/s (the bar itself moves once per unit, which at paper
+  scale is minutes)."""
+
+  def __init__(self, bar, step: int, unit: str):
+    self.bar, self.step, self.unit = bar, step, unit
+    self.phase, self.start = None, 0.0
+
+  def __call__(self, phase: str, done: int, total: int, tokens: int) -> None:
+    now = time.perf_counter()
+    if phase != self.phase:
+      self.phase, self.start = phase, now
+    shown = {"step": self.step, "split": self.unit, phase: f"{done}/{total}"}
+    if tokens and now > self.start:
+      shown["tok_s"] = f"{tokens / (now - self.start):.0f}"
+    self.bar.set_postfix(shown)  # in this order (keywords would be sorted)
 
 
 def _load_step(run_dir: str, step: int, info: Mapping[str, Any], mesh):

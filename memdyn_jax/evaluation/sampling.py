@@ -513,7 +513,8 @@ def _completion(tokenizer, ids: np.ndarray, logprobs: np.ndarray, entropies: np.
 def sample(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, *,
            batch_size: int = 8, add_bos: bool | None = None,
            length_buckets: Sequence[int] | None = None, check_every: int = 32,
-           mesh: Mesh | None = None) -> list[list[Completion]]:
+           mesh: Mesh | None = None, progress: Callable[[int, int], None] | None = None
+           ) -> list[list[Completion]]:
   """Samples `params.n` completions of each prompt.
 
   Prompts are tokenized with `tasks.tokenize` (BOS as in training, no EOS), sorted by
@@ -530,6 +531,7 @@ def sample(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: Sa
     length_buckets: padded prompt lengths; default `scoring.default_length_buckets`.
     check_every: decode steps between stop-string checks.
     mesh: shard rows over the mesh's data axes.
+    progress: `progress(prompts_done, tokens_generated)` after each batch of prompts.
 
   Returns:
     For each prompt, its n Completions.
@@ -562,6 +564,7 @@ def sample(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: Sa
   order = np.argsort(-lengths, kind="stable")
   width_all = batch.input_ids.shape[1]
   results: list[list[Completion]] = [[] for _ in prompts]
+  generated = 0
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     width = scoring.bucket_length(int(lengths[rows].max()), buckets)
@@ -581,4 +584,7 @@ def sample(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], params: Sa
         results[prompt_index].append(_completion(
             tokenizer, out.tokens[r, :n_tok], out.logprobs[r, :n_tok], out.entropies[r, :n_tok],
             int(out.finish_reason[r]), params.stop))
+    if progress is not None:
+      generated += int(np.asarray(out.lengths[:len(rows) * params.n]).sum())
+      progress(start + len(rows), generated)
   return results

@@ -407,7 +407,7 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
   A run whose training becomes non-finite (a too-high learning rate of the grid) is
   reported in the outcome, not raised: the other cells go on. SIGTERM / SIGINT during
   training checkpoint and stop the cell (training installs its own handlers); during the
-  evaluation, `stop` (a `train.loop.StopSignals` the caller holds) stops it after the
+  evaluation, `stop` (a `signals.StopSignals` the caller holds) stops it after the
   records in progress. Either way the outcome's `stop_signal` says so.
   """
   import time
@@ -421,7 +421,8 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
   else:
     try:
       result = task_run.train_on_task(cell.config, sweep.task, sweep.model, cell.run_dir,
-                                      mesh=mesh, progress=progress)
+                                      mesh=mesh, progress=progress,
+                                      log_line=lambda m: log(f"{cell.name}: {m}"))
     except loop.NonFiniteError as e:
       log(f"{cell.name}: training failed: {e}")
       return CellOutcome(cell.name, error=str(e))
@@ -436,7 +437,9 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
       cell.run_dir, sweep.evaluation, mesh=mesh, progress=progress,
       log=lambda m: log(f"{cell.name}: {m}"),
       should_stop=None if stop is None else (lambda: stop.fired))
-  stopped = stop.signum if stop is not None else None
+  # Stopped only if something is left: a signal after the last record changes nothing.
+  stopped = (stop.signum if stop is not None and stop.fired
+             and run_evaluation.pending_steps(cell.run_dir, sweep.evaluation) else None)
   log(f"{cell.name}: evaluated {len(timings)} checkpoint(s)"
       + ("" if timings else " (all records present)")
       + (" and stopped (signal)" if stopped is not None else ""))
@@ -444,14 +447,18 @@ def run_cell(sweep: Sweep, cell: Cell, *, mesh=None, progress: bool = True,
                      eval_seconds=time.time() - trained_at, stop_signal=stopped)
 
 
+# What a sweep does on SIGTERM / Ctrl-C outside a cell's training (which checkpoints first).
+_STOPPING = "will stop once the records in progress are written; no further cell is started"
+
+
 def run_local(sweep: Sweep, cells: Sequence[Cell], **kwargs) -> list[CellOutcome]:
   """`run_cell` on each cell in turn (in this process: compiled evaluation programs are
   reused across cells of one architecture). SIGTERM / SIGINT stop it after the cell in
   progress saved its state: the last outcome then has `stop_signal` set, and the cells
   after it are not started."""
-  from memdyn_jax.train.loop import StopSignals
+  from memdyn_jax.signals import StopSignals
   outcomes = []
-  with StopSignals() as stop:
+  with StopSignals(_STOPPING) as stop:
     for cell in cells:
       if stop.fired:  # between two cells: start nothing new
         outcomes.append(CellOutcome(cell.name, stop_signal=stop.signum))
@@ -472,8 +479,8 @@ def _init_worker(compile_cache_dir: str | None) -> None:
 
 
 def _run_cell_in_worker(sweep: Sweep, cell: Cell) -> CellOutcome:
-  from memdyn_jax.train.loop import StopSignals
-  with StopSignals() as stop:
+  from memdyn_jax.signals import StopSignals
+  with StopSignals(_STOPPING) as stop:
     return run_cell(sweep, cell, stop=stop, progress=False)
 
 
@@ -494,11 +501,11 @@ def run_parallel(sweep: Sweep, cells: Sequence[Cell], workers: int, *,
   import multiprocessing
   import signal
 
-  from memdyn_jax.train.loop import StopSignals
+  from memdyn_jax.signals import StopSignals
   if workers <= 1 or len(cells) <= 1:
     return run_local(sweep, cells, progress=False)
   outcomes: dict[str, CellOutcome] = {}
-  with StopSignals() as stop, concurrent.futures.ProcessPoolExecutor(
+  with StopSignals(_STOPPING) as stop, concurrent.futures.ProcessPoolExecutor(
       min(workers, len(cells)), mp_context=multiprocessing.get_context("spawn"),
       initializer=_init_worker, initargs=(compile_cache_dir,)) as pool:
     pending = {pool.submit(_run_cell_in_worker, sweep, c) for c in cells}

@@ -17,6 +17,7 @@ cleaned up when a manager opens the run), and all are kept.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -48,6 +49,9 @@ class RunMismatchError(ValueError):
 
 
 _STATUS_CODE = re.compile(r"[A-Z][A-Z_]+(?=:)")  # tensorstore's, leading its message
+# orbax 0.12.8 (serialization._read_array_index_and_device_put) re-raises anything that ends
+# the read of an array's bytes as a plain `Exception` with this message, the cause chained.
+_ORBAX_ARRAY_READ = "Encountered error while reading array index"
 
 
 class CheckpointReadError(ValueError):
@@ -97,44 +101,79 @@ def _is_late_read_delivery(unraisable) -> bool:
   return False
 
 
+def _is_abandoned_read(unraisable) -> bool:
+  """An array read still waiting when orbax gave up on the restore: its coroutine is closed
+  unfinished, and orbax's wrapper (`_ORBAX_ARRAY_READ`, which catches BaseException) turns
+  the GeneratorExit of the close into a plain Exception, reported as unraisable. Such a read
+  did not fail; the failure that ended the restore is raised on its own."""
+  exc = unraisable.exc_value
+  return (_is_orbax_read_error(exc)
+          and isinstance(exc.__cause__, (GeneratorExit, asyncio.CancelledError)))
+
+
 def _quiet_late_read_deliveries() -> None:
-  """Installs (once) an unraisable hook that drops `_is_late_read_delivery` reports and
-  passes every other one to the hook that was there."""
+  """Installs (once) an unraisable hook that drops `_is_late_read_delivery` and
+  `_is_abandoned_read` reports and passes every other one to the hook that was there."""
   previous = sys.unraisablehook
   if getattr(previous, "_memdyn_quiets_late_reads", False):
     return
 
   def hook(unraisable):
-    if not _is_late_read_delivery(unraisable):
+    if not (_is_late_read_delivery(unraisable) or _is_abandoned_read(unraisable)):
       previous(unraisable)
 
   hook._memdyn_quiets_late_reads = True
   sys.unraisablehook = hook
 
 
+def _storage_error(e: BaseException) -> BaseException | None:
+  """The storage failure behind `e`, or None when `e` is not one: an OSError, a truncated
+  JSON item, tensorstore's ValueError with a status code (DATA_LOSS, OUT_OF_RANGE, ...)
+  raised opening a checkpoint's stores, or orbax's plain Exception wrapping one of these
+  (raised reading an array's bytes: a cut, emptied or missing data file)."""
+  if isinstance(e, (OSError, json.JSONDecodeError)):
+    return e
+  if isinstance(e, ValueError):
+    return e if _STATUS_CODE.match(str(e)) else None
+  if _is_orbax_read_error(e) and e.__cause__ is not None:
+    return _storage_error(e.__cause__)
+  return None
+
+
+def _is_orbax_read_error(e: BaseException) -> bool:
+  return type(e) is Exception and str(e).startswith(_ORBAX_ARRAY_READ)
+
+
 @contextlib.contextmanager
 def reading_checkpoint(run_dir: str, step: int):
-  """Reads of one checkpoint's files go in this block: a storage failure (an OSError, a
-  truncated JSON item, tensorstore's ValueError with a status code such as DATA_LOSS)
-  leaves it as one CheckpointReadError and prints nothing else; any other error passes.
+  """Reads of one checkpoint's files go in this block: a storage failure (`_storage_error`:
+  an OSError, a truncated JSON item, tensorstore's ValueError with a status code such as
+  DATA_LOSS, or orbax's wrapper of one) leaves it as one CheckpointReadError and prints
+  nothing else; any other error passes.
 
   Why nothing else is printed: orbax reads a checkpoint's array files concurrently, raises
   the first failure and closes its event loop; the other reads end later, while the error
   propagates and after: a failed one is logged by asyncio as a never-retrieved exception (a
   multi-line traceback per file), and one still running when the loop closed is reported as
   an unraisable "Event loop is closed" (measured: up to 66 stderr lines around a binary's
-  one-line error, on a loaded 2-core box). Both repeat the damage the CheckpointReadError
-  names, so both are dropped: the asyncio records that name this checkpoint's folder, and
-  late deliveries into a closed loop (hooked before reading, since they can come before the
-  failure surfaces). Every other record and report passes.
+  one-line error, on a loaded 2-core box); one not yet started is closed, which orbax's
+  wrapper reports as an unraisable Exception (`_is_abandoned_read`: up to 520 lines with one
+  data file cut in half). All repeat the damage the CheckpointReadError names, or are no
+  failure at all, so they are dropped: the asyncio records that name this checkpoint's
+  folder, late deliveries into a closed loop and abandoned reads (hooked before reading,
+  since they can come before the failure surfaces). Every other record and report passes.
   """
   _quiet_late_read_deliveries()
   try:
     yield
-  except (ValueError, OSError) as e:
-    if not (isinstance(e, (OSError, json.JSONDecodeError)) or _STATUS_CODE.match(str(e))):
+  except Exception as e:  # noqa: BLE001 - orbax's wrapper is a plain Exception: re-raised
+    # unless `_storage_error` recognises it
+    if _is_orbax_read_error(e) and isinstance(e.__cause__, KeyboardInterrupt):
+      raise e.__cause__  # a Ctrl-C / stop signal (`signals.StopRequested`) during the read
+    cause = _storage_error(e)
+    if cause is None:
       raise
-    error = CheckpointReadError(run_dir, step, e)
+    error = CheckpointReadError(run_dir, step, cause)
     logging.getLogger("asyncio").addFilter(_ReportedReadFailure(error.path))
     raise error from e
 

@@ -183,20 +183,29 @@ class TrainConfig:
 
   def schedule_notes(self, num_examples: int) -> list[str]:
     """What a user may not expect of the step count for `num_examples` examples: a batch
-    larger than the (subset of the) data, so examples repeat inside a batch; or epochs
-    that a whole number of steps can only approximate (2 epochs running as 2.24). Empty
-    when the run is what it says. The training loop logs them."""
+    larger than the (subset of the) data, so examples repeat inside a batch; epochs that a
+    whole number of steps can only approximate (2 epochs running as 2.24); or a warmup as
+    long as the run (a preset's 20 steps in a 4-step run), so the learning rate never
+    reaches its peak. Empty when the run is what it says. The training loop logs them."""
     notes = []
     subset = subset_size(num_examples, self.data_fraction)
+    steps = self.total_steps(num_examples)
     if self.global_batch_size > subset:
       notes.append(f"global_batch_size {self.global_batch_size} exceeds the {subset} training "
                    f"examples: examples repeat within a batch")
     if not self.max_steps and not self.train_steps_as_full_epochs:
-      steps = self.total_steps(num_examples)
       actual = steps * self.global_batch_size / subset
       if abs(actual - self.num_epochs) > 1e-6 * max(1.0, self.num_epochs):
         notes.append(f"num_epochs {self.num_epochs:g} of {subset} examples in batches of "
                      f"{self.global_batch_size} rounds up to {steps} steps = {actual:.3g} epochs")
+    warmup = self.warmup(steps)  # at most the run; the peak comes at step `warmup` (0-based)
+    if warmup >= steps and self.learning_rate > 0:
+      asked = (f"warmup_steps {self.warmup_steps}" if self.warmup_steps
+               else f"warmup_ratio {self.warmup_ratio:g}")
+      highest = self.learning_rate * (steps - 1) / warmup
+      notes.append(f"{asked} spans the whole {steps}-step run: the learning rate rises to "
+                   f"{highest:.3g} at most, never its peak learning_rate "
+                   f"{self.learning_rate:g} (lower the warmup)")
     return notes
 
   def warmup(self, total_steps: int) -> int:

@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -33,6 +31,7 @@ from memdyn_jax.train import checkpoints as ckpt
 from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import hf_io
+from memdyn_jax.signals import STOP_SIGNALS, StopSignals  # noqa: F401 - re-exported
 from memdyn_jax.train import step as step_lib
 from memdyn_jax.train.config import TrainConfig, checkpoint_steps, epoch_crossed
 from memdyn_jax.train.optim import make_optimizer, make_schedule
@@ -143,40 +142,6 @@ def make_default_sampler(cfg: TrainConfig, num_examples: int,
                       data_fraction=cfg.data_fraction, **kwargs)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopSignals:
-  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag that a loop checks between
-  units of work, so it saves and stops cleanly; a second SIGINT aborts at once
-  (KeyboardInterrupt). Installed on the main thread only; nests (the innermost holds)."""
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._old = {}
-
-  @property
-  def fired(self) -> bool:
-    return self.signum is not None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-    return self
-
-  def _handle(self, signum, frame):
-    if signum == signal.SIGINT and self.signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    log.warning("%s received: will checkpoint and stop after the current step%s",
-                signal.Signals(signum).name,
-                " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for s, old in self._old.items():
-      signal.signal(s, old)
-
-
 def _metrics_lines_up_to(path: str, last_step: int) -> list[str]:
   """The lines of metrics.jsonl with step <= last_step; a torn final line is skipped."""
   with open(path, encoding="utf-8") as f:
@@ -258,7 +223,8 @@ def per_example_perplexity(ppl_fn: Callable, states: tuple, data: TrainData, chu
 def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *,
           mesh: Mesh | None = None, resume: bool = True, sampler: ExampleSampler | None = None,
           progress: bool = True, hooks: Sequence[Callable[[int, dict], None]] = (),
-          async_checkpoints: bool = True, rules=sharding_lib.DEFAULT_RULES) -> TrainResult:
+          async_checkpoints: bool = True, rules=sharding_lib.DEFAULT_RULES,
+          log_line: Callable[[str], None] | None = None) -> TrainResult:
   """Fine-tunes `model_path` on `data`, checkpointing into `output_dir`.
 
   Args:
@@ -275,6 +241,9 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
     hooks: `hook(step, record)` after each step (and after its checkpoint save started).
     async_checkpoints: write checkpoints in the background.
     rules: logical-axis sharding rules.
+    log_line: prints a line for the user (process 0 only): the step a resumed run continues
+      from, and that the train step is compiling (minutes on a large model, before the
+      first step); default this module's logger at INFO.
 
   Returns:
     A TrainResult.
@@ -345,7 +314,10 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
         mngr, latest, params=trained, opt_state=opt_state, rngs=rngs)
     sampler.load_state_dict(meta["sampler"])
     start = int(meta["step"])
-    log.info("resumed %s from step %d", output_dir, start)
+  is_main = jax.process_index() == 0
+  say = (log_line or (lambda m: log.info("%s", m))) if is_main else (lambda m: None)
+  if latest is not None:
+    say(f"{output_dir}: resumed from step {start} of {total}")
   last_saved = start if latest is not None else None
 
   batch_shardings = {k: step_lib.microbatch_sharding(mesh, 3, rules) for k in _ARRAYS}
@@ -354,7 +326,6 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
                                         batch_shardings=batch_shardings, seed=cfg.seed,
                                         model_hook=model_hook)
   ppl_fn = None
-  is_main = jax.process_index() == 0
   writer = MetricsWriter(output_dir, start, enabled=is_main)
 
   def save(done: int) -> None:
@@ -369,9 +340,11 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
              dynamic_ncols=True)
   losses: list[float] = []
   preempted = False
+  if start < total:  # the first call compiles; its bar shows nothing meanwhile
+    say(f"{output_dir}: compiling the train step (the first step waits for it)")
   last_time = time.perf_counter()
-  try:
-    with StopSignals() as stop:
+  with StopSignals() as stop:  # to the end: a signal while the run closes changes nothing
+    try:
       for s in range(start, total):
         if sampler.wants_scores(s):
           if ppl_fn is None:
@@ -417,21 +390,21 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
           last_saved = done
         for hook in hooks:
           hook(done, record)
-        if stop.fired:
+        if stop.fired and done < total:  # after the last step it changes nothing
           if last_saved != done:
             save(done)
             last_saved = done
           preempted = True
           break
-    mngr.wait_until_finished()
-  finally:
-    bar.close()
-    writer.close()
-    mngr.close()
+      mngr.wait_until_finished()
+    finally:
+      bar.close()
+      writer.close()
+      mngr.close()
   final = start + len(losses)
   return TrainResult(run_dir=output_dir, step=final, total_steps=total, losses=tuple(losses),
                      preempted=preempted, model=nnx.merge(graphdef, trained, rngs, frozen),
-                     stop_signal=stop.signum)
+                     stop_signal=stop.signum if preempted else None)
 
 
 def task_train_data(tokenizer, task, examples, cfg: TrainConfig) -> tuple[TrainData, list[str]]:

@@ -103,7 +103,8 @@ def write_examples_listing(run_dir: str, spec: TaskSpec, ids) -> None:
 
 
 def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *, mesh=None,
-                  resume: bool = True, progress: bool = True, async_checkpoints: bool = True):
+                  resume: bool = True, progress: bool = True, async_checkpoints: bool = True,
+                  log_line=None):
   """Trains (or resumes) the run of `cfg` on the spec's data in `run_dir`.
 
   Args:
@@ -112,7 +113,7 @@ def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *,
     model: base model reference (see `resolve_model`); recorded in run.json as given,
       except 'embedded', recorded as its cached directory.
     run_dir: the run directory.
-    mesh, resume, progress, async_checkpoints: see `loop.train`.
+    mesh, resume, progress, async_checkpoints, log_line: see `loop.train`.
 
   Returns:
     `loop.TrainResult`.
@@ -138,5 +139,5 @@ def train_on_task(cfg: TrainConfig, spec: TaskSpec, model: str, run_dir: str, *,
       num_examples=data.num_examples), hf_io.resolve_checkpoint_dir(model_path))
   if jax.process_index() == 0:
     write_examples_listing(run_dir, spec, ids)
-  return loop.train(cfg, data, model_path, run_dir, mesh=mesh,
-                    resume=resume, progress=progress, async_checkpoints=async_checkpoints)
+  return loop.train(cfg, data, model_path, run_dir, mesh=mesh, resume=resume, progress=progress,
+                    async_checkpoints=async_checkpoints, log_line=log_line)

@@ -63,6 +63,21 @@ def test_schedule_notes_say_when_batches_repeat_or_epochs_round():
   assert TrainConfig(global_batch_size=16, max_steps=3).schedule_notes(8) == [small[0]]
 
 
+def test_schedule_notes_say_when_the_warmup_spans_the_run():
+  """The walk's preset warmup of 20 steps in a 4-step run trained without ever reaching the
+  peak rate, silently."""
+  cfg = config_lib.get_preset("kang_llama3_gsm8k", global_batch_size=6, num_epochs=2)
+  assert cfg.total_steps(12) == 4
+  assert cfg.schedule_notes(12) == [
+      "warmup_steps 20 spans the whole 4-step run: the learning rate rises to 1.5e-05 at "
+      "most, never its peak learning_rate 2e-05 (lower the warmup)"]
+  assert float(optim.make_schedule(cfg, 4)(3)) == pytest.approx(1.5e-5)  # what it says
+  assert cfg.replace(warmup_steps=3).schedule_notes(12) == []  # the peak at the last step
+  assert TrainConfig(global_batch_size=6, max_steps=2, warmup_ratio=0.5).schedule_notes(12) == []
+  ratio = TrainConfig(global_batch_size=6, max_steps=1, warmup_ratio=0.5).schedule_notes(12)
+  assert ratio[0].startswith("warmup_ratio 0.5 spans the whole 1-step run")
+
+
 def test_presets_match_the_papers():
   g = config_lib.get_preset("kang_llama3_gsm8k")
   assert (g.optimizer, g.schedule, g.warmup_steps, g.global_batch_size, g.max_grad_norm,

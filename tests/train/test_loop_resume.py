@@ -247,6 +247,38 @@ def test_stop_signal_saves_then_stops(model_dir, tmp_path, signum):
   assert {s: signal.getsignal(s) for s in loop.STOP_SIGNALS} == before  # handlers restored
 
 
+def test_a_stop_signal_during_the_last_step_changes_nothing(model_dir, tmp_path):
+  run = str(tmp_path / "run")
+
+  def hook(step, record):
+    if step == 8:  # the last: the run is complete once it is saved
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  result = loop.train(BASE_CFG.replace(save_every_steps=0), make_data(), model_dir, run,
+                      progress=False, hooks=[hook])
+  assert not result.preempted and result.stop_signal is None and result.step == 8
+
+
+def test_a_resumed_run_says_so(model_dir, tmp_path):
+  """The walk: a resumed run said nothing (only its progress bar started at 22/750)."""
+  run = str(tmp_path / "run")
+  cfg = BASE_CFG.replace(save_every_steps=0)
+  lines = []
+
+  def stop_at_3(step, record):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  loop.train(cfg, make_data(), model_dir, run, progress=False, hooks=[stop_at_3],
+             log_line=lines.append)
+  compiling = f"{run}: compiling the train step (the first step waits for it)"
+  assert lines == [compiling]
+  lines.clear()
+  assert loop.train(cfg, make_data(), model_dir, run, progress=False,
+                    log_line=lines.append).step == 8
+  assert lines == [f"{run}: resumed from step 3 of 8", compiling]
+
+
 def test_a_second_ctrl_c_aborts_at_once():
   with pytest.raises(KeyboardInterrupt):
     with loop.StopSignals() as stop:

@@ -63,11 +63,18 @@ def test_end_to_end_on_a_task_then_unknown_task(model_dir, tmp_path):
   proc = run_cli(*common)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 2/2" in proc.stdout
+  assert f"train.py: {run}: compiling the train step" in proc.stdout  # before the first step
+  # The preset's 20 warmup steps in this 2-step run: the peak rate is never reached.
+  assert "warmup_steps 20 spans the whole 2-step run" in proc.stderr, proc.stderr
   info = checkpoints.read_run_info(run)
   assert info["config"]["warmup_steps"] == 20 and info["config"]["global_batch_size"] == 8
   assert info["config"]["max_grad_norm"] == 2.0  # from the preset
   assert len(json.load(open(os.path.join(run, "examples.json")))["ids"]) == 16
   assert checkpoints.list_steps(run) == [2]
+  # The same command again resumes the finished run, and says so.
+  proc = run_cli(*common)
+  assert proc.returncode == 0 and f"train.py: {run}: resumed from step 2 of 2" in proc.stdout
+  assert "compiling" not in proc.stdout  # nothing left to train
   # A changed flag on the same run directory: one-line refusal naming the field.
   proc = run_cli(*common, "--learning_rate=1e-3")
   assert proc.returncode == 2 and "learning_rate" in proc.stderr.strip().splitlines()[-1]

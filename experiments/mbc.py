@@ -95,6 +95,7 @@ def run() -> int:
   for name in ("model", "task", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
+  cli.check_output_dir(FLAGS.output_dir)
   if FLAGS.max_train < 0:
     raise UsageError("--max_train: must be >= 0")
   cfg = study_config()

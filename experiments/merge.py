@@ -108,6 +108,7 @@ def run() -> int:
     raise UsageError("--checkpoints is required")
   if not FLAGS.output_dir:
     raise UsageError("--output_dir is required")
+  cli.check_output_dir(FLAGS.output_dir)
   if FLAGS.method == merged_run.GREEDY_SOUP and not FLAGS.validation_split:
     raise UsageError("--validation_split is required by --method=greedy_soup")
   if FLAGS.validation_examples < 0:

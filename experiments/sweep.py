@@ -130,8 +130,7 @@ def run_here(sweep, cells) -> int:
 
 def run() -> int:
   from memdyn_jax.train import task_run
-  if not FLAGS.sweep_dir:
-    raise UsageError("--sweep_dir is required")
+  cli.check_output_dir(FLAGS.sweep_dir, "sweep_dir", required=True)
   sweep = sweep_from_flags()
   try:
     task_run.check_task_name(sweep.task.name)

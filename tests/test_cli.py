@@ -85,7 +85,7 @@ def test_binaries_do_not_print_the_no_pytorch_banner():
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for name in sorted(os.listdir(os.path.join(repo, "experiments"))):
-    if not name.endswith(".py") or name == "convert_gguf.py":  # GGUF conversion needs torch.
+    if not name.endswith(".py"):
       continue
     tree = ast.parse(open(os.path.join(repo, "experiments", name)).read())
     first = next((n for n in tree.body if isinstance(n, ast.ImportFrom)
@@ -105,3 +105,56 @@ def test_binaries_do_not_print_the_no_pytorch_banner():
   shown = subprocess.run([sys.executable, "-c", code.replace("memdyn_jax.cli, ", "")],
                          capture_output=True, text=True, env=env, check=True)
   assert "PyTorch was not found" in shown.stderr  # The check above can fail.
+
+
+# ------------------------------------------------------------------ every binary's front door
+
+BINARIES = sorted(n for n in os.listdir(os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "experiments")) if n.endswith(".py"))
+
+
+def _run_each(commands):
+  """{key: CompletedProcess} of `run_binary(*args)` per key, three at a time (each start
+  is mostly imports)."""
+  import concurrent.futures
+
+  from conftest import run_binary
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    futures = {key: pool.submit(run_binary, *args, timeout=300)
+               for key, args in commands.items()}
+    return {key: f.result() for key, f in futures.items()}
+
+
+def test_help_exits_0_for_every_binary():
+  """--help (every binary) and --helpfull/--helpshort (the same absl exit, one binary) print
+  the help on stdout and exit 0, not absl's 1."""
+  commands = {name: (name, "--help") for name in BINARIES}
+  commands.update({("export.py", f): ("export.py", f) for f in ("--helpfull", "--helpshort")})
+  for key, proc in _run_each(commands).items():
+    assert proc.returncode == 0, (key, proc.stderr[-2000:])
+    assert "flags:" in proc.stdout, (key, proc.stdout[-2000:])
+
+
+def test_an_output_folder_that_is_a_file_names_its_flag(tmp_path):
+  """Every binary that writes a folder refuses a file there in one line naming the flag,
+  before any work (no traceback from os.makedirs)."""
+  from conftest import assert_one_line_error
+  afile = tmp_path / "afile"
+  afile.write_text("not a folder\n")
+  task = ("--model=embedded", "--task=synthetic_arith")
+  commands = {
+      "train.py": ("train.py", *task, f"--output_dir={afile}"),
+      "sweep.py": ("sweep.py", *task, f"--sweep_dir={afile}"),
+      "mbc.py": ("mbc.py", *task, f"--output_dir={afile}"),
+      "curate.py": ("curate.py", *task, f"--output_dir={afile}"),
+      "quickstart.py": ("quickstart.py", f"--output_dir={afile}/study"),
+      "analyze.py": ("analyze.py", f"--sweep_dir={tmp_path}", f"--output_dir={afile}"),
+      "export.py": ("export.py", f"--run_dir={tmp_path}", f"--output_dir={afile}"),
+      "merge.py": ("merge.py", f"--checkpoints={tmp_path}:1", f"--output_dir={afile}"),
+      "build_embedded.py": ("build_embedded.py", f"--output_dir={afile}"),
+      "convert_gguf.py": ("convert_gguf.py", f"--gguf={afile}", f"--out_dir={afile}"),
+  }
+  for name, proc in _run_each(commands).items():
+    flag = {"sweep.py": "--sweep_dir", "convert_gguf.py": "--out_dir"}.get(name, "--output_dir")
+    assert_one_line_error(proc, name, f"{flag}: ")
+    assert "a file, not a folder" in proc.stderr, (name, proc.stderr)

@@ -152,11 +152,21 @@ def parse_checkpoints(specs: Sequence[str], field: str = "checkpoints") -> list[
 
 
 def parse_base(spec: str) -> BaseRef:
-  """`RUN_DIR:STEP` of a training run, or an HF model directory."""
+  """`RUN_DIR:STEP` of a training run, or an HF model directory (of a supported
+  architecture).
+
+  Raises:
+    MergeInputError: neither, or an architecture `memdyn_jax.models` does not implement.
+  """
   run_dir, sep, step = spec.rpartition(":")
   if sep and step.isdigit() and os.path.isdir(run_dir):
     return BaseRef(checkpoint=parse_checkpoints([spec], field="base")[0])
   if os.path.isfile(os.path.join(spec, "config.json")):
+    from memdyn_jax.models import hf_io
+    try:  # an architecture the models do not implement fails here, before any reading
+      hf_io.load_config(spec)
+    except (OSError, ValueError) as e:
+      raise MergeInputError("base", f"{spec}: {e}") from e
     return BaseRef(hf_dir=os.path.abspath(spec))
   raise MergeInputError("base", f"{spec!r} is neither RUN_DIR:STEP of a training run nor an "
                         "HF model directory (with config.json)")

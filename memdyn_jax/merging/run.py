@@ -325,7 +325,7 @@ def soup_scorer(first_run: str, settings: EvalSettings, split: str, tokenizer, *
     raise MergeInputError("validation_split", f"task {task.name!r} cannot load split "
                           f"{split!r}: {e}") from e
   examples = examples[:max_examples or None]
-  params = run_evaluation.sampling_params(task.name, settings)
+  params = run_evaluation.sampling_params(task, settings)
   cfg = checkpoints.read_run_info(first_run)["config"]
   score = validation_accuracy(task, examples, tokenizer, params, batch_size=settings.batch_size,
                               max_length=cfg["max_length"], append_eos=cfg["append_eos"],

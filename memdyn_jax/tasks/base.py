@@ -238,6 +238,13 @@ class Task:
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 
+class UnknownTaskError(ValueError):
+  """A task name no task is registered under; the message names the known ones."""
+
+  def __init__(self, name: Any):
+    super().__init__(f"unknown task {name!r}; known: {sorted(_REGISTRY)}")
+
+
 def register_task(name: str):
   """Class decorator: makes a Task constructible by `get_task(name, **kwargs)`."""
 
@@ -250,8 +257,13 @@ def register_task(name: str):
 
 
 def get_task(name: str, **kwargs) -> Task:
+  """A new task of the registered name, built with `kwargs`.
+
+  Raises:
+    UnknownTaskError: no task of that (exact) name.
+  """
   if name not in _REGISTRY:
-    raise ValueError(f"unknown task {name!r}; known: {sorted(_REGISTRY)}")
+    raise UnknownTaskError(name)
   return _REGISTRY[name](**kwargs)
 
 

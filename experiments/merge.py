@@ -31,7 +31,7 @@ import json
 
 from absl import flags
 
-from memdyn_jax import cli
+from memdyn_jax import cli, merging
 from memdyn_jax.cli import UsageError
 from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 from memdyn_jax.merging import MergeConfig, MergeConfigError
@@ -44,14 +44,17 @@ flags.DEFINE_list("checkpoints", [], "Checkpoints to merge: RUN_DIR:STEP|A-B|all
 flags.DEFINE_string("base", None, "Base model: HF directory or RUN_DIR:STEP (default: the "
                     "first run's base model, for the methods that need one).")
 flags.DEFINE_enum("method", "linear", list(merged_run.METHODS), "Merge method.")
-flags.DEFINE_list("weights", None, "One weight per checkpoint (default: all 1).")
+flags.DEFINE_list("weights", None, "One weight per checkpoint (default: all 1; not slerp).")
 flags.DEFINE_string("t", None, "slerp: t in [0, 1], or a JSON object {tensor regex: t} "
-                    "('' matches every tensor).")
-flags.DEFINE_float("lambda", None, "Task-vector scale of task_arithmetic/ties/dare_*.")
-flags.DEFINE_float("density", None, "Fraction of each task vector kept (ties, dare_*).")
+                    f"('' matches every tensor) (default: {merging.DEFAULT_T}).")
+flags.DEFINE_float("lambda", None, "Task-vector scale of task_arithmetic/ties/dare_* "
+                   f"(default: {merging.DEFAULT_LAMBDA}).")
+flags.DEFINE_float("density", None, "Fraction of each task vector kept (ties, dare_*; "
+                   "required by them).")
 flags.DEFINE_integer("seed", 0, "DARE mask seed.")
 flags.DEFINE_enum("normalize", "auto", ["auto", "true", "false"],
-                  "Divide by the weight sum (auto: the method's default).")
+                  "Divide by the weight sum (auto: the method's default, true for linear, "
+                  "ties and dare_ties, false for task_arithmetic and dare_linear).")
 flags.DEFINE_string("output_dir", None, "Merged run directory to write.")
 flags.DEFINE_string("validation_split", None, "greedy_soup: split scoring the soups.")
 flags.DEFINE_integer("validation_examples", 0, "greedy_soup: first N examples of the "

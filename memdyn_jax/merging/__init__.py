@@ -10,8 +10,9 @@ first use, so importing the package imports no JAX.
 """
 import importlib
 
-_METHODS = ("METHODS", "SLERP_DOT_THRESHOLD", "MergeConfigError", "path_str", "TValue",
-            "MergeConfig", "TensorSource", "TensorSink", "PytreeSource", "PytreeSink",
+_METHODS = ("METHODS", "DEFAULT_T", "DEFAULT_LAMBDA", "SLERP_DOT_THRESHOLD", "MergeConfigError",
+            "path_str", "TValue", "MergeConfig", "TensorSource", "TensorSink", "PytreeSource",
+            "PytreeSink",
             "OrbaxCheckpointSource", "to_pytree", "keep_count", "dare_key", "merge_tensor",
             "merge", "merge_pytrees", "GreedySoupResult", "greedy_soup", "Path")
 

@@ -1,4 +1,4 @@
-"""Data curation study (Kang et al. Sec. 5.2): PreMemAcc-guided collection (Algorithm 1)
+r"""Data curation study (Kang et al. Sec. 5.2): PreMemAcc-guided collection (Algorithm 1)
 against i.i.d., IFD and heuristic additions, at equal data size per round.
 
   python experiments/curate.py --model=/path/to/hf_model --task=synthetic_arith \

@@ -1,4 +1,4 @@
-"""Exports one checkpoint of a training run as an HF model directory.
+r"""Exports one checkpoint of a training run as an HF model directory.
 
   python experiments/export.py --run_dir=runs/demo --output_dir=runs/demo_hf            # latest
   python experiments/export.py --run_dir=runs/demo --step=120 --output_dir=/tmp/s120 \

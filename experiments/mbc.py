@@ -1,8 +1,8 @@
 """Sampler studies at an equal step budget: MBC (Ge et al.) or memorization reweighting (Ruan et al.).
 
-  python experiments/mbc.py --study=mbc --model=embedded --task=synthetic_arith \
+  python experiments/mbc.py --study=mbc --model=embedded --task=synthetic_arith \\
       --output_dir=/tmp/mbc_study --preset=ge_gptneo_sft --num_epochs=3 --mbc_refresh_steps=20
-  python experiments/mbc.py --study=reweight --model=embedded --task=synthetic_arith \
+  python experiments/mbc.py --study=reweight --model=embedded --task=synthetic_arith \\
       --output_dir=/tmp/reweight_study --reweight_p=1.2 --save_every_epochs=8
 
 Trains the base model once per sampler (--samplers; default uniform + mbc, or uniform +

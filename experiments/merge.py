@@ -1,4 +1,4 @@
-"""Merges checkpoints of one trajectory or of several runs into a run directory, optionally
+r"""Merges checkpoints of one trajectory or of several runs into a run directory, optionally
 evaluated like any trained checkpoint (Ruan et al.: merging against over-memorization).
 
   # uniform soup of epochs 3-6 of a run, then the usual evaluation
@@ -21,8 +21,9 @@ at a time.
 The output (`memdyn_jax.merging.run.merge_for_evaluation`) is laid out like a training
 run: run.json with a "merge" field, an orbax checkpoint that
 memdyn_jax.train.checkpoints.restore and experiments/evaluate.py read, and an HF export in
-hf/. A re-run with the same flags skips the merge. --evaluate evaluates it with
-experiments/evaluate.py's flags and defaults (--eval_seed is evaluate.py's --seed). Exit
+hf/ (with --tokenizer's files, default the base model's). A re-run with the same flags
+skips the merge. --evaluate evaluates it with experiments/evaluate.py's flags and defaults
+(--eval_seed is evaluate.py's --seed). Exit
 status: 0 done, 2 bad flags or inputs.
 """
 from __future__ import annotations
@@ -62,9 +63,7 @@ flags.DEFINE_integer("validation_examples", 0, "greedy_soup: first N examples of
 flags.DEFINE_bool("evaluate", False, "Evaluate the merged checkpoint (evaluate.py's flags).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 _EVAL_FLAGS = cli.define_dataclass_flags(
-    EvalSettings, rename={"seed": "eval_seed"},
-    help_format="Evaluation (and tokenizer of the HF export): EvalSettings.{field}, as "
-    "evaluate.py's flag (default {default!r}).")
+    EvalSettings, rename={"seed": "eval_seed"}, help_format="evaluate.py's flag: {doc}")
 cli.define_mesh_flags()
 FLAGS = flags.FLAGS
 

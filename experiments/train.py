@@ -1,4 +1,4 @@
-"""Fine-tunes a causal LM on a reasoning task, checkpointing the trajectory.
+r"""Fine-tunes a causal LM on a reasoning task, checkpointing the trajectory.
 
   python experiments/train.py --model=/path/to/hf_model --task=gsm8k \
       --output_dir=runs/llama_gsm8k_lr2e-5 --preset=kang_llama3_gsm8k --learning_rate=2e-5

@@ -63,7 +63,10 @@ class Grid:
 
   Attributes:
     presets: base configurations (`config.PRESETS` names or "none"), an axis of the grid.
-    learning_rates, epochs, data_fractions: axes; empty = the preset's single value.
+    learning_rates: the learning-rate axis (peak learning rates); empty = the preset's value.
+    epochs: the epochs axis (passes over the training set); empty = the preset's value.
+    data_fractions: the data-fraction axis (fixed random subsets of the training set);
+      empty = the preset's value.
     paper_grid: a preset whose paper grid gives the cells instead of the axes (every run
       the paper reports, in its order).
     overrides: TrainConfig fields set in every cell (not the axes' fields).

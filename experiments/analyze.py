@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 def run() -> int:
   if not FLAGS.sweep_dir:
     raise UsageError("--sweep_dir is required")
+  cli.check_output_dir(FLAGS.output_dir)
   from memdyn_jax.report import sweep_report
   try:
     options = AnalysisOptions(**cli.dataclass_kwargs_from_flags(AnalysisOptions, _OPTION_FLAGS))

@@ -33,6 +33,9 @@ FLAGS = flags.FLAGS
 def main() -> int:
   if not FLAGS.output_dir:
     raise cli.UsageError("--output_dir: required")
+  cli.check_output_dir(FLAGS.output_dir)
+  if FLAGS.work_dir:
+    cli.check_output_dir(FLAGS.work_dir, "work_dir")
   spec = EmbeddedSpec(**cli.dataclass_kwargs_from_flags(EmbeddedSpec, FLAG_NAMES))
   from memdyn_jax import fileio
   from memdyn_jax.studies import embedded

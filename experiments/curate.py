@@ -1,4 +1,4 @@
-"""Data curation study (Kang et al. Sec. 5.2): PreMemAcc-guided collection (Algorithm 1)
+r"""Data curation study (Kang et al. Sec. 5.2): PreMemAcc-guided collection (Algorithm 1)
 against i.i.d., IFD and heuristic additions, at equal data size per round.
 
   python experiments/curate.py --model=/path/to/hf_model --task=synthetic_arith \
@@ -70,6 +70,7 @@ def check_flags() -> None:
   for name in ("model", "task", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
+  cli.check_output_dir(FLAGS.output_dir)
   bad = [m for m in FLAGS.methods if m not in curation.METHODS]
   if bad or not FLAGS.methods:
     raise UsageError(f"--methods: unknown method(s) {bad}; choose from {list(curation.METHODS)}")
@@ -118,7 +119,6 @@ def generator_kind(task_name: str) -> str:
 
 def run() -> int:
   from memdyn_jax.train import task_run
-
   check_flags()
   spec = cli.task_spec_from_flags(_TASK_FLAGS, FLAGS.model)
   configs = [curation_config(m) for m in dict.fromkeys(FLAGS.methods)]

@@ -1,4 +1,4 @@
-"""Evaluates every checkpoint of a training run on train/test/OOD/perturbed prompts.
+r"""Evaluates every checkpoint of a training run on train/test/OOD/perturbed prompts.
 
   python experiments/evaluate.py --run_dir=runs/llama_gsm8k_lr2e-5 \
       --splits=train,test,perturbed --num_train=256
@@ -9,8 +9,10 @@ entropy, a greedy completion and its likelihood (ATC), the entropy of the sample
 distributions (Ge et al. Table 1) and the diversity of the n samples. Records go to
 `<run_dir>/<eval_name>/step_<step>/<split>[@<perturbation>].jsonl`, each written
 atomically; a re-run skips what is done. Sampling defaults are Kang et al.'s per task
-(GSM8K: T=0.8, top-p 0.95, 512 new tokens, n=5; MATH: T=0.8, top-p 1, 1024 new tokens);
-every knob is a flag.
+(GSM8K: T=0.8, top-p 0.95, 512 new tokens, n=5; MATH: T=0.8, top-p 1, 1024 new tokens),
+stopping at the task's stop string ("\nDone."); every knob is a flag (--temperature,
+--top_p, --top_k, --min_p, --repetition_penalty, --max_new_tokens, --n_samples, --stop,
+--seed), and <eval_name>/config.json records the values used.
 
 Per checkpoint also the gradient variance (Kang et al. App. B.1: --grad_variance_minibatches
 minibatches of --grad_variance_batch_size examples drawn from the train subset, one

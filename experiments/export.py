@@ -1,4 +1,4 @@
-"""Exports one checkpoint of a training run as an HF model directory.
+r"""Exports one checkpoint of a training run as an HF model directory.
 
   python experiments/export.py --run_dir=runs/demo --output_dir=runs/demo_hf            # latest
   python experiments/export.py --run_dir=runs/demo --step=120 --output_dir=/tmp/s120 \
@@ -36,6 +36,7 @@ def run() -> int:
   for name in ("run_dir", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
+  cli.check_output_dir(FLAGS.output_dir)
   from memdyn_jax import fileio
   from memdyn_jax.train import checkpoints
   out = os.path.abspath(FLAGS.output_dir)

@@ -1,8 +1,8 @@
 """Sampler studies at an equal step budget: MBC (Ge et al.) or memorization reweighting (Ruan et al.).
 
-  python experiments/mbc.py --study=mbc --model=embedded --task=synthetic_arith \
+  python experiments/mbc.py --study=mbc --model=embedded --task=synthetic_arith \\
       --output_dir=/tmp/mbc_study --preset=ge_gptneo_sft --num_epochs=3 --mbc_refresh_steps=20
-  python experiments/mbc.py --study=reweight --model=embedded --task=synthetic_arith \
+  python experiments/mbc.py --study=reweight --model=embedded --task=synthetic_arith \\
       --output_dir=/tmp/reweight_study --reweight_p=1.2 --save_every_epochs=8
 
 Trains the base model once per sampler (--samplers; default uniform + mbc, or uniform +
@@ -95,6 +95,7 @@ def run() -> int:
   for name in ("model", "task", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
+  cli.check_output_dir(FLAGS.output_dir)
   if FLAGS.max_train < 0:
     raise UsageError("--max_train: must be >= 0")
   cfg = study_config()

@@ -1,4 +1,4 @@
-"""Merges checkpoints of one trajectory or of several runs into a run directory, optionally
+r"""Merges checkpoints of one trajectory or of several runs into a run directory, optionally
 evaluated like any trained checkpoint (Ruan et al.: merging against over-memorization).
 
   # uniform soup of epochs 3-6 of a run, then the usual evaluation
@@ -22,8 +22,9 @@ mergekit does (README, "Sweeps and merging": where the results differ from merge
 The output (`memdyn_jax.merging.run.merge_for_evaluation`) is laid out like a training
 run: run.json with a "merge" field, an orbax checkpoint that
 memdyn_jax.train.checkpoints.restore and experiments/evaluate.py read, and an HF export in
-hf/. A re-run with the same flags skips the merge. --evaluate evaluates it with
-experiments/evaluate.py's flags and defaults (--eval_seed is evaluate.py's --seed). Exit
+hf/ (with --tokenizer's files, default the base model's). A re-run with the same flags
+skips the merge. --evaluate evaluates it with experiments/evaluate.py's flags and defaults
+(--eval_seed is evaluate.py's --seed). Exit
 status: 0 done, 2 bad flags or inputs.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import json
 
 from absl import flags
 
-from memdyn_jax import cli
+from memdyn_jax import cli, merging
 from memdyn_jax.cli import UsageError
 from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 from memdyn_jax.merging import MergeConfig, MergeConfigError
@@ -45,14 +46,17 @@ flags.DEFINE_list("checkpoints", [], "Checkpoints to merge: RUN_DIR:STEP|A-B|all
 flags.DEFINE_string("base", None, "Base model: HF directory or RUN_DIR:STEP (default: the "
                     "first run's base model, for the methods that need one).")
 flags.DEFINE_enum("method", "linear", list(merged_run.METHODS), "Merge method.")
-flags.DEFINE_list("weights", None, "One weight per checkpoint (default: all 1).")
+flags.DEFINE_list("weights", None, "One weight per checkpoint (default: all 1; not slerp).")
 flags.DEFINE_string("t", None, "slerp: t in [0, 1], or a JSON object {tensor regex: t} "
-                    "('' matches every tensor).")
-flags.DEFINE_float("lambda", None, "Task-vector scale of task_arithmetic/ties/dare_*.")
-flags.DEFINE_float("density", None, "Fraction of each task vector kept (ties, dare_*).")
+                    f"('' matches every tensor) (default: {merging.DEFAULT_T}).")
+flags.DEFINE_float("lambda", None, "Task-vector scale of task_arithmetic/ties/dare_* "
+                   f"(default: {merging.DEFAULT_LAMBDA}).")
+flags.DEFINE_float("density", None, "Fraction of each task vector kept (ties, dare_*; "
+                   "required by them).")
 flags.DEFINE_integer("seed", 0, "DARE mask seed.")
 flags.DEFINE_enum("normalize", "auto", ["auto", "true", "false"],
-                  "Divide by the weight sum (auto: the method's default).")
+                  "Divide by the weight sum (auto: the method's default, true for linear, "
+                  "ties and dare_ties, false for task_arithmetic and dare_linear).")
 flags.DEFINE_string("output_dir", None, "Merged run directory to write.")
 flags.DEFINE_string("validation_split", None, "greedy_soup: split scoring the soups.")
 flags.DEFINE_integer("validation_examples", 0, "greedy_soup: first N examples of the "
@@ -60,9 +64,7 @@ flags.DEFINE_integer("validation_examples", 0, "greedy_soup: first N examples of
 flags.DEFINE_bool("evaluate", False, "Evaluate the merged checkpoint (evaluate.py's flags).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 _EVAL_FLAGS = cli.define_dataclass_flags(
-    EvalSettings, rename={"seed": "eval_seed"},
-    help_format="Evaluation (and tokenizer of the HF export): EvalSettings.{field}, as "
-    "evaluate.py's flag (default {default!r}).")
+    EvalSettings, rename={"seed": "eval_seed"}, help_format="evaluate.py's flag: {doc}")
 cli.define_mesh_flags()
 FLAGS = flags.FLAGS
 
@@ -109,6 +111,7 @@ def run() -> int:
     raise UsageError("--checkpoints is required")
   if not FLAGS.output_dir:
     raise UsageError("--output_dir is required")
+  cli.check_output_dir(FLAGS.output_dir)
   if FLAGS.method == merged_run.GREEDY_SOUP and not FLAGS.validation_split:
     raise UsageError("--validation_split is required by --method=greedy_soup")
   if FLAGS.validation_examples < 0:

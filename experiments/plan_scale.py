@@ -1,4 +1,4 @@
-"""Plans a fine-tuning run at pod scale on this machine: compiles the real train step (and
+r"""Plans a fine-tuning run at pod scale on this machine: compiles the real train step (and
 sampler) for a mesh of fake CPU devices and prints per-device memory and collectives.
 
   python experiments/plan_scale.py --model=llama3-8b --mesh=1,64,1 --accelerator=v5p \

@@ -24,6 +24,7 @@ def main() -> int:
     config = QuickstartConfig(**cli.dataclass_kwargs_from_flags(QuickstartConfig, FLAG_NAMES))
   except QuickstartError as e:
     raise cli.usage_error(e, FLAG_NAMES) from None
+  cli.check_output_dir(config.output_dir)
   import jax
 
   from memdyn_jax.studies import embedded, quickstart

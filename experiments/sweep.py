@@ -1,4 +1,4 @@
-"""Runs a grid of fine-tuning runs here, evaluates each, then analyzes the sweep.
+r"""Runs a grid of fine-tuning runs here, evaluates each, then analyzes the sweep.
 
   # Kang et al.'s Llama-3 GSM8K grid, exactly the runs the paper reports
   python experiments/sweep.py --sweep_dir=runs/kang_gsm8k --model=meta-llama/Meta-Llama-3-8B \
@@ -47,7 +47,7 @@ _GRID_FLAGS = cli.define_dataclass_flags(
     sweep_lib.Grid, help_format="Grid: {doc} (default {default!r}).")
 _EVAL_FLAGS = cli.define_dataclass_flags(
     EvalSettings, skip=("task", "task_kwargs", "task_path"),
-    help_format="Evaluation: EvalSettings.{field}, as evaluate.py's flag (default {default!r}).")
+    help_format="Evaluation (evaluate.py's flag): {doc}")
 # Training settings: train.py's flags (--seed is the evaluation's here, so the training seed
 # is --train_seed), set in every cell over its preset; the grid flags set the axes.
 _TRAIN_FLAGS = cli.define_dataclass_flags(
@@ -130,8 +130,7 @@ def run_here(sweep, cells) -> int:
 
 def run() -> int:
   from memdyn_jax.train import task_run
-  if not FLAGS.sweep_dir:
-    raise UsageError("--sweep_dir is required")
+  cli.check_output_dir(FLAGS.sweep_dir, "sweep_dir", required=True)
   sweep = sweep_from_flags()
   try:
     task_run.check_task_name(sweep.task.name)

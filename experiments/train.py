@@ -1,4 +1,4 @@
-"""Fine-tunes a causal LM on a reasoning task, checkpointing the trajectory.
+r"""Fine-tunes a causal LM on a reasoning task, checkpointing the trajectory.
 
   python experiments/train.py --model=/path/to/hf_model --task=gsm8k \
       --output_dir=runs/llama_gsm8k_lr2e-5 --preset=kang_llama3_gsm8k --learning_rate=2e-5
@@ -39,6 +39,7 @@ def run() -> int:
   for name in ("model", "task", "output_dir"):
     if not getattr(FLAGS, name):
       raise UsageError(f"--{name} is required")
+  cli.check_output_dir(FLAGS.output_dir)
   cfg = cli.train_config_from_flags(FLAGS.preset)
   spec = cli.task_spec_from_flags(_TASK_FLAGS, FLAGS.model)
   import jax
@@ -56,9 +57,11 @@ def run() -> int:
                                     log_line=lambda m: print(f"{PROG}: {m}", flush=True))
   except task_run.TaskRunError as e:
     raise cli.usage_error(e) from None
+  except checkpoints.RunDirError as e:  # a folder holding something else than a run
+    raise UsageError(f"--output_dir: {e}") from e
   # The run directory refuses (another run, damaged, existing with --noresume) or the data
   # does not fit the settings; anything else is a bug and keeps its traceback.
-  except (loop.RunExistsError, checkpoints.RunMismatchError, checkpoints.RunDirError,
+  except (loop.RunExistsError, checkpoints.RunMismatchError,
           checkpoints.CheckpointReadError, DataError, ContextLengthError) as e:
     raise UsageError(str(e)) from e
   if jax.process_index() == 0:

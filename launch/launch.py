@@ -1,4 +1,4 @@
-"""Runs one memdyn_jax binary on a TPU pod slice or a SLURM GPU cluster, or a sweep as one
+r"""Runs one memdyn_jax binary on a TPU pod slice or a SLURM GPU cluster, or a sweep as one
 job per cell.
 
   # TPU: the same command on every worker of a TPU VM slice (created if absent)
@@ -806,11 +806,13 @@ def slurm_job(binary_args: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, a bad flag value as one error line (exit 2)."""
+  """absl's flag parsing, a bad flag value as one error line (exit 2); --help exits 0."""
   try:
     return FLAGS(argv)
   except flags.Error as e:
     sys.exit(fail(str(e)))
+  except SystemExit as e:  # absl's help flags exit 1 after printing the help
+    sys.exit(0 if e.code == 1 else e.code)
 
 
 def main(argv):

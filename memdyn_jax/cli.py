@@ -125,7 +125,7 @@ if os.path.dirname(os.path.abspath(_MAIN)) == os.path.join(
 def run_binary(prog: str, run: Callable[[], int], *, stopped_at_once: str = STOPPED_AT_ONCE
                ) -> None:
   """`app.run` with one-line errors for flag parsing and `UsageError`; `run()` is the
-  binary's body and returns its exit status.
+  binary's body and returns its exit status. `--help` and `--helpfull` exit 0.
 
   From its start until `run()` returns, SIGTERM / Ctrl-C stop the binary at once with one
   line, "PROG: stopped by SIGINT <stopped_at_once>", exit 128 + the signal, except inside
@@ -141,6 +141,10 @@ def run_binary(prog: str, run: Callable[[], int], *, stopped_at_once: str = STOP
       return flags.FLAGS(argv)
     except flags.Error as e:
       fail(prog, str(e))
+    except SystemExit as e:
+      # absl's --help/--helpshort/--helpfull/--helpxml print the help, then exit 1 (bad flags
+      # are flags.Error, above). Asking for help is not an error: exit 0.
+      sys.exit(0 if e.code == 1 else e.code)
 
   def main(argv):
     set_cpu_xla_defaults()
@@ -364,6 +368,28 @@ def task_spec_from_flags(names: Mapping[str, str], model: str | None = None, **f
       and not kwargs.get("kwargs")):
     kwargs["kwargs"] = embedded.task_kwargs()
   return TaskSpec(**kwargs, **fixed)
+
+
+def check_output_dir(path: str | None, flag: str = "output_dir", *,
+                     required: bool = False) -> None:
+  """Refuses an output folder flag that names an existing file, or a path under one, naming
+  the flag (before any work: a library would fail late, in `os.makedirs`).
+
+  Raises:
+    UsageError: `path` or the nearest existing folder above it is a file; no `path` where
+      `required`.
+  """
+  if not path:
+    if required:
+      raise UsageError(f"--{flag} is required")
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"--{flag}: {path} is a file, not a folder; pass a new or empty folder")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f"--{flag}: {path} lies under {parent}, which is a file, not a folder")
 
 
 def resolve_model(model: str, flag: str = "--model") -> str:

@@ -131,6 +131,20 @@ def test_config_is_recorded_then_compared(tmp_path):
   records.check_config(run, {"task": "math"}, name="eval_math")  # another folder: fine
 
 
+def test_a_config_recorded_without_the_stop_it_ran_with_is_read_and_rewritten_with_it(tmp_path):
+  """Before default_sampling stated the task's stop strings, eval/config.json recorded
+  `"stop": []` although the evaluation applied the task's: such a record matches the same
+  settings now, and is rewritten to state the stop; another stop is still refused."""
+  run = str(tmp_path / "run")
+  records.check_config(run, {"task": "gsm8k", "sampling": {"n": 5, "stop": []}})
+  now = {"task": "gsm8k", "sampling": {"n": 5, "stop": ["\nDone."]}}
+  records.check_config(run, now, task_stop=("\nDone.",))
+  assert records.read_config(run) == now
+  with pytest.raises(records.EvalConfigMismatchError, match="stop"):
+    records.check_config(run, {"task": "gsm8k", "sampling": {"n": 5, "stop": []}},
+                         task_stop=("\nDone.",))
+
+
 def test_checkpoint_stats_merge_keys_and_are_not_units(tmp_path):
   run = str(tmp_path / "run")
   assert records.read_checkpoint_stats(run, 3) == {} and records.load_checkpoint_stats(run) == {}
@@ -159,6 +173,31 @@ def test_default_sampling_is_kang_per_task_with_overrides():
   assert evaluation.default_sampling("sft").max_new_tokens == 512  # falls back to GSM8K's
   with pytest.raises(ValueError, match="top_p"):
     evaluation.default_sampling("gsm8k", top_p=1.5)
+
+
+def test_every_sampling_knob_is_an_evaluation_setting_resolved_from_the_task():
+  """EvalSettings carries every SamplingParams knob (evaluate.py's --top_k, --min_p,
+  --repetition_penalty, --stop); unset ones are the task's, which `resolve_sampling` states;
+  a bad value names its field, an unknown task names the known ones."""
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
+  settings = EvalSettings(top_k=3, min_p=0.1, repetition_penalty=1.2, stop=["END"])
+  params = run_evaluation.sampling_params("math", settings)
+  assert (params.top_k, params.min_p, params.repetition_penalty, params.stop) == (
+      3, 0.1, 1.2, ("END",))
+  resolved = run_evaluation.resolve_sampling(EvalSettings(), "math")
+  assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.min_p,
+          resolved.repetition_penalty, resolved.max_new_tokens, resolved.n_samples,
+          resolved.stop) == (0.8, 1.0, 0, 0.0, 1.0, 1024, 5, ("\nDone.",))
+  assert run_evaluation.resolve_sampling(resolved, "math") == resolved
+  assert run_evaluation.sampling_params("math", resolved) == run_evaluation.sampling_params(
+      "math", EvalSettings())
+  for bad, field in [(dict(top_k=-1), "top_k"), (dict(min_p=2.0), "min_p"),
+                     (dict(repetition_penalty=0.0), "repetition_penalty"),
+                     (dict(stop=("",)), "stop"), (dict(task="gsm8K"), "task")]:
+    with pytest.raises(EvalSettingsError) as e:
+      run_evaluation.sampling_params(bad.pop("task", "gsm8k"), EvalSettings(**bad))
+    assert e.value.field == field
 
 
 def test_subset_is_seeded_ordered_and_total_when_asked():
@@ -269,6 +308,7 @@ def test_cli_writes_every_unit_with_the_schema(evaluated_run):
   config = records.read_config(run_dir)
   assert config["task"] == "synthetic_arith" and config["sampling"]["n"] == 2
   assert config["sampling"]["temperature"] == 0.8 and config["sampling"]["top_p"] == 0.95
+  assert config["sampling"]["stop"] == ["\nDone."]  # the stop strings that were applied
   for (step, split, pert) in records.list_done(run_dir):
     rows = records.read_jsonl(records.record_path(run_dir, step, split, pert))
     assert len(rows) == 4

@@ -16,6 +16,7 @@ PACKAGE = ROOT / "memdyn_jax"
 STAGES = {
     "memdyn_jax.errors": 0, "memdyn_jax.fileio": 0, "memdyn_jax.sharding": 0,
     "memdyn_jax.signals": 0,
+    "memdyn_jax.hub": 0,
     "memdyn_jax.models": 1, "memdyn_jax.tasks": 1, "memdyn_jax.metrics": 1,
     "memdyn_jax.train": 2,
     "memdyn_jax.evaluation": 3,

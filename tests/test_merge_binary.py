@@ -57,7 +57,9 @@ def test_linear_merge_restores_to_the_mean_and_records_its_sources(linear_merge)
   info = merged_run.read_merge_info(out)
   assert info["method"] == "linear" and info["step"] == meta["step"] == 4
   assert info["sources"] == [{"run_dir": run_dir, "step": 2}, {"run_dir": run_dir, "step": 4}]
-  assert info["base"] is None and info["weights"] is None
+  assert info["base"] is None and info["t"] is None and info["lambda"] is None
+  # Defaults are recorded as resolved: the uniform soup's weights, linear's normalize.
+  assert info["weights"] == [1.0, 1.0] and info["normalize"] is True
   assert meta["merge"] == info and meta["epoch"] == checkpoints.read_meta(run_dir, 4)["epoch"]
   run_info = checkpoints.read_run_info(out)
   source_info = checkpoints.read_run_info(run_dir)
@@ -323,3 +325,49 @@ def test_bad_inputs_give_one_line_error(args, needle, tiny_run, bad_runs, tmp_pa
     args = [a.replace(key, value) for a in args]
   assert_one_line_error(run_cli(*args), "merge.py", needle)
   assert not os.path.exists(str(tmp_path / "o"))
+
+
+def test_a_base_of_an_unsupported_architecture_is_refused_when_parsed(tmp_path):
+  """--base naming an HF directory of an architecture the models do not implement fails
+  when the flag is read, naming it, before any checkpoint is opened."""
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+  with pytest.raises(merged_run.MergeInputError) as e:
+    merged_run.parse_base(str(tmp_path))
+  assert e.value.field == "base" and "'qwen3' is not supported" in e.value.message
+
+
+def test_merge_requests_record_every_default_resolved(tmp_path):
+  """t, lambda, normalize and the weights are recorded as used (was null), so an explicit
+  default is the same merge as an omitted one; a request recorded with nulls still matches."""
+  refs = [merged_run.CheckpointRef("/r", 2), merged_run.CheckpointRef("/r", 4)]
+  request = lambda method, **kw: merged_run.merge_request(method, refs, None,
+                                                          MergeConfig(method, **kw))
+  slerp = request("slerp")
+  assert slerp == request("slerp", t=0.5, normalize=False)
+  assert (slerp["t"], slerp["normalize"], slerp["weights"], slerp["lambda"]) == (
+      0.5, False, None, None)
+  linear = request("linear")
+  assert linear == request("linear", weights=(1, 1), normalize=True)
+  assert linear["weights"] == [1.0, 1.0] and linear["t"] is None
+  assert request("task_arithmetic")["lambda"] == 1.0
+  assert request("task_arithmetic")["normalize"] is False
+  old = {**slerp, "t": None, "normalize": None}  # as recorded before defaults were resolved
+  assert merged_run._stated_request(str(tmp_path), old) == slerp
+  old = {**linear, "weights": None, "normalize": None}
+  assert merged_run._stated_request(str(tmp_path), old) == linear
+
+
+def test_slerp_records_its_t_and_an_explicit_default_is_the_same_merge(tiny_run, tmp_path):
+  """The walk: merge.py --method=slerp recorded t: null and refused --t=0.5 as another
+  merge; the help named no default."""
+  run_dir, _ = tiny_run
+  out = str(tmp_path / "slerp")
+  args = (f"--checkpoints={run_dir}:2,{run_dir}:4", f"--output_dir={out}", "--method=slerp")
+  proc = run_cli(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = merged_run.read_merge_info(out)
+  assert info["t"] == 0.5 and info["request"]["t"] == 0.5
+  proc = run_cli(*args, "--t=0.5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "already holds this merge" in proc.stdout
+  assert "(default: 0.5)" in run_cli("--help").stdout

@@ -82,6 +82,32 @@ def test_a_sweep_json_written_before_a_setting_existed_still_matches(tmp_path):
     sweep_lib.check_same(sweep, stored)
 
 
+def test_sweep_json_states_the_sampling_used_and_explicit_defaults_are_the_same_sweep(tmp_path):
+  """Unset sampling settings are recorded as the task's (were null), so passing a default
+  explicitly is the same sweep; a sweep.json with the nulls still matches."""
+  grid = sweep_lib.Grid(learning_rates=(1e-3,), epochs=(1,))
+  make = lambda **kw: sweep_lib.make_sweep(str(tmp_path), "m", TaskSpec("math"), grid,
+                                           EvalSettings(**kw))
+  sweep = make()
+  evaluation = sweep.to_json()["evaluation"]
+  assert (evaluation["temperature"], evaluation["top_p"], evaluation["max_new_tokens"],
+          evaluation["n_samples"], evaluation["top_k"], evaluation["stop"]) == (
+              0.8, 1.0, 1024, 5, 0, ["\nDone."])
+  explicit = make(temperature=0.8, top_p=1.0, stop=("\nDone.",))
+  assert explicit.to_json() == sweep.to_json()
+  stored = json.loads(json.dumps(sweep.to_json()))
+  for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+               "max_new_tokens", "n_samples", "stop"):
+    stored["evaluation"][name] = None
+  assert sweep_lib.check_same(explicit, stored) is False
+  stored["evaluation"]["top_p"] = 0.9
+  with pytest.raises(sweep_lib.SweepError, match="top_p"):
+    sweep_lib.check_same(explicit, stored)
+  with pytest.raises(sweep_lib.SweepError) as e:
+    sweep_lib.make_sweep(str(tmp_path), "m", TaskSpec("gsm8K"), grid, EvalSettings())
+  assert e.value.field == "task"
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(presets=("nope",)), "presets"),
     (dict(learning_rates=("x",)), "learning_rates"),

@@ -17,7 +17,7 @@ import importlib
 _LAZY = {
     **dict.fromkeys(("ExampleRecord", "CATEGORY_KEYS", "solution_lines", "example_meta",
                      "example_category", "evaluate_examples", "summarize", "default_sampling",
-                     "subset"), "examples"),
+                     "with_task_stop", "subset"), "examples"),
     **dict.fromkeys(("SPLITS", "SAMPLING_FIELDS", "EvalSettingsError", "EvalSettings",
                      "EvalUnit", "StepTiming", "sampling_params", "for_run", "load_task",
                      "load_tokenizer", "build_units", "evaluate", "evaluate_units",

@@ -163,7 +163,7 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
                       ) -> list[ExampleRecord]:
   """Samples, grades and scores `examples` with `model`; one record per example.
 
-  Sampling stops at the task's stop strings unless `params.stop` is set. Targets are scored
+  Sampling stops at `params.stop` (`default_sampling` gives the task's). Targets are scored
   with the unperturbed prompt's template (a perturbation only affects sampling).
 
   Args:
@@ -195,8 +195,6 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
   """
   if not examples:
     raise ValueError(f"no examples to evaluate for split {split!r}")
-  if not params.stop:
-    params = dataclasses.replace(params, stop=tuple(task.stop))
   n = len(examples)
 
   def phase(name: str):
@@ -294,13 +292,39 @@ def summarize(records: Sequence[ExampleRecord]) -> dict[str, float]:
 # ---------------------------------------------------------------- sampling and subsets
 
 
-def default_sampling(task_name: str, **overrides) -> sampling.SamplingParams:
-  """The task's default SamplingParams (`Task.sampling_defaults`: Kang et al.'s; GSM8K's
-  for an unknown task), with non-None `overrides` applied."""
-  from memdyn_jax import tasks  # registers every task, so `task_class` knows the name
-  kwargs = dict(tasks.task_class(task_name).sampling_defaults)
+def default_sampling(task: Task | str, **overrides) -> sampling.SamplingParams:
+  """The task's default SamplingParams: its `sampling_defaults` (Kang et al.'s) and its
+  stop strings (its template's, `"\\nDone."` by default), with non-None `overrides`
+  applied (`stop=()`: none). The one place a task's stop strings join its sampling, so
+  what is recorded is what ran.
+
+  Args:
+    task: a Task, or the exact name of a registered task (its class's rules and default
+      template).
+    **overrides: SamplingParams fields.
+
+  Raises:
+    UnknownTaskError: `task` is neither a Task nor a registered name (names the known ones).
+    ValueError: a bad override (the message starts with the field's name).
+  """
+  from memdyn_jax import tasks  # registers every task, so `task_names` knows the name
+  if isinstance(task, Task):
+    defaults, stop = task.sampling_defaults, task.stop
+  elif isinstance(task, str) and task in tasks.task_names():
+    cls = tasks.task_class(task)
+    defaults, stop = cls.sampling_defaults, cls.template.stop
+  else:
+    raise tasks.UnknownTaskError(task)
+  kwargs = {**defaults, "stop": tuple(stop)}
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
   return sampling.SamplingParams(**kwargs)
+
+
+def with_task_stop(params: sampling.SamplingParams, task: Task) -> sampling.SamplingParams:
+  """`params` with the task's stop strings where it names none (`default_sampling`), for
+  studies that take their own SamplingParams."""
+  fields = dataclasses.asdict(params)
+  return default_sampling(task, **{**fields, "stop": fields["stop"] or None})
 
 
 def subset(examples: Sequence[Example], n: int, seed: int = 0) -> list[Example]:

@@ -217,8 +217,22 @@ def load_records(run_dir: str, *, name: str = EVAL_DIR) -> list[dict[str, Any]]:
   return rows
 
 
-def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DIR) -> None:
-  """Records `config` for the eval folder, or checks that it matches the recorded one.
+def stated_stop(config: Mapping[str, Any], task_stop: Iterable[str]) -> dict[str, Any]:
+  """A recorded configuration with the stop strings its sampling ran with: records written
+  before `default_sampling` stated the task's stop strings say `"stop": []` under
+  "sampling" where the evaluation applied the task's (`task_stop`)."""
+  config = dict(config)
+  sampling = config.get("sampling")
+  if isinstance(sampling, Mapping) and sampling.get("stop") == []:
+    config["sampling"] = {**sampling, "stop": list(task_stop)}
+  return config
+
+
+def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DIR,
+                 task_stop: Iterable[str] = ()) -> None:
+  """Records `config` for the eval folder, or checks that it matches the recorded one. A
+  record from before the sampling record stated the stop strings is read with `task_stop`
+  (`stated_stop`) and, when it matches, rewritten to state them.
 
   Raises:
     EvalConfigMismatchError: the folder was made with another configuration; the message
@@ -228,7 +242,8 @@ def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DI
   config = json.loads(dumps_strict(dict(config), sort_keys=True))  # tuples -> lists
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+      recorded = json.load(f)
+    old = stated_stop(recorded, task_stop)
     keys = sorted(set(old) | set(config))
     diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}"
              for k in keys if old.get(k, "<absent>") != config.get(k, "<absent>")]
@@ -236,7 +251,8 @@ def check_config(run_dir: str, config: Mapping[str, Any], *, name: str = EVAL_DI
       raise EvalConfigMismatchError(
           f"{path} was made with a different evaluation configuration ("
           + "; ".join(diffs) + "); use another eval folder name")
-    return
+    if old == recorded:
+      return
   atomic_write_json(path, config, indent=2, sort_keys=True)
 
 

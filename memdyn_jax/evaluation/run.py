@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # annotations only: this module imports JAX on first use, not
 SPLITS = ("train", "test", "ood", "perturbed")
 # The EvalSettings fields of the sampling parameters (`sampling_params`); other binaries that
 # sample (experiments/curate.py) define their flags from these.
-SAMPLING_FIELDS = ("temperature", "top_p", "max_new_tokens", "n_samples", "seed")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                   "max_new_tokens", "n_samples", "stop", "seed")
 
 
 class EvalSettingsError(FieldError):
@@ -48,10 +49,17 @@ class EvalSettings:
     max_eval: cap on test/OOD examples (first N; 0 = all).
     subset_seed: seed of the train subset (and of the gradient-variance minibatches).
     perturbations: answer preambles of the 'perturbed' split (Kang et al. Fig. 6).
-    temperature: sampling temperature (default: the task's).
-    top_p: nucleus mass (default: the task's).
+    temperature: sampling temperature; 0 = greedy (default: the task's).
+    top_p: nucleus mass in (0, 1]; 1 = off (default: the task's).
+    top_k: keep only the k most likely tokens; 0 = off (default: the task's).
+    min_p: drop tokens below min_p times the most likely one's probability; 0 = off
+      (default: the task's).
+    repetition_penalty: HF's penalty on tokens already in the prompt or output; 1 = off
+      (default: the task's).
     max_new_tokens: generation budget (default: the task's).
     n_samples: samples per prompt (default: the task's).
+    stop: strings that end a sample, cut before them (default: the task's, "\\nDone."
+      for the default template; in bash a newline is $'\\n'; empty = none).
     seed: sampling seed.
     batch_size: prompts per compiled program.
     greedy: greedy completion + likelihood (ATC) on train/test/ood.
@@ -79,8 +87,12 @@ class EvalSettings:
   perturbations: tuple[str, ...] = ("First", "We know that")
   temperature: float | None = None
   top_p: float | None = None
+  top_k: int | None = None
+  min_p: float | None = None
+  repetition_penalty: float | None = None
   max_new_tokens: int | None = None
   n_samples: int | None = None
+  stop: tuple[str, ...] | None = None
   seed: int = 0
   batch_size: int = 16
   greedy: bool = True
@@ -96,6 +108,9 @@ class EvalSettings:
   def __post_init__(self):
     object.__setattr__(self, "splits", tuple(self.splits))
     object.__setattr__(self, "perturbations", tuple(self.perturbations))
+    if self.stop is not None:
+      object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str)
+                         else tuple(self.stop))
     if self.task_kwargs is not None:
       object.__setattr__(self, "task_kwargs", dict(self.task_kwargs))
     bad = [s for s in self.splits if s not in SPLITS]
@@ -124,7 +139,8 @@ class EvalSettings:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    d.update(splits=list(self.splits), perturbations=list(self.perturbations))
+    d.update(splits=list(self.splits), perturbations=list(self.perturbations),
+             stop=None if self.stop is None else list(self.stop))
     return d
 
   def grad_variance_config(self, num_train: int | None = None):
@@ -181,16 +197,41 @@ def train_subset_size(run_dir: str, settings: EvalSettings) -> int | None:
   return min(int(rows), settings.num_train) if settings.num_train else int(rows)
 
 
-def sampling_params(task_name: str, settings: EvalSettings):
-  """The task's default sampling with the settings' overrides."""
+def sampling_params(task: Task | str, settings: EvalSettings):
+  """The task's default sampling (`default_sampling`: its settings and stop strings) with
+  the settings' overrides.
+
+  Raises:
+    EvalSettingsError: an unknown task (field "task") or a bad sampling value (its field).
+  """
+  from memdyn_jax import tasks
   from memdyn_jax.evaluation.examples import default_sampling
   try:
     return default_sampling(
-        task_name, temperature=settings.temperature, top_p=settings.top_p,
-        max_new_tokens=settings.max_new_tokens, n=settings.n_samples, seed=settings.seed)
-  except ValueError as e:
+        task, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        min_p=settings.min_p, repetition_penalty=settings.repetition_penalty,
+        max_new_tokens=settings.max_new_tokens, n=settings.n_samples, stop=settings.stop,
+        seed=settings.seed)
+  except tasks.UnknownTaskError as e:
+    raise EvalSettingsError("task", str(e)) from e
+  except ValueError as e:  # SamplingParams' messages start with the field's name
     field = str(e).split()[0]
     raise EvalSettingsError({"n": "n_samples"}.get(field, field), str(e)) from e
+
+
+def resolve_sampling(settings: EvalSettings, task: Task | str) -> EvalSettings:
+  """The settings with every unset sampling field set to the value the task's default
+  sampling gives it, so a record of the settings (sweep.json) states what is used and an
+  explicit default is the same setting as an omitted one.
+
+  Raises:
+    EvalSettingsError: as `sampling_params`.
+  """
+  params = sampling_params(task, settings)
+  return dataclasses.replace(
+      settings, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+      min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+      max_new_tokens=params.max_new_tokens, n_samples=params.n, stop=params.stop)
 
 
 def for_run(run_dir: str, settings: EvalSettings) -> EvalSettings:
@@ -403,13 +444,13 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
   wanted = _checked_steps(run_dir, steps, settings.include_base, settings.checkpoints_per_run)
   settings = for_run(run_dir, settings)
   task = load_task(run_dir, settings)
-  params = sampling_params(task.name, settings)
+  params = sampling_params(task, settings)
   if mesh is not None:
     check_mesh(settings, mesh)
   config = eval_config(task, params, settings)
   if not pending_steps(run_dir, settings, wanted):
     if records.read_config(run_dir, name=settings.eval_name) is not None:
-      _check_config(run_dir, config, settings)
+      _check_config(run_dir, config, settings, task)
     return []
   tokenizer = load_tokenizer(run_dir, settings)
   units, train = build_units(run_dir, task, settings, tokenizer)
@@ -421,7 +462,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
         "grad_variance_batch_size", f"{gv_config.num_minibatches} minibatches of "
         f"{gv_config.batch_size} need {gv_config.num_minibatches * gv_config.batch_size} train "
         f"examples, the --num_train subset has {len(train)} (or --nograd_variance)")
-  _check_config(run_dir, config, settings)
+  _check_config(run_dir, config, settings, task)
   try:
     timings = evaluate_units(
         run_dir, task, tokenizer, units, params, steps=[s for s in wanted if s],
@@ -518,9 +559,10 @@ def write_tensorboard(run_dir: str, task_name: str, steps: Sequence[int], *,
     writer.close()
 
 
-def _check_config(run_dir: str, config: Mapping[str, Any], settings: EvalSettings) -> None:
+def _check_config(run_dir: str, config: Mapping[str, Any], settings: EvalSettings,
+                  task: Task) -> None:
   try:
-    records.check_config(run_dir, config, name=settings.eval_name)
+    records.check_config(run_dir, config, name=settings.eval_name, task_stop=task.stop)
   except records.EvalConfigMismatchError as e:
     raise EvalSettingsError("eval_name", str(e)) from e
 

@@ -11,11 +11,11 @@ first use, so importing the package imports no JAX.
 """
 import importlib
 
-_METHODS = ("METHODS", "PER_LAYER_METHODS", "LAYERS_AXIS", "SLERP_DOT_THRESHOLD",
-            "MergeConfigError", "path_str", "TValue", "MergeConfig", "TensorSource",
-            "TensorSink", "PytreeSource", "PytreeSink", "OrbaxCheckpointSource", "to_pytree",
-            "layer_axes_of", "keep_count", "dare_key", "merge_tensor", "merge", "merge_pytrees",
-            "GreedySoupResult", "greedy_soup", "Path")
+_METHODS = ("METHODS", "PER_LAYER_METHODS", "LAYERS_AXIS", "DEFAULT_T", "DEFAULT_LAMBDA",
+            "SLERP_DOT_THRESHOLD", "MergeConfigError", "path_str", "TValue", "MergeConfig",
+            "TensorSource", "TensorSink", "PytreeSource", "PytreeSink", "OrbaxCheckpointSource",
+            "to_pytree", "layer_axes_of", "keep_count", "dare_key", "merge_tensor", "merge",
+            "merge_pytrees", "GreedySoupResult", "greedy_soup", "Path")
 
 
 def __getattr__(name):

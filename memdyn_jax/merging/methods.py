@@ -82,6 +82,8 @@ _DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True,
 # mask stream): applied per layer along stacked axes. The others are elementwise.
 PER_LAYER_METHODS = ("slerp", "ties", "dare_linear", "dare_ties")
 LAYERS_AXIS = "layers"  # the logical axis name of a stack of layers (models.transformer)
+DEFAULT_T = 0.5  # slerp's t where none is given
+DEFAULT_LAMBDA = 1.0  # the task-vector scale where none is given
 SLERP_DOT_THRESHOLD = 0.9995
 _EPS = 1e-8
 
@@ -108,11 +110,11 @@ class MergeConfig:
   Attributes:
     method: one of `METHODS`.
     weights: one weight per model (not for the base); None = all 1 (uniform).
-    t: slerp only (default 0.5): a number in [0, 1], or per tensor: a mapping (or pairs)
-      from regular expression to t, the first pattern `re.search`-ing the tensor path
-      ('layers/0/attn/kernel') wins ('' matches everything, a fallback), or a callable
+    t: slerp only (default `DEFAULT_T`, 0.5): a number in [0, 1], or per tensor: a mapping
+      (or pairs) from regular expression to t, the first pattern `re.search`-ing the tensor
+      path ('layers/0/attn/kernel') wins ('' matches everything, a fallback), or a callable
       path -> t.
-    lambda_: task-vector scale of the base-relative methods (default 1).
+    lambda_: task-vector scale of the base-relative methods (default `DEFAULT_LAMBDA`, 1).
     density: fraction of each task vector kept, in (0, 1]; required by ties and dare_*.
     seed: DARE mask seed.
     normalize: divide by the (agreeing) weight sum; None = the method's default
@@ -180,6 +182,16 @@ class MergeConfig:
   def resolved_normalize(self) -> bool:
     return _DEFAULT_NORMALIZE[self.method] if self.normalize is None else self.normalize
 
+  def resolved(self) -> MergeConfig:
+    """The config with the defaults its method uses made explicit (slerp's t, the
+    task-vector scale, normalize): the same merge, as a record should state it, so that an
+    explicit default and an omitted one are one setting."""
+    return dataclasses.replace(
+        self, t=DEFAULT_T if self.method == "slerp" and self.t is None else self.t,
+        lambda_=(DEFAULT_LAMBDA if self.method in _USES_LAMBDA and self.lambda_ is None
+                 else self.lambda_),
+        normalize=self.resolved_normalize)
+
   @property
   def needs_base(self) -> bool:
     return self.method in _NEEDS_BASE
@@ -191,7 +203,7 @@ class MergeConfig:
       MergeConfigError: no per-tensor pattern matches, or a callable returned a bad t.
     """
     if self.t is None:
-      return 0.5
+      return DEFAULT_T
     if isinstance(self.t, tuple):
       for pattern, value in self.t:
         if re.search(pattern, name):
@@ -696,7 +708,7 @@ def merge_tensor(config: MergeConfig, path: Path, tensors: Sequence[Any], base: 
   if config.method.startswith("dare"):
     keys = jnp.stack([dare_key(config.seed, name, i) for i in range(len(tensors))])
   t = config.t_for(name) if config.method == "slerp" else 0.0
-  lambda_ = 1.0 if config.lambda_ is None else config.lambda_
+  lambda_ = DEFAULT_LAMBDA if config.lambda_ is None else config.lambda_
   return _merge_kernel(
       place(base) if base is not None else None, tuple(place(x) for x in tensors),
       jnp.asarray(weights, jnp.float32), jnp.float32(t), jnp.float32(lambda_), keys,

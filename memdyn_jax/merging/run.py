@@ -23,8 +23,9 @@ by default the first source run's base model. Output layout:
      "sources": [{"run_dir": abs path, "step": int}, ...],   # the models averaged/merged
      "base": {"hf_dir": path} | {"run_dir": path, "step": int} | null,
      "step": int,                                            # the merged checkpoint's step
-     "weights": [..] | null, "t": float | [[pattern, t], ..] | null, "lambda": float | null,
-     "density": float | null, "seed": int, "normalize": bool | null,
+     # the settings with their defaults resolved (null: the method takes none):
+     "weights": [one per source] | null, "t": float | [[pattern, t], ..] | null,
+     "lambda": float | null, "density": float | null, "seed": int, "normalize": bool,
      "candidates": [{"run_dir", "step"}, ..],                # greedy_soup: all tried
      "validation": {"split", "examples", "metric", "candidate_scores", "soup_score",
                     "history": [[candidate index, score, accepted], ..]},   # greedy_soup
@@ -153,11 +154,21 @@ def parse_checkpoints(specs: Sequence[str], field: str = "checkpoints") -> list[
 
 
 def parse_base(spec: str) -> BaseRef:
-  """`RUN_DIR:STEP` of a training run, or an HF model directory."""
+  """`RUN_DIR:STEP` of a training run, or an HF model directory (of a supported
+  architecture).
+
+  Raises:
+    MergeInputError: neither, or an architecture `memdyn_jax.models` does not implement.
+  """
   run_dir, sep, step = spec.rpartition(":")
   if sep and step.isdigit() and os.path.isdir(run_dir):
     return BaseRef(checkpoint=parse_checkpoints([spec], field="base")[0])
   if os.path.isfile(os.path.join(spec, "config.json")):
+    from memdyn_jax.models import hf_io
+    try:  # an architecture the models do not implement fails here, before any reading
+      hf_io.load_config(spec)
+    except (OSError, ValueError) as e:
+      raise MergeInputError("base", f"{spec}: {e}") from e
     return BaseRef(hf_dir=os.path.abspath(spec))
   raise MergeInputError("base", f"{spec!r} is neither RUN_DIR:STEP of a training run nor an "
                         "HF model directory (with config.json)")
@@ -174,21 +185,55 @@ def default_base(source: CheckpointRef) -> BaseRef:
                           f"found ({e}); give --base") from e
 
 
+def _config_record(config: MergeConfig, num_models: int) -> dict[str, Any]:
+  """The settings of `config` as a request records them: every default its method uses
+  stated (`MergeConfig.resolved`, the weights of `num_models` models), so an explicit
+  default is the same merge as an omitted one."""
+  config = config.resolved()
+  t = config.t
+  if callable(t):
+    raise MergeInputError("t", "a callable t cannot be recorded; give patterns")
+  weights = None if config.method == "slerp" else list(config.model_weights(num_models))
+  return {"weights": weights, "t": [list(p) for p in t] if isinstance(t, tuple) else t,
+          "lambda": config.lambda_, "density": config.density, "seed": config.seed,
+          "normalize": config.normalize}
+
+
 def merge_request(method: str, sources: Sequence[CheckpointRef], base: BaseRef | None,
                   config: MergeConfig | None, **extra) -> dict[str, Any]:
-  """What a merge is asked to do (JSON): compared with a finished merge's on a re-run."""
-  params = {}
-  if config is not None:
-    t = config.t
-    if callable(t):
-      raise MergeInputError("t", "a callable t cannot be recorded; give patterns")
-    params = {"weights": None if config.weights is None else list(config.weights),
-              "t": [list(p) for p in t] if isinstance(t, tuple) else t,
-              "lambda": config.lambda_, "density": config.density, "seed": config.seed,
-              "normalize": config.normalize}
+  """What a merge is asked to do (JSON), defaults resolved: compared with a finished
+  merge's on a re-run."""
+  params = {} if config is None else _config_record(config, len(sources))
   return json.loads(json.dumps({"method": method, "sources": [s.to_dict() for s in sources],
                                 "base": None if base is None else base.to_dict(),
                                 **params, **extra}))
+
+
+def _stated_request(out_dir: str, request: Mapping[str, Any]) -> dict[str, Any]:
+  """A recorded request as `merge_request` records it now: requests recorded before the
+  defaults were resolved say null for t, lambda, normalize and the weights, and before the
+  sampling stated its stop strings, a greedy soup's validation says `"stop": []` where the
+  task's (of the merged run's examples.json) were applied. As recorded where it does not
+  build."""
+  from memdyn_jax import tasks
+  from memdyn_jax.evaluation import records
+  request = dict(request)
+  if request.get("method") in merging.METHODS:
+    t = request.get("t")
+    try:
+      config = MergeConfig(
+          request["method"], weights=request.get("weights"),
+          t=tuple(tuple(p) for p in t) if isinstance(t, list) else t,
+          lambda_=request.get("lambda"), density=request.get("density"),
+          seed=request.get("seed", 0), normalize=request.get("normalize"))
+      request.update(_config_record(config, len(request.get("sources") or ())))
+    except (merging.MergeConfigError, MergeInputError, KeyError, TypeError, ValueError):
+      pass
+  if isinstance(request.get("validation"), Mapping):
+    task = (checkpoints.read_examples_listing(out_dir) or {}).get("task")
+    request["validation"] = records.stated_stop(request["validation"],
+                                                tasks.task_class(task).template.stop)
+  return json.loads(json.dumps(request))
 
 
 def read_merge_info(run_dir: str) -> dict[str, Any] | None:
@@ -316,7 +361,7 @@ def soup_scorer(first_run: str, settings: EvalSettings, split: str, tokenizer, *
     raise MergeInputError("validation_split", f"task {task.name!r} cannot load split "
                           f"{split!r}: {e}") from e
   examples = examples[:max_examples or None]
-  params = run_evaluation.sampling_params(task.name, settings)
+  params = run_evaluation.sampling_params(task, settings)
   cfg = checkpoints.read_run_info(first_run)["config"]
   score = validation_accuracy(task, examples, tokenizer, params, batch_size=settings.batch_size,
                               max_length=cfg["max_length"], append_eos=cfg["append_eos"],
@@ -344,7 +389,8 @@ def _check_existing(out_dir: str, request: Mapping[str, Any]) -> Mapping[str, An
     info = None
   if info is None:
     raise MergeInputError("output_dir", f"{out_dir} exists and is not a merged run directory")
-  diffs = checkpoints.differences(info.get("request", {}), dict(request))
+  diffs = checkpoints.differences(_stated_request(out_dir, info.get("request", {})),
+                                  dict(request))
   if diffs:
     raise MergeInputError("output_dir", f"{out_dir} holds another merge (saved -> now: "
                           f"{'; '.join(diffs[:4])}); use a new --output_dir")

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from memdyn_jax import fileio
+from memdyn_jax import fileio, hub
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import registry
 from memdyn_jax.models.config import ModelConfig, from_hf_config
@@ -243,7 +243,12 @@ def _hf_shape(layer_shape: tuple[int, ...], rule: KeyRule) -> tuple[int, ...]:
 
 def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
   """A local directory as is; a `.gguf` file converted once (cached); else a hub snapshot
-  (honours the HF cache and `HF_HUB_OFFLINE`)."""
+  (honours the HF cache and `HF_HUB_OFFLINE`).
+
+  Raises:
+    FileNotFoundError: a missing path or GGUF file; `hub.HubUnreachableError` for a Hub id
+      the cache does not hold where the Hub cannot be reached (no retries).
+  """
   if os.path.isdir(path_or_hub_id):
     return path_or_hub_id
   if path_or_hub_id.endswith(".gguf"):
@@ -256,8 +261,22 @@ def resolve_checkpoint_dir(path_or_hub_id: str) -> str:
     raise FileNotFoundError(f"{path_or_hub_id} is not a checkpoint directory")
   import huggingface_hub
 
-  return huggingface_hub.snapshot_download(
-      path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+  with hub.offline_unless_reachable() as offline:
+    try:
+      return huggingface_hub.snapshot_download(
+          path_or_hub_id,
+          allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except (OSError, ValueError) as e:
+      if offline is None:
+        raise
+      raise _unreachable(path_or_hub_id, offline, "model directory (config.json, "
+                         "safetensors, tokenizer files)") from e
+
+
+def _unreachable(hub_id: str, reason: str, local: str) -> hub.HubUnreachableError:
+  return hub.HubUnreachableError(
+      f"{hub_id!r} is read as a Hugging Face Hub id, and {reason}; the local cache (HF_HOME) "
+      f"does not hold it either: pass a local {local} instead")
 
 
 def load_config(directory: str) -> ModelConfig:
@@ -457,7 +476,16 @@ def load_tokenizer(path_or_hub_id: str, *, padding_side: str = "left"):
   directory = path_or_hub_id
   if not os.path.isdir(path_or_hub_id) and path_or_hub_id.endswith(".gguf"):
     directory = resolve_checkpoint_dir(path_or_hub_id)
-  tok = transformers.AutoTokenizer.from_pretrained(directory)
+  if os.path.isdir(directory):
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+  else:  # a Hub id: transformers would retry for a minute without network
+    with hub.offline_unless_reachable() as offline:
+      try:
+        tok = transformers.AutoTokenizer.from_pretrained(directory)
+      except OSError as e:
+        if offline is None:
+          raise
+        raise _unreachable(directory, offline, "tokenizer directory") from e
   if tok.pad_token is None:
     if tok.eos_token is None:
       raise ValueError(f"tokenizer at {path_or_hub_id} has neither a pad nor an EOS token")

@@ -199,7 +199,7 @@ def load_setup(spec, model_path: str, *, sampling: SamplingParams, methods: Sequ
   Args:
     spec: the task (a `memdyn_jax.train.task_run.TaskSpec`: name, kwargs, path).
     model_path: the base model, a local HF directory.
-    sampling: how accuracy is sampled.
+    sampling: how accuracy is sampled (without stop strings: the task's).
     methods: the methods the study runs ("heuristic" is checked against the task).
     n_train: D_train is the first N train examples (0 = all).
     n_test: test examples evaluated after every round (the first N; 0 = all).
@@ -211,7 +211,7 @@ def load_setup(spec, model_path: str, *, sampling: SamplingParams, methods: Sequ
     CurationInputError: field "task" (the task or its data does not load) or "methods"
       (no difficulty heuristic for the task).
   """
-  from memdyn_jax import tasks
+  from memdyn_jax import evaluation, tasks
   try:
     task = tasks.get_task(spec.name, **dict(spec.kwargs))
     train = task.load("train", spec.path)
@@ -228,7 +228,8 @@ def load_setup(spec, model_path: str, *, sampling: SamplingParams, methods: Sequ
       raise CurationInputError("methods", f"heuristic: {e}") from e
   return CurationSetup(
       task=task, model_path=model_path, train_examples=tuple(train),
-      test_examples=tuple(test[:n_test or None]), sampling=sampling,
+      test_examples=tuple(test[:n_test or None]),
+      sampling=evaluation.with_task_stop(sampling, task),
       ifd_examples=tuple(test[:n_ifd or None]),
       train_config=train_config or get_preset("curation_default"),
       eval_batch_size=eval_batch_size)
@@ -734,7 +735,7 @@ def train_and_evaluate(setup: CurationSetup, examples: Sequence[Example], run_di
                async_checkpoints=False)
     steps = checkpoints.list_steps(run_dir)
   try:
-    records_lib.check_config(run_dir, _eval_config(setup))
+    records_lib.check_config(run_dir, _eval_config(setup), task_stop=setup.task.stop)
   except records_lib.EvalConfigMismatchError as e:
     raise CurationError(str(e)) from e
   test = evaluation.EvalUnit("test", setup.test_examples, greedy=False)

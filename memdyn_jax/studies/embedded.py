@@ -60,11 +60,20 @@ class EmbeddedSpec:
   kept out of the corpus, and its number bound sets what arithmetic the corpus teaches.
 
   Attributes:
+    hidden_size: the Llama model's hidden width.
+    num_layers: its decoder layers.
+    num_heads: its attention heads.
+    num_kv_heads: its key/value heads (fewer than num_heads: grouped-query attention).
+    intermediate_size: its MLP width.
+    max_position_embeddings: its context window in tokens.
+    rope_theta: its RoPE base frequency.
+    tokenizer_vocab_size: the byte-level BPE tokenizer's vocabulary, trained on the corpus.
     task_max_steps: events per train/test problem (1..task_max_steps).
     task_max_value: bound on OOD values; train/test use 2/3 of it.
     corpus_mix: relative weights of `synthetic_corpus.DOC_KINDS`.
     whole_numbers: numbers 0..whole_numbers are single tokens (see
       `synthetic_corpus.build_tokenizer`); 0 = one token per digit.
+    corpus_docs: pre-training documents generated.
     chain_fraction: share of fact documents written as chains (each fact starts from the
       previous result), which teach carrying a value from line to line.
     packing: "whole_documents" (first-fit rows, a document is split only when longer than
@@ -73,6 +82,14 @@ class EmbeddedSpec:
       format (with a random valid trace, never the target); the rest use a format of
       their own (`Problem: ... Work: a op b=c; ... Result: n`), so the base model half
       knows the task's surface and fine-tuning has something to learn.
+    seq_len: tokens per pre-training row.
+    pretrain_epochs: passes over the packed corpus.
+    batch_size: rows per pre-training step.
+    learning_rate: peak pre-training learning rate (AdamW, cosine decay to 0).
+    beta2: AdamW's second-moment decay in pre-training.
+    warmup_ratio: pre-training warmup as a fraction of its steps.
+    seed: seeds the corpus, the tokenizer, the initial weights, the data order and the
+      task the model is built for.
   """
 
   hidden_size: int = 128

@@ -99,7 +99,8 @@ class StudyConfig:
     baseline: the sampler every other one is judged against.
     train: the shared TrainConfig (its `sampler` is replaced per run).
     sampling: how held-out responses are sampled (accuracy and judge responses; the
-      judge compares each prompt's first sample, as Ge et al. compare one response).
+      judge compares each prompt's first sample, as Ge et al. compare one response);
+      without stop strings, the task's (`evaluation.with_task_stop`).
     n_eval: held-out (test split) examples evaluated: the first N (0 = all).
     n_eval_train: training examples evaluated (seeded subset; 0 = all).
     n_ood: OOD examples evaluated when `ood`: the first N (0 = all).
@@ -310,6 +311,7 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
 
   task_run.check_task_name(spec.name)
   task, _ = task_run.load_examples(spec)
+  cfg = dataclasses.replace(cfg, sampling=evaluation.with_task_stop(cfg.sampling, task))
   heldout = _first(_load_split(task, spec, "test", "task_path"), cfg.n_eval)
   ood = _first(_load_split(task, spec, "ood", "ood"), cfg.n_ood) if cfg.ood else None
   base_dir = task_run.resolve_model(model)
@@ -392,7 +394,8 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
 def _evaluate_at(cfg: StudyConfig, task: Task, tokenizer, units, run_dir: str, step: int,
                  progress: bool) -> dict[str, list[evaluation.ExampleRecord]]:
   """The study's units evaluated at one checkpoint of a run (skipped where saved)."""
-  records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME)
+  records_lib.check_config(run_dir, _eval_config(cfg, task, units), name=EVAL_NAME,
+                           task_stop=task.stop)
   evaluation.evaluate_units(run_dir, task, tokenizer, units, cfg.sampling, steps=[step],
                             batch_size=cfg.eval_batch_size, keep_texts=True,
                             progress=progress, name=EVAL_NAME)
@@ -411,7 +414,8 @@ def select_checkpoint(cfg: StudyConfig, task: Task, tokenizer, run_dir: str,
     raise StudyConfigError("mitigations", f"{run_dir} saved {len(steps)} checkpoint(s); "
                            "checkpoint selection needs several (save_every_*)")
   unit = evaluation.EvalUnit(VALIDATION, tuple(validation), greedy=False)
-  records_lib.check_config(run_dir, _eval_config(cfg, task, [unit]), name=SELECTION_EVAL_NAME)
+  records_lib.check_config(run_dir, _eval_config(cfg, task, [unit]), name=SELECTION_EVAL_NAME,
+                           task_stop=task.stop)
   evaluation.evaluate_units(run_dir, task, tokenizer, [unit], cfg.sampling, steps=steps,
                             batch_size=cfg.eval_batch_size, progress=progress,
                             name=SELECTION_EVAL_NAME)

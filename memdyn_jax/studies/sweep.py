@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from memdyn_jax import fileio
 from memdyn_jax.errors import FieldError
+from memdyn_jax.evaluation import run as run_evaluation
 from memdyn_jax.evaluation.run import EvalSettings
 from memdyn_jax.train import config as config_lib
 from memdyn_jax.train.config import TrainConfig
@@ -62,7 +63,10 @@ class Grid:
 
   Attributes:
     presets: base configurations (`config.PRESETS` names or "none"), an axis of the grid.
-    learning_rates, epochs, data_fractions: axes; empty = the preset's single value.
+    learning_rates: the learning-rate axis (peak learning rates); empty = the preset's value.
+    epochs: the epochs axis (passes over the training set); empty = the preset's value.
+    data_fractions: the data-fraction axis (fixed random subsets of the training set);
+      empty = the preset's value.
     paper_grid: a preset whose paper grid gives the cells instead of the axes (every run
       the paper reports, in its order).
     overrides: TrainConfig fields set in every cell (not the axes' fields).
@@ -199,10 +203,13 @@ class Sweep:
 
 def make_sweep(sweep_dir: str, model: str, task: TaskSpec, grid: Grid,
                evaluation: EvalSettings) -> Sweep:
-  """The sweep of `grid` in `sweep_dir`; the evaluation reads the training task.
+  """The sweep of `grid` in `sweep_dir`; the evaluation reads the training task, and its
+  unset sampling settings are the task's, stated (`run_evaluation.resolve_sampling`), so
+  sweep.json records what is used and an explicit default is the same sweep.
 
   Raises:
-    SweepError: a bad grid, or two cells with the same name.
+    SweepError: a bad grid, two cells with the same name, an unknown task (field "task")
+      or a bad sampling setting (its field).
   """
   sweep_dir = os.path.abspath(sweep_dir)
   configs = grid.configs()
@@ -218,6 +225,10 @@ def make_sweep(sweep_dir: str, model: str, task: TaskSpec, grid: Grid,
     cells.append(Cell(name, os.path.join(sweep_dir, name), preset, cfg))
   evaluation = dataclasses.replace(evaluation, task=task.name, task_kwargs=dict(task.kwargs),
                                    task_path=task.path)
+  try:
+    evaluation = run_evaluation.resolve_sampling(evaluation, task.name)
+  except run_evaluation.EvalSettingsError as e:
+    raise SweepError(e.field, e.message) from e
   return Sweep(sweep_dir, model, task, grid, evaluation, tuple(cells))
 
 
@@ -264,9 +275,11 @@ def check_same(sweep: Sweep, stored: Mapping[str, Any]) -> bool:
   from memdyn_jax.train.checkpoints import differences, with_defaults
   new = json.loads(json.dumps(sweep.to_json()))
   old = json.loads(json.dumps(dict(stored)))
-  # Settings added since sweep.json was written take their defaults (not a difference).
+  # Settings added since sweep.json was written take their defaults (not a difference), and
+  # sampling settings recorded unset (null) before they were resolved are the task's.
   if isinstance(old.get("evaluation"), Mapping):
-    old["evaluation"] = with_defaults(old["evaluation"], lambda d: EvalSettings(**d))
+    old["evaluation"] = with_defaults(old["evaluation"], lambda d: run_evaluation.resolve_sampling(
+        EvalSettings(**d), d.get("task")))
   for cell in old.get("cells", []):
     if isinstance(cell.get("config"), Mapping):
       cell["config"] = with_defaults(cell["config"], TrainConfig.from_dict)

@@ -11,6 +11,7 @@ from memdyn_jax.tasks.base import (
     GradeResult,
     PromptTemplate,
     Task,
+    UnknownTaskError,
     ensure_nonempty,
     get_task,
     memorization_threshold,

@@ -124,19 +124,30 @@ def resolve_split_path(path: str, split: str) -> str:
 
 def load_hub_dataset(name: str, config: str | None, split: str):
   """`datasets.load_dataset(name, config, split=split)`, with one clear DataError when the Hub
-  cannot be reached (offline, or the dataset is gone): the fix is a local path.
+  cannot be reached (offline, or the dataset is gone): the fix is a local path. Where the
+  Hub does not answer, only the local cache is read (`memdyn_jax.hub`), so this fails at
+  once.
 
   Tasks whose `load` takes `path` read local jsonl without the Hub; binaries pass it as
   --task_path.
   """
   import datasets  # Deferred: only Hub loading needs it, and it is slow to import.
 
-  try:
-    return datasets.load_dataset(name, config, split=split)
-  except (OSError, ConnectionError) as e:  # requests' and datasets' not-found errors are OSErrors.
-    raise DataError(f"cannot load {name}[{config}/{split}] from the Hugging Face Hub "
-                    f"({type(e).__name__}); offline, pass a local jsonl file or folder as "
-                    f"the task path (--task_path)") from e
+  from memdyn_jax import hub
+  # Without network, datasets would retry for ~30 s: offline mode fails at once (a cached
+  # copy still loads).
+  with hub.offline_unless_reachable() as offline:
+    try:
+      return datasets.load_dataset(name, config, split=split)
+    # requests' and datasets' not-found errors are OSErrors.
+    except (OSError, ConnectionError) as e:
+      if offline:
+        raise DataError(f"cannot load {name}[{config}/{split}]: {offline}, and the local "
+                        "cache (HF_HOME) does not hold it; pass a local jsonl file or folder "
+                        "as the task path (--task_path)") from e
+      raise DataError(f"cannot load {name}[{config}/{split}] from the Hugging Face Hub "
+                      f"({type(e).__name__}); offline, pass a local jsonl file or folder as "
+                      f"the task path (--task_path)") from e
 
 
 def ensure_nonempty(examples: Sequence[Example], source: str) -> None:
@@ -227,6 +238,13 @@ class Task:
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 
+class UnknownTaskError(ValueError):
+  """A task name no task is registered under; the message names the known ones."""
+
+  def __init__(self, name: Any):
+    super().__init__(f"unknown task {name!r}; known: {sorted(_REGISTRY)}")
+
+
 def register_task(name: str):
   """Class decorator: makes a Task constructible by `get_task(name, **kwargs)`."""
 
@@ -239,8 +257,13 @@ def register_task(name: str):
 
 
 def get_task(name: str, **kwargs) -> Task:
+  """A new task of the registered name, built with `kwargs`.
+
+  Raises:
+    UnknownTaskError: no task of that (exact) name.
+  """
   if name not in _REGISTRY:
-    raise ValueError(f"unknown task {name!r}; known: {sorted(_REGISTRY)}")
+    raise UnknownTaskError(name)
   return _REGISTRY[name](**kwargs)
 
 

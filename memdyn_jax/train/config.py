@@ -43,7 +43,9 @@ class TrainConfig:
     micro_batch_size: examples per forward/backward pass; gradients of
       `global_batch_size / micro_batch_size` micro-batches are accumulated. 0 = no accumulation.
     optimizer: "adamw" (decoupled weight decay), "adam" (no decay) or "sgd" (momentum `beta1`).
-    beta1, beta2, eps: optimizer moments.
+    beta1: decay of the first-moment (mean) estimate of Adam/AdamW; SGD's momentum.
+    beta2: decay of the second-moment (variance) estimate of Adam/AdamW.
+    eps: Adam/AdamW's epsilon, added to the root of the second moment.
     weight_decay: AdamW decoupled decay; not applied to biases and norm scales (as HF Trainer).
     schedule: "linear" (warmup then linear decay to 0), "cosine" (warmup then cosine to 0)
       or "constant" (warmup then flat).
@@ -57,9 +59,17 @@ class TrainConfig:
     sampler: "uniform", "mbc" or "memorization_reweight" (memdyn_jax.train.samplers).
     data_fraction: fraction of the training set used (a fixed random subset).
     mbc_refresh_steps: MBC / reweighting: steps between perplexity refreshes.
-    reweight_alpha, reweight_p: memorization-reweight exponent and perplexity threshold.
+    reweight_alpha: memorization_reweight: exponent α > 0 of the loss weights
+      min(1, (ppl - 1)/(p - 1))^α (larger shrinks memorized examples' weights faster).
+    reweight_p: memorization_reweight: perplexity p > 1 at and above which an example
+      counts as unmemorized and keeps full weight.
     lora_rank: LoRA rank; 0 = full fine-tuning.
-    lora_alpha, lora_dropout, lora_target_modules: LoRA scaling, dropout, adapted modules.
+    lora_alpha: LoRA scale numerator: the adapters' update is scaled by lora_alpha /
+      lora_rank.
+    lora_dropout: dropout rate on the adapters' input while training (0 = off).
+    lora_target_modules: names of the projections that get adapters (the last path
+      component: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; GPT-Neo's
+      MLP is c_fc, c_proj).
     max_length: maximum tokens per training example (prompt + target).
     overlength: what to do with longer examples: "drop", "truncate" or "error".
     batch_length_multiple: 0 = every batch keeps all `max_length` columns (one compiled

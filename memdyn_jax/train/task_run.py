@@ -50,20 +50,29 @@ def check_task_name(name: str) -> None:
 
 def resolve_model(model: str) -> str:
   """A local HF directory for a model reference: a directory, hub id, `.gguf` file or
-  'embedded' (the project's shipped base, its files checked).
+  'embedded' (the project's shipped base, its files checked), whose `config.json` describes
+  an architecture `memdyn_jax.models` implements (checked here, before a caller writes
+  anything: a run directory started for a model that cannot load would refuse the next,
+  correct command as another run).
 
   Raises:
-    TaskRunError: the reference resolves to nothing (field "model").
+    TaskRunError: the reference resolves to nothing, or to a config.json of an unsupported
+      `model_type` (field "model").
   """
   from memdyn_jax.models import embedded, hf_io
   try:
     if model == embedded.EMBEDDED_NAME:
       return embedded.shipped_dir()
-    return hf_io.resolve_checkpoint_dir(model)
+    directory = hf_io.resolve_checkpoint_dir(model)
   # A missing directory or file, a hub error (huggingface_hub's are OSErrors or
   # ValueErrors), a damaged shipped base.
   except (OSError, ValueError, embedded.EmbeddedBaseError) as e:
     raise TaskRunError("model", str(e) or type(e).__name__) from e
+  try:
+    hf_io.load_config(directory)
+  except (OSError, ValueError) as e:  # no or malformed config.json, an unsupported model_type
+    raise TaskRunError("model", f"{model}: {e}") from e
+  return directory
 
 
 def load_examples(spec: TaskSpec):

@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+from memdyn_jax import hub
 from memdyn_jax.tasks import (
     DEFAULT_PERTURBATIONS,
     DEFAULT_TEMPLATE,
@@ -218,7 +219,8 @@ def test_expand_perturbations():
 
 
 def test_hub_loading_path(monkeypatch):
-  # Stands in for `datasets` so the Hub code path runs offline.
+  # Stands in for `datasets` (and a Hub that answers) so the Hub code path runs offline.
+  monkeypatch.setattr(hub, "offline_reason", lambda: None)
   calls = []
 
   def load_dataset(name, config, split):
@@ -236,14 +238,21 @@ def test_hub_loading_path(monkeypatch):
     get_task("gsm8k").load("test")
 
 
-@pytest.mark.parametrize("task_name,hub", [("gsm8k", "openai/gsm8k"),
+@pytest.mark.parametrize("task_name,hub_name", [("gsm8k", "openai/gsm8k"),
                                            ("math", "EleutherAI/hendrycks_math")])
-def test_hub_unreachable_says_to_pass_a_local_path(monkeypatch, task_name, hub):
+def test_hub_unreachable_says_to_pass_a_local_path(monkeypatch, task_name, hub_name):
   def offline(*args, **kwargs):
     raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
 
   monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-  with pytest.raises(DataError, match=rf"cannot load {hub}\[.*ConnectionError.*--task_path"):
+  # The Hub answered the probe, then the load failed.
+  monkeypatch.setattr(hub, "offline_reason", lambda: None)
+  with pytest.raises(DataError, match=rf"cannot load {hub_name}\[.*ConnectionError.*--task_path"):
+    get_task(task_name).load("test")
+  # The Hub did not answer (memdyn_jax.hub): the load ran in offline mode, and says why.
+  monkeypatch.setattr(hub, "offline_reason", lambda: "the Hub (http://x) cannot be reached")
+  with pytest.raises(DataError, match=rf"cannot load {hub_name}\[.*: the Hub \(http://x\) cannot "
+                     r"be reached, and the local cache \(HF_HOME\) does not hold it.*--task_path"):
     get_task(task_name).load("test")
 
 

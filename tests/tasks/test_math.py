@@ -235,7 +235,9 @@ def test_empty_split(tmp_path):
 
 
 def test_hub_loading_concatenates_subject_configs(monkeypatch):
-  # Stands in for `datasets` so the Hub code path runs offline.
+  # Stands in for `datasets` (and a Hub that answers) so the Hub code path runs offline.
+  from memdyn_jax import hub
+  monkeypatch.setattr(hub, "offline_reason", lambda: None)
   calls = []
 
   def load_dataset(name, config, split):

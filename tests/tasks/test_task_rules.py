@@ -19,10 +19,31 @@ def test_sampling_defaults_are_kang_et_al_per_task():
   math_params = evaluation.default_sampling("math")
   assert (math_params.top_p, math_params.max_new_tokens) == (1.0, 1024)
   assert evaluation.default_sampling("synthetic_arith").max_new_tokens == 256
-  # An unknown task falls back to GSM8K's; overrides win unless None.
-  assert evaluation.default_sampling("sft") == evaluation.default_sampling("no_such_task")
+  # A task without its own (sft) uses GSM8K's; overrides win unless None.
+  assert evaluation.default_sampling("sft").max_new_tokens == 512
   assert evaluation.default_sampling("math", n=2, top_p=None).n == 2
   assert evaluation.default_sampling("math", n=2, top_p=None).top_p == 1.0
+
+
+def test_default_sampling_of_a_task_object_is_that_tasks():
+  """A Task reads its own rules (was GSM8K's for any object: MATH got top_p 0.95 and 512
+  tokens); a name must be exact; anything else names the known tasks."""
+  math_params = evaluation.default_sampling(tasks.get_task("math"))
+  assert (math_params.top_p, math_params.max_new_tokens) == (1.0, 1024)
+  assert math_params == evaluation.default_sampling("math")
+  for bad in ("gsm8K", "no_such_task", None, 3):
+    with pytest.raises(tasks.UnknownTaskError, match=r"unknown task .*known: \[.*'gsm8k'"):
+      evaluation.default_sampling(bad)
+
+
+def test_default_sampling_stops_where_the_task_does():
+  """The task's stop strings are part of its default sampling (the notebook path stops at
+  "\\nDone." as the evaluation does); an override replaces them, () means none."""
+  assert evaluation.default_sampling("gsm8k").stop == ("\nDone.",)
+  chat = tasks.get_task("sft", template=tasks.ChatTemplate(tokenizer=None))
+  assert evaluation.default_sampling(chat).stop == ()  # the chat template has none
+  assert evaluation.default_sampling("gsm8k", stop=("\n\n",)).stop == ("\n\n",)
+  assert evaluation.default_sampling("gsm8k", stop=()).stop == ()
 
 
 def test_task_class_reads_rules_without_building_the_task():

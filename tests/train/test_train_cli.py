@@ -102,3 +102,24 @@ def test_output_dir_that_is_no_run_is_refused_before_writing(model_dir, tmp_path
                  "--overlength=truncate", "--noprogress", "--mesh_data=1")
   assert_one_line_error(proc, "train.py", needle)
   assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_unsupported_architecture_is_refused_before_anything_is_written(model_dir, tmp_path,
+                                                                        model_type):
+  """A config.json of an architecture memdyn_jax does not implement: one line naming --model
+  and the supported types, exit 2, and no run directory (which would refuse the next,
+  correct command as a different run)."""
+  other = tmp_path / model_type
+  other.mkdir()
+  for name in os.listdir(model_dir):
+    data = open(os.path.join(model_dir, name), "rb").read()
+    (other / name).write_bytes(data)
+  config = json.load(open(other / "config.json"))
+  (other / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+  out = tmp_path / "run"
+  proc = run_cli(f"--model={other}", "--task=synthetic_arith", f"--output_dir={out}",
+                 "--noprogress")
+  line = assert_one_line_error(proc, "train.py", "--model: ")
+  assert f"'model_type' = '{model_type}' is not supported" in line and "'llama'" in line
+  assert not out.exists()

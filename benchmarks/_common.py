@@ -1,5 +1,6 @@
 """What the benchmarks share, so that each measures and reports the same way: the model both
-frameworks run, the timers, the matmul probe, the FLOP model and the ratio line.
+frameworks run, the timers, the matmul probe and the ratio line. (The FLOP model is the
+library's, `memdyn_jax.models.flops`, which `memdyn_jax.plan` uses too.)
 
 The scripts run as `python benchmarks/<name>.py` from any folder: Python puts the script's
 own folder first on `sys.path`, so they import this file as the sibling module `_common`
@@ -125,27 +126,6 @@ def random_token_ids(seed: int, vocab_size: int, batch: int, length: int):
   import numpy as np
 
   return np.random.RandomState(seed).randint(3, vocab_size, (batch, length)).astype(np.int32)
-
-
-def decoder_flops_per_token(cfg) -> int:
-  """Matmul FLOPs of one token through the decoder layers: the q, k, v, o projections and
-  the gated MLP's three matrices. Attention scores and the LM head are counted apart
-  (`attention_flops`, `lm_head_flops_per_token`) since not every position pays for them."""
-  h, d = cfg.hidden_size, cfg.head_dim
-  per_layer = 2 * h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 6 * h * cfg.intermediate_size
-  return cfg.num_layers * per_layer
-
-
-def lm_head_flops_per_token(cfg) -> int:
-  """Matmul FLOPs of one position's logits."""
-  return 2 * cfg.hidden_size * cfg.vocab_size
-
-
-def attention_flops(cfg, query_key_pairs: float) -> float:
-  """FLOPs of attention (scores q.k and the weighted sum of values) over `query_key_pairs`
-  (query, key) pairs in every layer: T * (T + 1) / 2 for a causal pass over T tokens, the
-  context length for one decode step."""
-  return cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * query_key_pairs
 
 
 def ratio_line(numerator: str, denominator: str, ratio: float, label_width: int = 0) -> str:

@@ -25,10 +25,10 @@ import time
 
 from absl import app, flags
 
-from _common import (attention_flops, best_seconds, decoder_flops_per_token,
-                     define_json_out_flag, jnp_matmul_flops, lm_head_flops_per_token,
-                     machine_line, random_token_ids, ratio_line, smollm2_shaped_models,
-                     write_json_out)
+from _common import (best_seconds, define_json_out_flag, jnp_matmul_flops, machine_line,
+                     random_token_ids, ratio_line, smollm2_shaped_models, write_json_out)
+from memdyn_jax.models.flops import (attention_flops, decoder_flops_per_token,
+                                     lm_head_flops_per_token)
 
 flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (prompts) to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")

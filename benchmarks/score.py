@@ -22,10 +22,11 @@ import os
 
 from absl import app, flags
 
-from _common import (attention_flops, decoder_flops_per_token, define_json_out_flag,
-                     jnp_matmul_flops, lm_head_flops_per_token, machine_line, random_token_ids,
+from _common import (define_json_out_flag, jnp_matmul_flops, machine_line, random_token_ids,
                      ratio_line, round_robin_median_seconds, smollm2_shaped_models,
                      write_json_out)
+from memdyn_jax.models.flops import (attention_flops, decoder_flops_per_token,
+                                     lm_head_flops_per_token)
 
 flags.DEFINE_list("batch_sizes", ["16"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row.")

@@ -196,6 +196,16 @@ def put_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array | np.ndarray:
   return put_global(x, batch_sharding(mesh, x.ndim))
 
 
+def target_platform() -> str:
+  """The platform the program being traced is compiled for: the platform of the mesh in
+  scope (`jax.set_mesh`; its devices may be a deviceless TPU topology compiled on a CPU
+  machine, see `memdyn_jax.plan`), else `jax.default_backend()`. Code that picks a kernel
+  by platform asks this, not the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def mesh_context(mesh: Mesh | None):
   """`jax.set_mesh(mesh)`, or a no-op without a mesh."""
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

@@ -195,9 +195,21 @@ def score_model(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Arr
   return _score_output(*(unchunk(x) for x in stats), attention_mask, target_mask)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score_jit(graphdef, state, input_ids, attention_mask, target_mask) -> ScoreOutput:
-  return score_model(nnx.merge(graphdef, state), input_ids, attention_mask, target_mask)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="chunk_bytes")
+def _score_jit(graphdef, state, input_ids, attention_mask, target_mask, *,
+               chunk_bytes: int = LOGITS_CHUNK_BYTES) -> ScoreOutput:
+  return score_model(nnx.merge(graphdef, state), input_ids, attention_mask, target_mask,
+                     chunk_bytes=chunk_bytes)
+
+
+def lower_score(graphdef, state, input_ids, attention_mask, target_mask, *,
+                chunk_bytes: int = LOGITS_CHUNK_BYTES):
+  """Lowers the program `score` runs (ahead-of-time compilation and memory planning: the
+  arguments may be `jax.ShapeDtypeStruct`s with shardings, int32; `chunk_bytes` as
+  `score_model`'s). Returns the `jax.stages.Lowered`."""
+  _check_batch_shapes(input_ids, attention_mask, target_mask)
+  return _score_jit.lower(graphdef, state, input_ids, attention_mask, target_mask,
+                          chunk_bytes=chunk_bytes)
 
 
 def score(model: nnx.Module, input_ids, attention_mask, target_mask) -> ScoreOutput:

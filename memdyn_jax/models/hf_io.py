@@ -297,7 +297,7 @@ def _index_tuple(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tupl
 
 def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None, mesh=None,
                     rules=sharding_lib.DEFAULT_RULES, remat: str = "none",
-                    attention_impl: str = "reference"):
+                    attention_impl: str = "auto"):
   """Loads an HF causal-LM checkpoint into our NNX model. Returns `(model, config)`.
 
   Args:
@@ -305,8 +305,10 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
     dtype: activation/compute dtype. param_dtype: parameter dtype (default = dtype).
     mesh: place parameters by the logical-axis `rules` on this mesh (default: first device).
     remat: rematerialisation policy of the blocks (`transformer.REMAT_POLICIES`).
-    attention_impl: "reference" (exact einsum path) or a `jax.nn.dot_product_attention`
-      implementation ("auto", "xla", "cudnn"); see `layers.dot_attention`.
+    attention_impl: "auto" (what the chip the program is compiled for runs best: splash on
+      TPU, cuDNN on GPU, the exact einsums on CPU; `layers.choose_attention`), "reference"
+      (the exact einsum path everywhere), "splash", or a `jax.nn.dot_product_attention`
+      implementation ("xla", "cudnn").
   """
   directory = resolve_checkpoint_dir(path_or_hub_id)
   cfg = load_config(directory)

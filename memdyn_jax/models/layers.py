@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import splash
 
 Initializer = Callable[..., jax.Array]
@@ -245,6 +246,7 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array,
 ATTENTION_IMPLS = ("reference", "auto", "xla", "cudnn", "splash")
 _DENSE_MASK_IMPLS = ("reference", "auto", "xla", "cudnn")
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_CPU_REASON = "CPU: the einsum path tuned for XLA:CPU"
 _SOFTCAP_REASON = "logit soft-capping: jax.nn.dot_product_attention cannot cap logits"
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,7 @@ class AttentionChoice:
   """The attention path `attention` runs for a requested impl on a backend.
 
   impl: "reference", "xla", "cudnn", "auto" (`jax.nn.dot_product_attention` picks: cuDNN
-  flash attention on NVIDIA GPUs where it applies, else XLA) or "splash" (TPU Pallas kernel;
+  flash attention on NVIDIA GPUs where it applies) or "splash" (TPU Pallas kernel;
   `interpret` when not on a TPU). reason: why this is not simply what was requested, or "".
   """
 
@@ -272,15 +274,18 @@ def choose_attention(impl: str, *, backend: str, q_len: int, kv_len: int, softca
                      kv_cache: bool = False, windows_known: bool = True) -> AttentionChoice:
   """Which attention path runs, and why. Pure: the backend is an argument.
 
-  "auto" takes the splash kernel on TPU where it can express the call, otherwise
-  `jax.nn.dot_product_attention` ("auto"; "xla" on CPU/TPU); "splash" falls back the same way.
-  Whatever cannot cap logits (`jax.nn.dot_product_attention`) falls back to "reference" on a
-  soft-capped model.
+  "auto" is what each chip runs best: the splash kernel on TPU where it can express the
+  call (else XLA's fused attention), `jax.nn.dot_product_attention`'s own pick on GPU (cuDNN
+  flash attention where it applies), and the reference einsums on CPU (the path tuned for
+  XLA:CPU, and HF-exact). "splash" falls back like "auto" on TPU. Whatever cannot cap logits
+  (`jax.nn.dot_product_attention`) falls back to "reference" on a soft-capped model.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention impl {impl!r} not in {ATTENTION_IMPLS}")
   if impl == "reference":
     return AttentionChoice(impl, "reference")
+  if impl == "auto" and backend == "cpu":
+    return AttentionChoice(impl, "reference", _CPU_REASON)
   reasons = []
   if impl == "splash" or (impl == "auto" and backend == "tpu"):
     why_not = splash.unsupported_reason(q_len=q_len, kv_len=kv_len, kv_cache=kv_cache,
@@ -338,7 +343,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
   if isinstance(window, (int, np.integer)) and layer_windows is None:
     layer_windows = (int(window),)
   kv_layout = "cache" if kv_cache else "bskd"
-  choice = choose_attention(impl, backend=jax.default_backend(), q_len=q.shape[1],
+  choice = choose_attention(impl, backend=sharding_lib.target_platform(), q_len=q.shape[1],
                             kv_len=v.shape[2 if kv_cache else 1], softcap=softcap,
                             kv_cache=kv_cache, windows_known=layer_windows is not None)
   _log_once(choice)

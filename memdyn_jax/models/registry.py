@@ -26,17 +26,21 @@ def model_class(cfg: ModelConfig) -> type[CausalLM]:
 
 
 def build_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0,
-                remat: str = "none", attention_impl: str = "reference") -> CausalLM:
+                remat: str = "none", attention_impl: str = "auto",
+                unroll_layers: bool = False) -> CausalLM:
   """A randomly initialised model (for pre-training from scratch and tests)."""
   return model_class(cfg)(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                          attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+                          attention_impl=attention_impl, unroll_layers=unroll_layers,
+                          rngs=nnx.Rngs(seed))
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                   remat: str = "none", attention_impl: str = "reference") -> CausalLM:
+                   remat: str = "none", attention_impl: str = "auto",
+                   unroll_layers: bool = False) -> CausalLM:
   """The model with `ShapeDtypeStruct` leaves: shapes and logical axes, nothing allocated."""
   return nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, param_dtype=param_dtype,
-                                            remat=remat, attention_impl=attention_impl))
+                                            remat=remat, attention_impl=attention_impl,
+                                            unroll_layers=unroll_layers))
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -23,6 +23,7 @@ query token anyway. Off TPU the kernel runs in Pallas interpret mode (slow; for 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -84,10 +85,25 @@ def _kernel(q_len: int, kv_len: int, window: int, num_heads: int, softcap: float
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
   # Built under a trace, the kernel's mask arrays would be tracers; cached, they would leak.
-  with jax.ensure_compile_time_eval():
+  # They are made eagerly on the default device, outside the mesh in scope: a deviceless
+  # TPU topology (`memdyn_jax.plan`) has devices that compile programs but hold no data.
+  with jax.ensure_compile_time_eval(), _no_concrete_mesh():
     return sa.make_splash_mha(splash_mask(q_len, kv_len, window, num_heads), block_sizes=sizes,
                               head_shards=1, q_seq_shards=1,
                               attn_logits_soft_cap=softcap or None, interpret=interpret)
+
+
+@contextlib.contextmanager
+def _no_concrete_mesh():
+  """Clears the concrete mesh `jax.set_mesh` put in scope (the abstract one stays), so eager
+  arrays land on the default device. JAX has no public way to do this inside a trace;
+  `set_mesh` itself swaps this same thread-local state."""
+  from jax._src import config as jax_config, mesh as mesh_lib
+  previous = jax_config.device_context.swap_local(mesh_lib.empty_concrete_mesh)
+  try:
+    yield
+  finally:
+    jax_config.device_context.set_local(previous)
 
 
 def _local_attention(q, k, v, segment_ids, window_index, *, windows, softcap, interpret):

@@ -126,7 +126,7 @@ class CausalLM(nnx.Module):
   """Base class; a family implements `make_block`, `embed_tokens` and `final_norm`."""
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none", attention_impl: str = "reference",
+               remat: str = "none", attention_impl: str = "auto", unroll_layers: bool = False,
                rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if remat not in REMAT_POLICIES:
@@ -134,6 +134,7 @@ class CausalLM(nnx.Module):
     if attention_impl not in layers.ATTENTION_IMPLS:
       raise ValueError(f"attention_impl {attention_impl!r} not in {layers.ATTENTION_IMPLS}")
     self.attention_impl = attention_impl
+    self.unroll_layers = unroll_layers
     self.cfg = cfg
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -291,8 +292,11 @@ class CausalLM(nnx.Module):
 
   @property
   def unrolled_layers(self) -> bool:
-    """Shallow stacks without remat run their layers unrolled (FULL_UNROLL_MAX_LAYERS)."""
-    return self.cfg.num_layers <= FULL_UNROLL_MAX_LAYERS and self.remat == "none"
+    """Shallow stacks without remat run their layers unrolled (FULL_UNROLL_MAX_LAYERS), and
+    any stack built with `unroll_layers` (the planner's cost estimates: XLA's cost analysis
+    counts a loop's body once)."""
+    return self.unroll_layers or (self.cfg.num_layers <= FULL_UNROLL_MAX_LAYERS
+                                  and self.remat == "none")
 
   @property
   def per_layer_cache(self) -> bool:

@@ -5,6 +5,10 @@ from setuptools import find_packages, setup
 # through transformers' PyTorch loader. torch is pinned: an unpinned one pulls a multi-GB
 # CUDA build.
 GGUF_CONVERSION = ["torch==2.13.0", "gguf>=0.10", "accelerate"]
+# The TPU compiler (libtpu), matched to jax: plans compile for TPU slices on a CPU machine
+# (memdyn_jax.plan), and the tests catch a program that fails to lower for TPU.
+JAX_VERSION = "0.10.2"
+TPU_COMPILER = [f"jax[tpu]=={JAX_VERSION}"]
 
 setup(
     name="memdyn_jax",
@@ -15,7 +19,7 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.10.2",
+        f"jax>={JAX_VERSION}",
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
@@ -34,7 +38,10 @@ setup(
     extras_require={
         # GGUF -> safetensors conversion (experiments/convert_gguf.py, from_pretrained(".gguf")).
         "gguf": GGUF_CONVERSION,
-        # The tests: HF PyTorch is the parity reference, and they convert the offline GGUF.
-        "test": ["pytest", *GGUF_CONVERSION],
+        # Planning for TPU slices with the real TPU compiler (experiments/plan_scale.py).
+        "tpu": TPU_COMPILER,
+        # The tests: HF PyTorch is the parity reference, they convert the offline GGUF, and
+        # they compile the programs for a TPU topology.
+        "test": ["pytest", *GGUF_CONVERSION, *TPU_COMPILER],
     },
 )

@@ -12,7 +12,9 @@ metrics/report -> studies):
     merging/     checkpoint merging and merged runs
     report/      a sweep's analysis, tables and plots
     studies/     sweep, quickstart, curation, sampler study, the embedded base
-    sharding.py · cli.py · errors.py · fileio.py · plan.py · testing.py
+    plan/        the study's programs compiled for TPU slices (libtpu) or GPUs: memory,
+                 cost, cheapest fit, a paper grid's chip-hours
+    sharding.py · cli.py · errors.py · fileio.py · testing.py
 
 Modules that used to sit at the top level (`memdyn_jax.scoring`, `memdyn_jax.checkpoints`,
 ...) are still importable under those names: `_MOVED` maps them to their homes.

@@ -38,6 +38,11 @@ def main():
                       param_dtype="float32", accelerator="v5e", sampling=False)
   out["impossible"] = r.to_dict()
   out["impossible_summary"] = r.summary()
+  # A GPU target without the JAX CUDA plugin: fake CPU devices, the fit checked on the GPU.
+  r = plan.plan_scale(cfg, None, 16, 64, remat="full", compute_dtype="float32",
+                      param_dtype="float32", target="h100-8", sampling=False)
+  out["gpu_target"] = r.to_dict()
+  out["gpu_target_summary"] = r.summary()
   # Search: a huge chip fits on one device without remat; a 1-byte chip rules every
   # candidate out by the state lower bound, without compiling.
   plan.ACCELERATORS["huge"] = 10**15

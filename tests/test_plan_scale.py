@@ -75,6 +75,14 @@ def test_8b_full_finetune_on_one_16gb_chip_does_not_fit(plans):
   assert "GiB per device" in plans["impossible_summary"]
 
 
+def test_gpu_target_without_the_cuda_plugin_plans_on_fake_cpu_devices(plans):
+  r = plans["gpu_target"]
+  assert (r["target"], r["accelerator"], r["platform"]) == ("h100-8", "h100", "cpu")
+  assert r["mesh_shape"] == [1, 8, 1] and r["step_seconds"] is None and r["mfu"] is None
+  assert "8 fake CPU devices" in plans["gpu_target_summary"]
+  assert "FITS h100 (80 GB" in plans["gpu_target_summary"]
+
+
 def test_cheapest_fitting_search(plans):
   huge = plans["search"]["huge"]
   assert huge["report"]["devices"] == 1 and huge["report"]["remat"] == "none"

@@ -498,7 +498,7 @@ def model_num_params(model: str) -> int | None:
   'embedded', a local HF directory (its config.json), a hub id in this machine's HF cache
   or one of the papers' models (`models.presets.HUB_IDS`); None for anything else (a
   .gguf file, an unknown hub id, an architecture the library does not build)."""
-  from memdyn_jax.models import config as config_lib, embedded, presets, registry
+  from memdyn_jax.models import embedded, presets, registry
   if model == embedded.EMBEDDED_NAME:
     model = embedded.ASSET_DIR
   path = os.path.join(model, "config.json")
@@ -514,7 +514,7 @@ def model_num_params(model: str) -> int | None:
       raw = presets.preset_hf_config(presets.HUB_IDS[model])
     else:
       return None
-    return registry.num_params(config_lib.from_hf_config(raw))
+    return registry.num_params(registry.from_hf_config(raw))
   except (OSError, ValueError, KeyError, TypeError):  # unreadable, or not an architecture here
     return None
 

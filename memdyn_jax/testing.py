@@ -7,34 +7,33 @@ parity test exercises every tensor.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator, Mapping
+
+
+def _tiny_configs() -> dict[str, Mapping[str, Any]]:
+  from memdyn_jax.models import registry  # imports JAX: not on this module's import
+
+  return registry.tiny_configs()
+
+
+class _TinyConfigs(Mapping):
+  """name -> kwargs of every registered family's tiny HF configs (`Family.tiny_configs`),
+  read at each look-up, so a family registered later is in it too."""
+
+  def __getitem__(self, name: str) -> Mapping[str, Any]:
+    return _tiny_configs()[name]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(_tiny_configs())
+
+  def __len__(self) -> int:
+    return len(_tiny_configs())
+
 
 # Small configs per HF model type that exercise each family's features: GQA, biases,
-# rope scaling, sliding windows shorter than test sequences, soft-capping.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-                  rope_theta=500.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    "llama3_scaled": dict(model_type="llama", vocab_size=211, hidden_size=64, intermediate_size=96,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                          max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=True,
-                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 16}),
-    "mistral": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                    sliding_window=5, tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
-                  tie_word_embeddings=True, rope_theta=1e6),
-    "gemma2": dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   max_position_embeddings=128, sliding_window=5, query_pre_attn_scalar=24,
-                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
-    "gpt_neo": dict(vocab_size=211, hidden_size=48, num_layers=4, num_heads=4,
-                    attention_types=[[["global", "local"], 2]], window_size=5,
-                    max_position_embeddings=128),
-}
+# rope scaling, sliding windows shorter than test sequences, soft-capping. `model_type`
+# defaults to the name.
+TINY_CONFIGS: Mapping[str, Mapping[str, Any]] = _TinyConfigs()
 
 
 # SmolLM2-135M's published shape (Llama architecture): the benchmarks' model shape.

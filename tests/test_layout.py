@@ -177,3 +177,37 @@ def test_former_top_level_modules_still_import_as_their_new_homes():
   from memdyn_jax import evaluation, merging
   assert evaluation.evaluate_units is evaluation.run.evaluate_units
   assert merging.merge is merging.methods.merge
+
+
+def _family_names() -> set[str]:
+  """The names and HF model types the family modules declare: their `Family(...)` calls'
+  `name=` and `model_types=` keys."""
+  names = set()
+  for path in (PACKAGE / "models" / "families").glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      func = getattr(node, "func", None)
+      called = getattr(func, "id", getattr(func, "attr", ""))
+      if not (isinstance(node, ast.Call) and called == "Family"):
+        continue
+      for kw in node.keywords:
+        if kw.arg == "name" and isinstance(kw.value, ast.Constant):
+          names.add(kw.value.value)
+        elif kw.arg == "model_types" and isinstance(kw.value, ast.Dict):
+          names.update(k.value for k in kw.value.keys if isinstance(k, ast.Constant))
+  return names
+
+
+def test_a_model_family_lives_in_its_own_module():
+  """The machinery every family shares names none of them: no `if cfg.family == ...`, no
+  per-model-type table; `testing` holds no table keyed by them either."""
+  names = _family_names()
+  assert {"llama", "mistral", "qwen2", "gemma2", "gpt_neo"} <= names
+  offenders = []
+  for module in ("config", "hf_io", "registry", "transformer", "layers", "flops"):
+    tree = ast.parse((PACKAGE / "models" / f"{module}.py").read_text())
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names}
+    offenders += [f"models/{module}.py names {sorted(named)}"] if named else []
+  for node in ast.walk(ast.parse((PACKAGE / "testing.py").read_text())):
+    keys = {k.value for k in getattr(node, "keys", None) or () if isinstance(k, ast.Constant)}
+    offenders += [f"testing.py:{node.lineno} keys {sorted(keys & names)}"] if keys & names else []
+  assert not offenders, "\n".join(offenders)

@@ -1,14 +1,14 @@
 """Hugging Face checkpoints in and out: config.json + safetensors, no torch.
 
-One regex key map per family (as Tunix does): each entry ties an HF tensor name (with
-`{i}` for the layer index) to one of our parameter paths and a layout transform.
+One regex key map per family (as Tunix does), declared in the family's module
+(`registry.Family.key_rules`): each entry ties an HF tensor name (with `{i}` for the layer
+index) to one of our parameter paths and a layout transform; the code here is generic.
 The generic loader streams tensor by tensor straight into each parameter's target
 sharding: a device shard is assembled from memory-mapped safetensors slices, so host RAM
 holds one HF tensor and one stacked shard at a time, never the model.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -26,84 +26,28 @@ from flax import nnx
 from memdyn_jax import fileio, hub
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import registry
-from memdyn_jax.models.config import ModelConfig, from_hf_config
+from memdyn_jax.models.config import ModelConfig
+from memdyn_jax.models.registry import FLAT, LINEAR, KeyRule
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- key maps
 
-SAME, FLAT, LINEAR = "same", "flat", "linear"  # transforms: see `_to_ours` / `_to_hf`
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyRule:
-  hf: str  # HF tensor name; "{i}" = layer index
-  ours: str  # our parameter path, dot-separated ("blocks.…" params are stacked over layers)
-  transform: str = SAME  # SAME: as is; FLAT: HF 1-D; LINEAR: HF (out, in) -> our (in…, out…)
-  n_in: int = 1  # LINEAR: how many of our leading (per-layer) axes are input axes
-
-  @property
-  def pattern(self) -> re.Pattern:
-    return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(\d+)") + "$")
-
-  @property
-  def stacked(self) -> bool:
-    return "{i}" in self.hf
-
-
-def _llama_rules(cfg: ModelConfig) -> list[KeyRule]:
-  p = "model.layers.{i}."
-  rules = [KeyRule("model.embed_tokens.weight", "embedding"),
-           KeyRule("model.norm.weight", "final_norm.scale")]
-  norms = ["input_layernorm", "post_attention_layernorm"]
-  if cfg.family == "gemma2":
-    norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-  rules += [KeyRule(p + f"{n}.weight", f"blocks.{n}.scale") for n in norms]
-  for x in "qkv":
-    rules.append(KeyRule(p + f"self_attn.{x}_proj.weight", f"blocks.self_attn.{x}_proj.kernel", LINEAR))
-    if cfg.attention_bias:
-      rules.append(KeyRule(p + f"self_attn.{x}_proj.bias", f"blocks.self_attn.{x}_proj.bias", FLAT))
-  rules.append(KeyRule(p + "self_attn.o_proj.weight", "blocks.self_attn.o_proj.kernel", LINEAR, 2))
-  if cfg.attention_out_bias:
-    rules.append(KeyRule(p + "self_attn.o_proj.bias", "blocks.self_attn.o_proj.bias"))
-  for x in ("gate", "up", "down"):
-    rules.append(KeyRule(p + f"mlp.{x}_proj.weight", f"blocks.mlp.{x}_proj.kernel", LINEAR))
-    if cfg.mlp_bias:
-      rules.append(KeyRule(p + f"mlp.{x}_proj.bias", f"blocks.mlp.{x}_proj.bias"))
-  if not cfg.tie_word_embeddings:
-    rules.append(KeyRule("lm_head.weight", "lm_head.kernel", LINEAR))
-  return rules
-
-
-def _gpt_neo_rules(cfg: ModelConfig) -> list[KeyRule]:
-  p = "transformer.h.{i}."
-  rules = [KeyRule("transformer.wte.weight", "embedding"),
-           KeyRule("transformer.wpe.weight", "position_embedding"),
-           KeyRule("transformer.ln_f.weight", "final_norm.scale"),
-           KeyRule("transformer.ln_f.bias", "final_norm.bias")]
-  for n in ("ln_1", "ln_2"):
-    rules += [KeyRule(p + f"{n}.weight", f"blocks.{n}.scale"), KeyRule(p + f"{n}.bias", f"blocks.{n}.bias")]
-  for x in "qkv":
-    rules.append(KeyRule(p + f"attn.attention.{x}_proj.weight", f"blocks.attn.{x}_proj.kernel", LINEAR))
-  rules += [KeyRule(p + "attn.attention.out_proj.weight", "blocks.attn.o_proj.kernel", LINEAR, 2),
-            KeyRule(p + "attn.attention.out_proj.bias", "blocks.attn.o_proj.bias")]
-  for x in ("c_fc", "c_proj"):
-    rules += [KeyRule(p + f"mlp.{x}.weight", f"blocks.mlp.{x}.kernel", LINEAR),
-              KeyRule(p + f"mlp.{x}.bias", f"blocks.mlp.{x}.bias")]
-  return rules
-
 
 def key_rules(cfg: ModelConfig) -> list[KeyRule]:
-  return _gpt_neo_rules(cfg) if cfg.family == "gpt_neo" else _llama_rules(cfg)
+  """The key map of `cfg`'s family (`Family.key_rules`)."""
+  return list(registry.get_family(cfg).key_rules(cfg))
 
 
-# HF tensors that carry no parameters of ours (buffers saved by old checkpoints; an lm_head
-# duplicated next to tied embeddings).
-_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r".*attn\.attention\.(masked_)?bias$"))
+# HF tensors that carry no parameters of any family (RoPE frequency buffers saved by old
+# checkpoints); each family adds its own (`Family.ignored_keys`). An lm_head duplicated next
+# to tied embeddings is skipped too (`from_pretrained`).
+_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                    "gpt_neo": "GPTNeoForCausalLM"}
+
+def _ignored(cfg: ModelConfig) -> tuple[re.Pattern, ...]:
+  return _IGNORED + tuple(re.compile(p) for p in registry.get_family(cfg).ignored_keys)
+
 
 # ----------------------------------------------------------------------------- safetensors
 
@@ -288,7 +232,7 @@ def load_config(directory: str) -> ModelConfig:
       raw = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: malformed JSON ({e})") from e
-  return from_hf_config(raw)
+  return registry.from_hf_config(raw)
 
 
 def _index_tuple(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -325,6 +269,7 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
     rules_by_path[rule.ours] = rule
     claimed[rule.ours] = {}
   patterns = [(r, r.pattern) for r in key_rules(cfg)]
+  ignored = _ignored(cfg)
   unexpected = []
   for name in reader.keys():
     for rule, pat in patterns:
@@ -335,7 +280,7 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
     else:
       if name == "lm_head.weight" and cfg.tie_word_embeddings:
         continue
-      if not any(p.match(name) for p in _IGNORED):
+      if not any(p.match(name) for p in ignored):
         unexpected.append(name)
   if unexpected:
     raise ValueError(f"{directory}: tensors with no place in a {cfg.model_type} model: {unexpected[:8]}")
@@ -459,11 +404,7 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
              "weight_map": {s[0]: fname for fname, g in zip(names, files) for s in g}}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
-  hf_config = dict(config.hf_config)
-  hf_config["model_type"] = config.model_type
-  hf_config["architectures"] = [HF_ARCHITECTURES[config.model_type]]
-  hf_config["dtype"] = str(np.dtype(out_dtype or specs[0][2]).name)
-  hf_config["tie_word_embeddings"] = config.tie_word_embeddings
+  hf_config = registry.to_hf_config(config, np.dtype(out_dtype or specs[0][2]))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from memdyn_jax.models.config import ModelConfig, from_hf_config
+from memdyn_jax.models.config import ModelConfig
+from memdyn_jax.models.registry import from_hf_config
 
 # meta-llama/Meta-Llama-3-8B
 _LLAMA3_8B = {

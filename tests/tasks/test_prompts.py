@@ -3,6 +3,7 @@ keep (training, scoring and sampling tokenize the same target after the same pro
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -66,6 +67,19 @@ def test_fewshot_prompt_is_exact(gsm8k_mini):
   # The target and a perturbation are the zero-shot ones (the preamble after the cue).
   assert task.format_target(ex) == " Weng earns 12*2=<<12*2=24>>24.\n#### 24\nDone."
   assert task.format_prompt(ex.question, "First").endswith("2 hours?\nAnswer: First")
+
+
+def test_readme_fewshot_prompt_is_the_real_one(gsm8k_dir):
+  """README's few-shot prompt of GSM8K's first test example is what the task renders."""
+  from conftest import REPO_ROOT
+  readme = (REPO_ROOT / "README.md").read_text()
+  section = readme.split("**Few-shot prompts", 1)[1]
+  shown = re.search(r"```text\n(.*?)\n```", section, re.S).group(1)
+  task = fewshot_task(str(gsm8k_dir))
+  ex = task.load("test", str(gsm8k_dir))[0]
+  assert shown == task.format_prompt(ex.question)
+  assert [s.id for s in task.fewshot_examples(ex.question)] == [
+      "gsm8k/train/6248", "gsm8k/train/1556"]
 
 
 def test_fewshot_never_shows_the_example_itself(gsm8k_mini):

@@ -30,7 +30,9 @@ from memdyn_jax.studies import curation
 PROG = "curate.py"
 
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
-_TASK_FLAGS = cli.define_task_flags(skip=("split", "max_examples"))
+# Curation's IFD scores targets without their prompts: no chat template here.
+_TASK_FLAGS = cli.define_task_flags(skip=("split", "max_examples", "chat_template",
+                                          "system_prompt"))
 flags.DEFINE_integer("n_train", 0, "D_train: the first N train examples (0 = all).")
 flags.DEFINE_integer("n_test", 0, "Test examples evaluated after every round (first N; 0 = all).")
 flags.DEFINE_integer("n_ifd", 0, "Test examples the IFD model is fine-tuned on (0 = all).")

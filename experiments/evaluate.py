@@ -22,6 +22,10 @@ said in one line. A re-run says how many (checkpoint, unit) pairs were already d
 progress bar also shows the unit in progress (phase, prompts done, tokens/s).
 --mesh_data/--mesh_fsdp/--mesh_tensor place the model and batches as in training.
 
+Prompts are rendered as the run was trained (its chat template, few-shot examples) unless
+--chat_template/--nochat_template, --num_fewshot, --fewshot_seed or --system_prompt say
+otherwise; another prompt format needs its own --eval_name.
+
 Splits: "train" (a seeded subset of the examples the run was trained on, --num_train),
 "test", "ood" (tasks that have one), "perturbed" (the train subset with each
 --perturbations preamble after the answer cue; no greedy pass, no target scoring).

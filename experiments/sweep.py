@@ -36,6 +36,7 @@ from memdyn_jax import cli
 from memdyn_jax.cli import UsageError
 from memdyn_jax.evaluation.run import EvalSettings, EvalSettingsError
 from memdyn_jax.studies import sweep as sweep_lib
+from memdyn_jax.tasks import PROMPT_OPTION_NAMES
 from memdyn_jax.train.config import TrainConfig
 
 PROG = "sweep.py"
@@ -45,8 +46,9 @@ flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or '
 _TASK_FLAGS = cli.define_task_flags(help_format="Training data: {doc}")
 _GRID_FLAGS = cli.define_dataclass_flags(
     sweep_lib.Grid, help_format="Grid: {doc} (default {default!r}).")
+# The evaluation renders prompts as the cells were trained (the task flags' prompt options).
 _EVAL_FLAGS = cli.define_dataclass_flags(
-    EvalSettings, skip=("task", "task_kwargs", "task_path"),
+    EvalSettings, skip=("task", "task_kwargs", "task_path", *PROMPT_OPTION_NAMES),
     help_format="Evaluation (evaluate.py's flag): {doc}")
 # Training settings: train.py's flags (--seed is the evaluation's here, so the training seed
 # is --train_seed), set in every cell over its preset; the grid flags set the axes.

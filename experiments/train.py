@@ -7,6 +7,8 @@ Every `TrainConfig` field is a flag (default: the preset's value). Mesh flags pl
 run on the devices (`--mesh_data=-1` = data parallel over everything). On a pod the same
 command runs on every host (`jax.distributed` is initialised from the environment).
 A run directory that already holds this run is resumed (`--noresume` refuses instead).
+`--chat_template` renders prompts with the model tokenizer's chat template and
+`--num_fewshot=K` prepends K train examples (task arguments, recorded in examples.json).
 Exit status: 0 done, 2 bad flags/inputs, 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C):
 after checkpointing the current step once training, at once before (from start-up, while
 loading and restoring: nothing to save), one line either way; a re-run continues.

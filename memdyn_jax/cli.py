@@ -343,30 +343,51 @@ TASK_FLAG_NAMES = {"name": "task", "kwargs": "task_kwargs", "path": "task_path"}
 def define_task_flags(*, skip: Iterable[str] = (), rename: Mapping[str, str] | None = None,
                       help_format: str = "{doc}") -> dict[str, str]:
   """--task, --task_kwargs (JSON), --task_path, --split, --max_examples: the fields of
-  `train.task_run.TaskSpec`, the training data of a run (`skip`, `rename` and
-  `help_format` as in `define_dataclass_flags`)."""
+  `train.task_run.TaskSpec`, the training data of a run; and --chat_template,
+  --system_prompt, --num_fewshot, --fewshot_seed: the task's `tasks.PromptOptions`, unset
+  by default, which join the task arguments (`skip`, `rename` and `help_format` as in
+  `define_dataclass_flags`). Returns {field: flag} of both."""
+  from memdyn_jax.tasks import PromptOptions
   from memdyn_jax.train.task_run import TaskSpec
-  return define_dataclass_flags(TaskSpec, skip=skip, rename={**TASK_FLAG_NAMES, **(rename or {})},
-                                help_format=help_format)
+  names = define_dataclass_flags(TaskSpec, skip=skip,
+                                 rename={**TASK_FLAG_NAMES, **(rename or {})},
+                                 help_format=help_format)
+  return {**names, **define_dataclass_flags(
+      PromptOptions, skip=skip, rename=rename, use_defaults=False,
+      help_format=help_format.replace("{doc}", "{doc} (a task argument; default {default!r})"))}
 
 
 def task_spec_from_flags(names: Mapping[str, str], model: str | None = None, **fixed):
-  """The `TaskSpec` of the flags `define_task_flags` defined, with `fixed` fields.
+  """The `TaskSpec` of the flags `define_task_flags` defined, with `fixed` fields. The
+  prompt option flags that are given set those task arguments (over --task_kwargs); the
+  arguments state the options only where they are not the default.
 
   With `model` "embedded", task "synthetic_arith" and no --task_kwargs, the task is the
   one the shipped base was pre-trained around (`models.embedded.task_kwargs`).
 
   Raises:
-    UsageError: no --task, or --task_kwargs that is not a JSON object.
+    UsageError: no --task, --task_kwargs that is not a JSON object, a bad prompt option.
   """
   from memdyn_jax.models import embedded
+  from memdyn_jax.tasks import PROMPT_OPTION_NAMES, PromptOptions, canonical_task_kwargs
   from memdyn_jax.train.task_run import TaskSpec
-  kwargs = dataclass_kwargs_from_flags(TaskSpec, names)
+  spec_names = {k: v for k, v in names.items() if k not in PROMPT_OPTION_NAMES}
+  option_names = {k: v for k, v in names.items() if k in PROMPT_OPTION_NAMES}
+  kwargs = dataclass_kwargs_from_flags(TaskSpec, spec_names)
   if not kwargs.get("name") and "name" not in fixed:
     raise UsageError(f"--{names['name']} is required")
   if (model == embedded.EMBEDDED_NAME and kwargs.get("name") == "synthetic_arith"
       and not kwargs.get("kwargs")):
     kwargs["kwargs"] = embedded.task_kwargs()
+  options = dataclass_kwargs_from_flags(PromptOptions, option_names)
+  try:
+    task_kwargs = canonical_task_kwargs({**(kwargs.get("kwargs") or {}), **options})
+  except ValueError as e:  # the message starts with the option's name
+    field = str(e).split()[0]
+    flag = option_names.get(field, names.get("kwargs", "task_kwargs"))
+    raise UsageError(f"--{flag}: {e}") from None
+  if task_kwargs or "kwargs" in kwargs:
+    kwargs["kwargs"] = task_kwargs
   return TaskSpec(**kwargs, **fixed)
 
 

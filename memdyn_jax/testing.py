@@ -108,18 +108,33 @@ def left_padded_batch(vocab_size: int, batch: int, length: int, pad_lengths, see
   return ids, mask, positions
 
 
+# A ChatML chat template (Qwen's and SmolLM's shape) for tokenizers built here: roles in
+# `<|im_start|>` ... `<|im_end|>` turns, the generation prompt opening the assistant's.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
 def save_tiny_task_model(out_dir: str, task, *, hidden_size: int = 32, num_layers: int = 1,
-                         max_position_embeddings: int = 256, seed: int = 0) -> str:
+                         max_position_embeddings: int = 256, seed: int = 0,
+                         chat_template: str | None = None) -> str:
   """A tiny random Llama with the `synthetic_arith` tokenizer, saved as an HF dir (no torch).
 
   The tokenizer is trained on a small pre-training corpus of `task`; the model is built by
-  memdyn_jax itself (seconds faster than `save_tiny_hf_model`). Returns `out_dir`.
+  memdyn_jax itself (seconds faster than `save_tiny_hf_model`). With `chat_template` (e.g.
+  `CHATML_TEMPLATE`) the tokenizer has that Jinja template and the `CHATML_TOKENS` as
+  special tokens, as an instruct model's does. Returns `out_dir`.
   """
   from memdyn_jax import models
   from memdyn_jax.tasks import synthetic_corpus
 
   tok = synthetic_corpus.build_tokenizer(out_dir, vocab_size=256, n_docs=200,
                                          lexicon_repeats=20, task=task)
+  if chat_template is not None:
+    tok.add_tokens(list(CHATML_TOKENS), special_tokens=True)
+    tok.chat_template = chat_template
+    tok.save_pretrained(out_dir)
   cfg = models.from_hf_config(dict(
       model_type="llama", vocab_size=len(tok), hidden_size=hidden_size,
       intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,

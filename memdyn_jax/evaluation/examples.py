@@ -177,7 +177,8 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
     batch_size: prompts per compiled sampling/scoring program.
     max_length: scoring window (tokens); default the model's.
     mesh: device mesh for sampling and scoring.
-    append_eos: score an EOS after the target (as when trained with it).
+    append_eos: score an EOS after the target (as when trained with it; never after a
+      chat template's end of turn).
     greedy: also decode greedily (same budget and stops) and record the greedy response's
       correctness and likelihood (ATC).
     score_targets: teacher-force the target trace (off for perturbed prompts, whose target
@@ -217,7 +218,9 @@ def evaluate_examples(model, tokenizer, task: Task, examples: Sequence[Example],
     targets = [task.format_target(ex) for ex in examples]
     scores = scoring.score_texts(model, tokenizer, clean_prompts, targets,
                                  batch_size=batch_size, max_length=max_length,
-                                 overlength="truncate", mesh=mesh, append_eos=append_eos)
+                                 overlength="truncate", mesh=mesh,
+                                 append_eos=append_eos and not task.end_of_turn,
+                                 joint_target=task.joint_target)
     by_index = {s.index: s for s in scores}
     if progress is not None:
       progress("scoring", n, n, 0)
@@ -296,7 +299,9 @@ def default_sampling(task: Task | str, **overrides) -> sampling.SamplingParams:
   """The task's default SamplingParams: its `sampling_defaults` (Kang et al.'s) and its
   stop strings (its template's, `"\\nDone."` by default), with non-None `overrides`
   applied (`stop=()`: none). The one place a task's stop strings join its sampling, so
-  what is recorded is what ran.
+  what is recorded is what ran. A Task with a chat template also stops at its end of turn
+  whatever the overrides say: its stop token ids (`Task.stop_token_ids`, unless
+  `stop_token_ids` is given) or its stop string (`Task.turn_stop`, added to the others).
 
   Args:
     task: a Task, or the exact name of a registered task (its class's rules and default
@@ -316,7 +321,12 @@ def default_sampling(task: Task | str, **overrides) -> sampling.SamplingParams:
   else:
     raise tasks.UnknownTaskError(task)
   kwargs = {**defaults, "stop": tuple(stop)}
+  if isinstance(task, Task):
+    kwargs["stop_token_ids"] = task.stop_token_ids
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
+  if isinstance(task, Task) and task.turn_stop:
+    stop = (kwargs["stop"],) if isinstance(kwargs["stop"], str) else tuple(kwargs["stop"])
+    kwargs["stop"] = stop + tuple(s for s in task.turn_stop if s not in stop)
   return sampling.SamplingParams(**kwargs)
 
 

@@ -44,6 +44,12 @@ class EvalSettings:
       they must reproduce the trained data, which is checked).
     task_path: data file or directory of the task (default: the run's, when it was trained
       from a local path; else the task's own source).
+    chat_template: render prompts with the tokenizer's chat template (default: as the run
+      was trained).
+    system_prompt: system message of the chat template (default: the run's).
+    num_fewshot: worked train examples before each question (default: the run's; the train
+      split's, whatever split is evaluated, never the example itself).
+    fewshot_seed: seed of the few-shot examples' draw (default: the run's).
     tokenizer: tokenizer directory (default: the run's base model).
     num_train: train examples evaluated (a seeded subset; 0 = all).
     max_eval: cap on test/OOD examples (first N; 0 = all).
@@ -80,6 +86,10 @@ class EvalSettings:
   task: str | None = None
   task_kwargs: Mapping[str, Any] | None = None
   task_path: str | None = None
+  chat_template: bool | None = None
+  system_prompt: str | None = None
+  num_fewshot: int | None = None
+  fewshot_seed: int | None = None
   tokenizer: str | None = None
   num_train: int = 256
   max_eval: int = 0
@@ -116,8 +126,8 @@ class EvalSettings:
     bad = [s for s in self.splits if s not in SPLITS]
     if bad or not self.splits:
       raise EvalSettingsError("splits", f"unknown split(s) {bad}; choose from {list(SPLITS)}")
-    for name in ("num_train", "max_eval", "checkpoints_per_run"):
-      if getattr(self, name) < 0:
+    for name in ("num_train", "max_eval", "checkpoints_per_run", "num_fewshot", "fewshot_seed"):
+      if getattr(self, name) is not None and getattr(self, name) < 0:
         raise EvalSettingsError(name, "must be >= 0")
     if self.batch_size < 1:
       raise EvalSettingsError("batch_size", "must be >= 1")
@@ -236,11 +246,15 @@ def resolve_sampling(settings: EvalSettings, task: Task | str) -> EvalSettings:
 
 def for_run(run_dir: str, settings: EvalSettings) -> EvalSettings:
   """The settings with the unset task fields (task, task_kwargs, task_path) taken from what
-  the run was trained on (its examples.json); set fields are kept.
+  the run was trained on (its examples.json); set fields are kept. The prompt options that
+  are set (chat_template, system_prompt, num_fewshot, fewshot_seed) replace those of the
+  task arguments, which state them only where they are not the default.
 
   Raises:
-    EvalSettingsError: no task named and the run has no examples.json naming one.
+    EvalSettingsError: no task named and the run has no examples.json naming one; a bad
+      prompt option.
   """
+  from memdyn_jax import tasks
   from memdyn_jax.train import checkpoints
   listing = checkpoints.read_examples_listing(run_dir) or {}
   task = settings.task or listing.get("task")
@@ -250,18 +264,41 @@ def for_run(run_dir: str, settings: EvalSettings) -> EvalSettings:
   kwargs = settings.task_kwargs
   if kwargs is None:
     kwargs = dict(listing.get("task_kwargs") or {}) if same_task else {}
+  options = {k: getattr(settings, k) for k in tasks.PROMPT_OPTION_NAMES
+             if getattr(settings, k) is not None}
+  try:
+    kwargs = tasks.canonical_task_kwargs({**kwargs, **options})
+  except ValueError as e:  # the message starts with the option's name
+    field = str(e).split()[0]
+    raise EvalSettingsError(field if field in options else "task_kwargs", str(e)) from e
   path = settings.task_path or (listing.get("task_path") if same_task else None)
   return dataclasses.replace(settings, task=task, task_kwargs=kwargs, task_path=path)
 
 
-def load_task(run_dir: str, settings: EvalSettings):
-  """The task of the settings, with the run's task fields where they are unset."""
+def load_task(run_dir: str, settings: EvalSettings, tokenizer=None):
+  """The task of the settings, with the run's task fields where they are unset, ready to
+  render prompts (`Task.prepare_prompts`: few-shot examples from the train split of the
+  settings' data path; with a chat template, `tokenizer`, default the settings' own).
+
+  Raises:
+    EvalSettingsError: the task does not build (field "task"), a tokenizer that does not
+      load or whose chat template cannot render the prompts ("tokenizer").
+  """
   from memdyn_jax import tasks
   settings = for_run(run_dir, settings)
   try:
-    return tasks.get_task(settings.task, **settings.task_kwargs)
+    task = tasks.get_task(settings.task, **settings.task_kwargs)
   except (ValueError, TypeError) as e:
     raise EvalSettingsError("task", f"{e} (task_kwargs {settings.task_kwargs})") from e
+  if task.prompt_options.chat_template and tokenizer is None:
+    tokenizer = load_tokenizer(run_dir, settings)
+  try:
+    return task.prepare_prompts(tokenizer, settings.task_path)
+  except tasks.ChatTemplateError as e:
+    raise EvalSettingsError("tokenizer", f"--chat_template: {e}") from e
+  except (ValueError, FileNotFoundError) as e:  # the few-shot examples' train split
+    raise EvalSettingsError("num_fewshot", f"the train split (of --task_path) does not "
+                            f"load: {e}") from e
 
 
 def load_tokenizer(run_dir: str, settings: EvalSettings):
@@ -299,6 +336,33 @@ def check_trained_data(run_dir: str, task, examples, tokenizer) -> None:
         f"run.json's); leave --task_kwargs and --task_path unset to use the run's")
 
 
+def as_trained(run_dir: str, task, settings: EvalSettings, tokenizer):
+  """`task` with the prompt options the run was trained with (its examples.json), which
+  the trained data is checked with: an evaluation may render its prompts otherwise
+  (few-shot, say) without the run's examples counting as other data."""
+  from memdyn_jax import tasks
+  from memdyn_jax.train import checkpoints
+  listing = checkpoints.read_examples_listing(run_dir) or {}
+  if listing.get("task") != task.name:
+    return task
+  try:
+    _, trained = tasks.split_prompt_kwargs(listing.get("task_kwargs") or {})
+  except ValueError as e:
+    raise EvalSettingsError("run_dir", f"{run_dir}/examples.json: {e}") from e
+  if trained == task.prompt_options:
+    return task
+  own, _ = tasks.split_prompt_kwargs(settings.task_kwargs or {})
+  try:
+    return tasks.get_task(task.name, **own, **trained.to_kwargs()).prepare_prompts(
+        tokenizer, settings.task_path)
+  except tasks.ChatTemplateError as e:
+    raise EvalSettingsError("tokenizer", f"the run was trained with a chat template: {e}"
+                            ) from e
+  except (ValueError, FileNotFoundError) as e:  # the run's few-shot examples' train split
+    raise EvalSettingsError("task_path", f"the run was trained with few-shot prompts, whose "
+                            f"train split does not load: {e}") from e
+
+
 def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
   """(the `EvalUnit`s of the settings' splits, the train subset or None when no
   unit nor the gradient variance needs it). With `tokenizer`, the trained examples are
@@ -313,7 +377,8 @@ def build_units(run_dir: str, task, settings: EvalSettings, tokenizer=None):
     except (ValueError, FileNotFoundError) as e:
       raise EvalSettingsError("task_kwargs", f"(or --task_path) {e}") from e
     if tokenizer is not None:
-      check_trained_data(run_dir, task, train, tokenizer)
+      check_trained_data(run_dir, as_trained(run_dir, task, settings, tokenizer), train,
+                         tokenizer)
     try:
       train = checkpoints.drawn_examples(run_dir, train)
     except checkpoints.RunDirError as e:
@@ -443,7 +508,10 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
   from memdyn_jax.train import checkpoints
   wanted = _checked_steps(run_dir, steps, settings.include_base, settings.checkpoints_per_run)
   settings = for_run(run_dir, settings)
-  task = load_task(run_dir, settings)
+  # A chat template renders with the tokenizer: loaded first; else only when work is pending.
+  tokenizer = (load_tokenizer(run_dir, settings) if settings.task_kwargs.get("chat_template")
+               else None)
+  task = load_task(run_dir, settings, tokenizer)
   params = sampling_params(task, settings)
   if mesh is not None:
     check_mesh(settings, mesh)
@@ -452,7 +520,7 @@ def evaluate(run_dir: str, settings: EvalSettings, *, steps: Sequence[int] | Non
     if records.read_config(run_dir, name=settings.eval_name) is not None:
       _check_config(run_dir, config, settings, task)
     return []
-  tokenizer = load_tokenizer(run_dir, settings)
+  tokenizer = tokenizer or load_tokenizer(run_dir, settings)
   units, train = build_units(run_dir, task, settings, tokenizer)
   gv_config = settings.grad_variance_config(None if train is None else len(train))
   if settings.grad_variance and log is not None:

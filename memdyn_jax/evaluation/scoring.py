@@ -293,7 +293,7 @@ def score_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
                 targets: Sequence[str], *, batch_size: int = 16, max_length: int | None = None,
                 overlength: str = "error", add_bos: bool | None = None, append_eos: bool = False,
                 length_buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
-                return_tokens: bool = False) -> list[ScoreRecord]:
+                return_tokens: bool = False, joint_target: bool = False) -> list[ScoreRecord]:
   """Scores each target given its prompt, batched into fixed-shape length buckets.
 
   Args:
@@ -310,6 +310,8 @@ def score_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
     length_buckets: padded lengths to use; default `default_length_buckets(max_length)`.
     mesh: shard each batch over the mesh's data axes.
     return_tokens: also return per-target-token arrays.
+    joint_target: targets tokenized jointly with their prompts (a chat template's,
+      `Task.joint_target`; `tasks.tokenize`).
 
   Returns:
     One ScoreRecord per kept example, in input order.
@@ -324,7 +326,8 @@ def score_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[str],
                      f"{sharding_lib.data_shards(mesh)} data shards")
   buckets = tuple(length_buckets) if length_buckets else default_length_buckets(limit)
   batch = tokenize.tokenize_examples(tokenizer, prompts, targets, limit, overlength,
-                                     padding_side="right", add_bos=add_bos, append_eos=append_eos)
+                                     padding_side="right", add_bos=add_bos, append_eos=append_eos,
+                                     joint_target=joint_target)
   if not len(batch.kept_indices):
     return []
   lengths = batch.attention_mask.sum(axis=1)

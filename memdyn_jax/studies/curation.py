@@ -216,10 +216,14 @@ def load_setup(spec, model_path: str, *, sampling: SamplingParams, methods: Sequ
     task = tasks.get_task(spec.name, **dict(spec.kwargs))
     train = task.load("train", spec.path)
     test = task.load("test", spec.path)
+    task.prepare_prompts(path=spec.path)  # few-shot examples, from the train split
   except (ValueError, FileNotFoundError, TypeError) as e:
     raise CurationInputError("task", f"cannot load the data of task {spec.name!r} "
                              f"(task_kwargs {dict(spec.kwargs)}, task_path {spec.path}): "
                              f"{e}") from e
+  if task.prompt_options.chat_template:
+    # IFD scores a target without its prompt, which a chat template's turn does not allow.
+    raise CurationInputError("task", "curation does not take chat_template prompts")
   train = train[:n_train or None]
   if "heuristic" in methods and train:
     try:

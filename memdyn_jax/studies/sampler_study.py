@@ -310,12 +310,12 @@ def run_study(cfg: StudyConfig, spec: task_run.TaskSpec, model: str, output_dir:
   from memdyn_jax import models
 
   task_run.check_task_name(spec.name)
-  task, _ = task_run.load_examples(spec)
+  base_dir = task_run.resolve_model(model)
+  tokenizer = models.load_tokenizer(base_dir, padding_side="right")
+  task, _ = task_run.load_examples(spec, tokenizer)  # a chat template renders with it
   cfg = dataclasses.replace(cfg, sampling=evaluation.with_task_stop(cfg.sampling, task))
   heldout = _first(_load_split(task, spec, "test", "task_path"), cfg.n_eval)
   ood = _first(_load_split(task, spec, "ood", "ood"), cfg.n_ood) if cfg.ood else None
-  base_dir = task_run.resolve_model(model)
-  tokenizer = models.load_tokenizer(base_dir, padding_side="right")
   os.makedirs(output_dir, exist_ok=True)
 
   counts, loaded, steps = {}, {}, {}

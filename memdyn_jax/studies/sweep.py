@@ -225,8 +225,17 @@ def make_sweep(sweep_dir: str, model: str, task: TaskSpec, grid: Grid,
     cells.append(Cell(name, os.path.join(sweep_dir, name), preset, cfg))
   evaluation = dataclasses.replace(evaluation, task=task.name, task_kwargs=dict(task.kwargs),
                                    task_path=task.path)
+  sampling_task = task.name
+  if task.kwargs.get("chat_template"):
+    # A chat template has no stop string of the task's ("\nDone."): the end of its turn
+    # stops sampling, added at evaluation, when the tokenizer names it.
+    from memdyn_jax import tasks
+    try:
+      sampling_task = tasks.get_task(task.name, **dict(task.kwargs))
+    except (ValueError, TypeError) as e:
+      raise SweepError("task", f"{e} (task_kwargs {dict(task.kwargs)})") from e
   try:
-    evaluation = run_evaluation.resolve_sampling(evaluation, task.name)
+    evaluation = run_evaluation.resolve_sampling(evaluation, sampling_task)
   except run_evaluation.EvalSettingsError as e:
     raise SweepError(e.field, e.message) from e
   return Sweep(sweep_dir, model, task, grid, evaluation, tuple(cells))
@@ -392,17 +401,24 @@ def check_inputs(sweep: Sweep) -> None:
   or trained.
 
   Raises:
-    SweepError: field "model", "task" (the training data) or "splits" (an evaluation split).
+    SweepError: field "model", "task" (the training data), "chat_template" (the model's
+      tokenizer cannot render the prompts), "num_fewshot" (the few-shot examples do not
+      load) or "splits" (an evaluation split).
   """
   from memdyn_jax.train import task_run
   try:
-    task_run.resolve_model(sweep.model)
+    model_dir = task_run.resolve_model(sweep.model)
   except task_run.TaskRunError as e:
     raise SweepError("model", e.message) from e
+  tokenizer = None
+  if sweep.task.kwargs.get("chat_template"):  # checked to render the prompts too
+    from memdyn_jax import models
+    tokenizer = models.load_tokenizer(model_dir, padding_side="right")
   try:
-    task, _ = task_run.load_examples(sweep.task)
+    task, _ = task_run.load_examples(sweep.task, tokenizer)
   except task_run.TaskRunError as e:
-    raise SweepError("task", e.message) from e
+    raise SweepError(e.field if e.field in ("chat_template", "num_fewshot") else "task",
+                     e.message) from e
   for split in sweep.evaluation.splits:
     if split in ("train", "perturbed"):  # drawn from the training data, loaded above
       continue

@@ -15,7 +15,19 @@ Convention:
     encoding "a" with `add_special_tokens=True`), or when `add_bos=True`; `add_bos=False`
     never adds it. It is not added twice when the prompt text already starts with it
     (chat templates often write BOS themselves).
-  * EOS is appended only with `append_eos=True` (it counts as a target token).
+  * EOS is appended only with `append_eos=True` (it counts as a target token); not after a
+    target that ends a chat template's turn (`Task.end_of_turn`: the end of turn is the stop).
+  * Chat templates (`joint_target=True`, `Task.joint_target`): the target's tokens are those
+    it gets after the prompt when both are tokenized together,
+
+        tok(target) := tok(prompt + target)[len(tok(prompt)):]
+
+    so prompt tokens + target tokens are exactly the tokenization of the conversation's text
+    (SentencePiece tokenizers would otherwise give a separately-encoded target a prefix
+    space), while the prompt keeps its own tokens (what sampling conditions on). Where the
+    joint tokenization does not start with the prompt's tokens, a token spans the boundary
+    (a template whose generation prompt ends in a space, say) and the example is refused
+    (`TargetBoundaryError`).
   * `target_mask` is 1 exactly on the target tokens (EOS included). With
     `loss_on_prompt=True` it is 1 on every token except BOS, whose prediction is undefined.
     Position t of the mask says whether token t is predicted (from positions < t) under the
@@ -46,6 +58,11 @@ _OK, _TRUNCATED, _DROPPED = "ok", "truncated", "dropped"
 
 class OverlongExampleError(DataError, ContextLengthError):
   """An example longer than `max_length` under overlength="error"; names the example."""
+
+
+class TargetBoundaryError(DataError):
+  """A prompt and target that share a token in their joint tokenization (no token boundary
+  where the target starts); names the example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +142,25 @@ def _assemble(prompt_ids: Sequence[int], target_ids: Sequence[int], *, bos: int 
   return ids, mask, status
 
 
+def _target_ids(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                prompt_ids: Sequence[Sequence[int]], joint: bool,
+                names: Sequence[str]) -> list[list[int]]:
+  """Each target's tokens: its own encoding, or with `joint` what follows the prompt's
+  tokens in the encoding of prompt + target (module docstring)."""
+  if not joint:
+    return tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+  full = tokenizer([p + t for p, t in zip(prompts, targets)], add_special_tokens=False)
+  out = []
+  for prompt, head, ids, name in zip(prompts, prompt_ids, full["input_ids"], names):
+    if list(ids[:len(head)]) != list(head):
+      raise TargetBoundaryError(
+          f"{name}: a token spans the prompt/target boundary in their joint tokenization "
+          f"(the prompt ends {prompt[-24:]!r}), so the target cannot start on a token of its "
+          "own; a chat template's generation prompt must end where a token ends")
+    out.append(list(ids[len(head):]))
+  return out
+
+
 def _check_policy(overlength: str) -> None:
   if overlength not in OVERLENGTH_POLICIES:
     raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
@@ -133,7 +169,7 @@ def _check_policy(overlength: str) -> None:
 def encode_example(tokenizer: Any, prompt_text: str, target_text: str, *,
                    max_length: int | None, overlength: str = "drop",
                    add_bos: bool | None = None, append_eos: bool = False,
-                   loss_on_prompt: bool = False,
+                   loss_on_prompt: bool = False, joint_target: bool = False,
                    example_id: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
   """Encodes one (prompt, target) pair under the convention.
 
@@ -146,15 +182,21 @@ def encode_example(tokenizer: Any, prompt_text: str, target_text: str, *,
     add_bos: None = as the tokenizer does; True/False force.
     append_eos: append the EOS token to the target.
     loss_on_prompt: put the prompt under the loss too.
+    joint_target: the target's tokens are those after the prompt's in their joint
+      tokenization (chat templates; module docstring).
     example_id: names the example in errors and logs.
 
   Returns:
     (input_ids, target_mask), int32 arrays of equal length; None if dropped.
+
+  Raises:
+    TargetBoundaryError: with `joint_target`, a token spans the boundary.
   """
   _check_policy(overlength)
   name = example_id or "example"
   prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-  target_ids = tokenizer(target_text, add_special_tokens=False)["input_ids"]
+  (target_ids,) = _target_ids(tokenizer, [prompt_text], [target_text], [prompt_ids],
+                              joint_target, [name])
   ids, mask, status = _assemble(prompt_ids, target_ids, bos=_bos_id(tokenizer, add_bos),
                                 eos=_eos_id(tokenizer, append_eos), max_length=max_length,
                                 overlength=overlength, loss_on_prompt=loss_on_prompt, name=name)
@@ -168,6 +210,7 @@ def tokenize_examples(tokenizer: Any, prompts: Sequence[str], targets: Sequence[
                       pad_to: int | None = None, padding_side: str = "right", *,
                       add_bos: bool | None = None, append_eos: bool = False,
                       loss_on_prompt: bool | Sequence[bool] = False,
+                      joint_target: bool = False,
                       example_ids: Sequence[str] | None = None) -> TokenizedBatch:
   """Encodes and pads many (prompt, target) pairs under the convention.
 
@@ -182,10 +225,14 @@ def tokenize_examples(tokenizer: Any, prompts: Sequence[str], targets: Sequence[
     add_bos: None = as the tokenizer does; True/False force.
     append_eos: append EOS to every target.
     loss_on_prompt: one flag for all examples, or one per example.
+    joint_target: targets are tokenized jointly with their prompts (chat templates).
     example_ids: names examples in errors (default: their index).
 
   Returns:
     A TokenizedBatch.
+
+  Raises:
+    TargetBoundaryError: with `joint_target`, a token spans an example's boundary.
   """
   _check_policy(overlength)
   if padding_side not in ("right", "left"):
@@ -197,14 +244,17 @@ def tokenize_examples(tokenizer: Any, prompts: Sequence[str], targets: Sequence[
   if len(flags) != n:
     raise ValueError(f"{len(flags)} loss_on_prompt flags for {n} examples")
   bos, eos = _bos_id(tokenizer, add_bos), _eos_id(tokenizer, append_eos)
+  names = [f"example {example_ids[i]!r} (index {i})" if example_ids else f"example index {i}"
+           for i in range(n)]
   # One batched call per side: fast tokenizers parallelize it.
   prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if n else []
-  target_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"] if n else []
+  target_ids = (_target_ids(tokenizer, prompts, targets, prompt_ids, joint_target, names)
+                if n else [])
 
   rows, masks, kept = [], [], []
   n_dropped = n_truncated = 0
   for i in range(n):
-    name = f"example {example_ids[i]!r} (index {i})" if example_ids else f"example index {i}"
+    name = names[i]
     ids, mask, status = _assemble(prompt_ids[i], target_ids[i], bos=bos, eos=eos,
                                   max_length=max_length, overlength=overlength,
                                   loss_on_prompt=bool(flags[i]), name=name)
@@ -246,12 +296,14 @@ def tokenize_task_examples(tokenizer: Any, task: Task, examples: Sequence[Exampl
   """Renders examples with `task`'s template and tokenizes them.
 
   `meta["loss_on_prompt"]` (set by the sft task with `response_only=False`) puts that
-  example's prompt under the loss.
+  example's prompt under the loss. A chat template's targets are tokenized jointly with
+  their prompts and, where they end the turn, get no EOS (module docstring).
   """
   return tokenize_examples(
       tokenizer,
       [task.format_prompt(ex.question, perturbation) for ex in examples],
       [task.format_target(ex) for ex in examples],
-      max_length, overlength, pad_to, padding_side, add_bos=add_bos, append_eos=append_eos,
+      max_length, overlength, pad_to, padding_side, add_bos=add_bos,
+      append_eos=append_eos and not task.end_of_turn,
       loss_on_prompt=[bool(ex.meta.get("loss_on_prompt", False)) for ex in examples],
-      example_ids=[ex.id for ex in examples])
+      joint_target=task.joint_target, example_ids=[ex.id for ex in examples])

@@ -25,7 +25,8 @@ class TaskSpec:
 
   Attributes:
     name: task name (`memdyn_jax.tasks.get_task`).
-    kwargs: the task constructor's keyword arguments.
+    kwargs: the task's keyword arguments (`tasks.get_task`: its constructor's, and the
+      prompt options chat_template, system_prompt, num_fewshot, fewshot_seed).
     path: data file or directory (default: the task's own).
     split: split trained on.
     max_examples: use only the first N examples (0 = all).
@@ -75,25 +76,42 @@ def resolve_model(model: str) -> str:
   return directory
 
 
-def load_examples(spec: TaskSpec):
-  """(task, examples) of the spec."""
+def load_examples(spec: TaskSpec, tokenizer=None):
+  """(task, examples) of the spec; the task is ready to render prompts
+  (`Task.prepare_prompts`: few-shot examples from the train split at the spec's path; a
+  chat template once given the `tokenizer`).
+
+  Raises:
+    TaskRunError: the task does not build or its data does not load (field "task"), its
+      few-shot examples do not ("num_fewshot"), or the tokenizer's chat template cannot
+      render its prompts ("chat_template").
+  """
   from memdyn_jax import tasks
   try:
     task = tasks.get_task(spec.name, **dict(spec.kwargs))
     examples = task.load(spec.split, spec.path)
   except (ValueError, FileNotFoundError, TypeError) as e:
     raise TaskRunError("task", str(e)) from e
+  try:
+    task.prepare_prompts(tokenizer, spec.path)
+  except tasks.ChatTemplateError as e:
+    raise TaskRunError("chat_template", str(e)) from e
+  except (ValueError, FileNotFoundError) as e:
+    raise TaskRunError("num_fewshot", f"the train split does not load: {e}") from e
   return task, (examples[:spec.max_examples] if spec.max_examples else examples)
 
 
 def load_train_data(model_dir: str, spec: TaskSpec, cfg: TrainConfig):
   """The spec's examples tokenized with the model's tokenizer -> (TrainData, example ids)."""
   from memdyn_jax import models
+  from memdyn_jax.tasks import TargetBoundaryError
   from memdyn_jax.train.loop import task_train_data
-  task, examples = load_examples(spec)
   tokenizer = models.load_tokenizer(model_dir, padding_side="right")
+  task, examples = load_examples(spec, tokenizer)
   try:
     return task_train_data(tokenizer, task, examples, cfg)
+  except TargetBoundaryError as e:  # a chat template whose prompt ends inside a token
+    raise TaskRunError("chat_template", str(e)) from e
   except ValueError as e:
     raise TaskRunError("max_length", str(e)) from e
 

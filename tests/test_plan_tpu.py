@@ -222,3 +222,31 @@ def test_binary_plans_a_tpu_target(tmp_path):
 ])
 def test_binary_bad_targets_are_one_line(args, needle):
   assert_one_line_error(run_binary("plan_scale.py", *args), "plan_scale.py", needle)
+
+
+@needs_libtpu
+def test_a_program_too_big_for_the_chip_is_reported_not_raised():
+  """XLA:TPU refuses to compile a program that cannot fit HBM; the plan says so (its stated
+  requirement as the temporaries) instead of failing, and a search moves on."""
+  # 1.2B parameters on one 16 GB v5e chip: fp32 weights, Adam moments and gradients.
+  big = tiny_config(vocab_size=131072, hidden_size=4096, intermediate_size=8192,
+                    num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8)
+  r = plan.plan_scale(big, None, 1, 128, remat="none", target="v5e-1", sampling=False,
+                      estimate=False)
+  assert r.train.out_of_memory and "memory" in r.train.out_of_memory.lower()
+  assert r.train.temp_bytes > 15 * 2**30 and not r.fits
+  assert "the compiler refused it" in r.summary() and "DOES NOT FIT" in r.summary()
+
+
+def test_out_of_memory_message_is_parsed():
+  from memdyn_jax.plan import programs
+
+  class FakeMesh:
+    class devices:  # noqa: N801 - stands in for a numpy array of devices
+      class flat:  # noqa: N801
+        def __class_getitem__(cls, i):
+          return type("D", (), {"platform": "tpu"})()
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (19.34G) exceeds available HBM (15.75G).\nmore")
+  r = programs._out_of_memory_report("train_step", FakeMesh, message, 1.0)
+  assert r.temp_bytes == int(19.34 * 2**30) and r.out_of_memory.startswith("RESOURCE")

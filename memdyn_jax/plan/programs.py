@@ -76,6 +76,9 @@ class ProgramReport:
       without a device).
     mosaic_calls: Mosaic (Pallas TPU) kernel calls: splash attention compiled in.
     cudnn_attention_calls: cuDNN fused-attention calls (XLA:GPU).
+    out_of_memory: the compiler's refusal when the program cannot fit the chip's memory
+      (XLA:TPU will not compile it: "Ran out of memory on HBM ..."), else None; then
+      `temp_bytes` is the requirement it states and nothing else is known.
   """
 
   name: str
@@ -92,6 +95,7 @@ class ProgramReport:
   estimated_seconds: float | None = None
   mosaic_calls: int = 0
   cudnn_attention_calls: int = 0
+  out_of_memory: str | None = None
 
   @property
   def total_bytes(self) -> int:
@@ -193,7 +197,12 @@ def _program_report(name: str, mesh: Mesh, lower, estimate=None) -> ProgramRepor
   and compiling. `estimate()`, when given, replaces the program's own cost figures (see
   `depth_extrapolated`)."""
   t0 = time.perf_counter()
-  compiled = _compile(mesh, lower)
+  try:
+    compiled = _compile(mesh, lower)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return _out_of_memory_report(name, mesh, str(e), time.perf_counter() - t0)
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   text = compiled.as_text()
@@ -207,6 +216,24 @@ def _program_report(name: str, mesh: Mesh, lower, estimate=None) -> ProgramRepor
       flops=cost.flops, bytes_accessed=cost.bytes_accessed, estimated_seconds=cost.seconds,
       mosaic_calls=mosaic_calls(text), cudnn_attention_calls=cudnn_attention_calls(text))
   return report
+
+
+_SIZE = re.compile(r"\(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _out_of_memory_report(name: str, mesh: Mesh, message: str, seconds: float) -> ProgramReport:
+  """A program the compiler refused for want of memory: the requirement its message states
+  ("... required for HLO temporaries (19.34G) exceeds available HBM (15.75G)") as the
+  temporaries, the message's first line as `out_of_memory`."""
+  line = next((l.strip() for l in message.splitlines() if "memory" in l.lower()),
+              message.splitlines()[0] if message else "out of memory")
+  size = _SIZE.search(line)
+  required = int(float(size.group(1)) * _UNITS[size.group(2)]) if size else 0
+  return ProgramReport(name=name, argument_bytes=0, output_bytes=0, alias_bytes=0,
+                       temp_bytes=required, code_bytes=0, compile_seconds=seconds,
+                       collectives=(), platform=mesh.devices.flat[0].platform,
+                       out_of_memory=line)
 
 
 def _estimator(cfg: ModelConfig, mesh: Mesh, lower_at: Callable[[ModelConfig, bool], Any],

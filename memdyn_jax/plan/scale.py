@@ -139,14 +139,16 @@ class PlanReport:
 
   @property
   def fits(self) -> bool:
-    """The train step's peak is within `USABLE_FRACTION` of the chip's memory."""
-    return self.total_bytes <= self.usable_bytes
+    """The train step compiled (the compiler did not refuse it for memory) and its peak is
+    within `USABLE_FRACTION` of the chip's memory."""
+    return self.train.out_of_memory is None and self.total_bytes <= self.usable_bytes
 
   @property
   def sampling_fits(self) -> bool | None:
     if self.prefill is None:
       return None
-    return max(self.prefill.total_bytes, self.decode.total_bytes) <= self.usable_bytes
+    return (self.prefill.out_of_memory is None and self.decode.out_of_memory is None
+            and max(self.prefill.total_bytes, self.decode.total_bytes) <= self.usable_bytes)
 
   @property
   def step_seconds(self) -> float | None:
@@ -209,6 +211,9 @@ class PlanReport:
                    f"attention {prog.attention_path}; compiled in {prog.compile_seconds:.1f}s"
                    f"{estimate}")
       lines += _collective_lines(prog.collectives)
+    for prog in self.programs:
+      if prog.out_of_memory:
+        lines.append(f"{prog.name}: the compiler refused it: {prog.out_of_memory}")
     verdict = "FITS" if self.fits else "DOES NOT FIT"
     lines.append(f"{verdict} {self.accelerator} ({self.capacity_bytes / GB:.0f} GB, usable "
                  f"{USABLE_FRACTION:.0%} = {format_bytes(self.usable_bytes)}): train step needs "

@@ -91,6 +91,11 @@ def candidate_space(devices: int, global_batch: int, *, tensor_options: Sequence
   return ladders
 
 
+def fits(report: PlanReport, usable: int) -> bool:
+  """The train step compiled (no out-of-memory refusal) within `usable` bytes per chip."""
+  return report.train.out_of_memory is None and report.total_bytes <= usable
+
+
 def compiles_on_tpu(accelerator: str, compiler: str = "auto") -> bool:
   """Whether a search compiles `accelerator`'s candidates with XLA:TPU: a TPU chip, and
   `compiler` "tpu", or "auto" with libtpu installed ("cpu": always fake CPU devices)."""
@@ -178,14 +183,14 @@ def cheapest_fitting(model_config: ModelConfig | str, accelerators: Sequence[str
           continue
         report = compile_one(low, acc)
         tried.append((low, report.total_bytes))
-        if report.total_bytes > usable:
+        if not fits(report, usable):
           continue
         best, lo, hi = report, 1, len(ladder) - 1  # binary search for the largest fit
         while lo <= hi:
           mid = (lo + hi) // 2
           r = compile_one(ladder[mid], acc)
           tried.append((ladder[mid], r.total_bytes))
-          if r.total_bytes <= usable:
+          if fits(r, usable):
             best, lo = r, mid + 1
           else:
             hi = mid - 1

@@ -259,6 +259,11 @@ def study_cost(model_config: ModelConfig | str, paper_grid: str, target: Target 
                       sample_batch=a.sample_batch, prompt_len=a.prompt_len,
                       max_new_tokens=a.max_new_tokens, score_batch=a.score_batch,
                       samples_per_prompt=a.samples_per_prompt, estimate=True)
+  missing = [p.name for p in (plan.train, plan.prefill, plan.decode, plan.score)
+             if p.estimated_seconds is None]
+  if missing:
+    raise TargetError("target", f"XLA:TPU gave no time estimate for {', '.join(missing)} on "
+                      f"{target.name}; no cost can be stated")
   sample_call = plan.prefill.estimated_seconds + a.max_new_tokens * plan.decode.estimated_seconds
   score_call = plan.score.estimated_seconds
 

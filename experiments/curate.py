@@ -30,9 +30,8 @@ from memdyn_jax.studies import curation
 PROG = "curate.py"
 
 flags.DEFINE_string("model", None, "Base model: local HF directory, hub id, or 'embedded'.")
-# Curation's IFD scores targets without their prompts: no chat template here.
-_TASK_FLAGS = cli.define_task_flags(skip=("split", "max_examples", "chat_template",
-                                          "system_prompt"))
+_TASK_FLAGS = cli.define_task_flags(  # IFD scores targets without prompts: no chat template
+    skip=("split", "max_examples", "chat_template", "system_prompt"))
 flags.DEFINE_integer("n_train", 0, "D_train: the first N train examples (0 = all).")
 flags.DEFINE_integer("n_test", 0, "Test examples evaluated after every round (first N; 0 = all).")
 flags.DEFINE_integer("n_ifd", 0, "Test examples the IFD model is fine-tuned on (0 = all).")
@@ -57,8 +56,7 @@ flags.DEFINE_string("rephrase_prompt", curation.REPHRASE_PROMPT,
                     "Rephrasing prompt, with a {question} field.")
 flags.DEFINE_string("preset", "curation_default", "TrainConfig preset (TrainConfig flags "
                     "override it).")
-# Sampling as experiments/evaluate.py's flags (same names and defaults; --sample_seed is its
-# --seed), read into a run_evaluation.EvalSettings.
+# Sampling as evaluate.py's flags (same names and defaults; --sample_seed is its --seed).
 _SAMPLING_FLAGS = cli.define_dataclass_flags(
     EvalSettings, only=(*run_evaluation.SAMPLING_FIELDS, "batch_size"),
     rename={"seed": "sample_seed"}, help_format="{doc}")

@@ -50,8 +50,7 @@ _GRID_FLAGS = cli.define_dataclass_flags(
 _EVAL_FLAGS = cli.define_dataclass_flags(
     EvalSettings, skip=("task", "task_kwargs", "task_path", *PROMPT_OPTION_NAMES),
     help_format="Evaluation (evaluate.py's flag): {doc}")
-# Training settings: train.py's flags (--seed is the evaluation's here, so the training seed
-# is --train_seed), set in every cell over its preset; the grid flags set the axes.
+# train.py's flags, set in every cell over its preset (--seed is the evaluation's: --train_seed)
 _TRAIN_FLAGS = cli.define_dataclass_flags(
     TrainConfig, skip=tuple(sweep_lib.AXES.values()), rename={"seed": "train_seed"},
     use_defaults=False,

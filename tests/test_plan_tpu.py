@@ -86,6 +86,15 @@ def test_target_platform_is_the_mesh_in_scopes_not_the_default_backend():
     assert sharding.target_platform() == "tpu"
 
 
+@needs_libtpu
+def test_loading_the_tpu_compiler_leaves_the_environment_as_it_was():
+  """libtpu is told a fake TPU host for its load only: a subprocess started after a plan (a
+  training binary) must not see one, or it would start jax.distributed."""
+  before = dict(os.environ)
+  plan.target_devices(plan.parse_target("v5p-8"))
+  assert dict(os.environ) == before
+
+
 @pytest.fixture(scope="module")
 def tpu_plan():
   """The tiny model's train step (remat, 2 micro-batches), scorer and sampler for v5e-4."""

@@ -10,6 +10,7 @@ programs compile for them through XLA:TPU, Mosaic kernels included, but hold no 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -214,20 +215,32 @@ def _gpu_devices(target: Target) -> list:
   return list(topo.devices)
 
 
-def _describe_absent_host(target: Target) -> None:
-  """On a machine without TPU chips, tells libtpu what host it would be on, as a TPU VM's
-  metadata does: without it libtpu prints a dozen lines of warnings when it loads. Only the
-  first call of a process counts (libtpu loads once); a TPU VM is left alone."""
+@contextlib.contextmanager
+def _libtpu_load_env(target: Target):
+  """The environment libtpu reads when it loads, set for the load and restored after it (the
+  process's environment is the user's: a subprocess must not inherit a fake TPU host).
+
+  libtpu takes a machine-wide lock on first load, meant for processes sharing TPU chips; a
+  deviceless compile opens no chip, and several processes (a search and a test, parallel
+  plans) may compile at once: ALLOW_MULTIPLE_LIBTPU_LOAD. On a machine without TPU chips it
+  is also told what host it would be on, as a TPU VM's metadata does: without that it prints
+  a dozen lines of warnings. A TPU VM's own environment is left alone."""
+  env = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
   try:
     from jax._src import hardware_utils
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
-      return
+    on_tpu_vm = bool(hardware_utils.num_available_tpu_chips_and_device_id()[0])
   except (ImportError, AttributeError, OSError):
-    return
-  name = target.name.replace("v5e-", "v5litepod-")  # Cloud TPU's accelerator-type names
-  for key, value in (("TPU_ACCELERATOR_TYPE", name), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_WORKER_ID", "0")):
-    os.environ.setdefault(key, value)
+    on_tpu_vm = True  # cannot tell: describe nothing
+  if not on_tpu_vm:
+    env.update(TPU_ACCELERATOR_TYPE=target.name.replace("v5e-", "v5litepod-"),  # Cloud names
+               TPU_WORKER_HOSTNAMES="localhost", TPU_WORKER_ID="0")
+  added = [k for k in env if k not in os.environ]
+  os.environ.update({k: env[k] for k in added})
+  try:
+    yield
+  finally:
+    for k in added:
+      os.environ.pop(k, None)
 
 
 def target_devices(target: Target) -> list:
@@ -244,17 +257,14 @@ def target_devices(target: Target) -> list:
                       f"installed: {libtpu_install_hint()}")
   from jax.experimental import topologies
 
-  # libtpu takes a machine-wide lock on first load, meant for processes sharing TPU chips; a
-  # deviceless compile opens no chip, and several processes (a search and a test, parallel
-  # plans) may compile at once.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  _describe_absent_host(target)
   kwargs = {}
   if target.num_chips == 1:
     kwargs["chips_per_host_bounds"] = [1, 1, 1]
   if target.chip.cores_per_chip > 1:
     kwargs["chip_config_name"] = "megacore"  # one JAX device per chip, as on the pod
-  topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **kwargs)
+  with _libtpu_load_env(target):
+    topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
+                                        **kwargs)
   devices = list(topo.devices)
   if len(devices) != target.num_chips:
     raise TargetError("target", f"{target.name}: libtpu's topology {target.topology} has "

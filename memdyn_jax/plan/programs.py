@@ -225,9 +225,9 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 def _out_of_memory_report(name: str, mesh: Mesh, message: str, seconds: float) -> ProgramReport:
   """A program the compiler refused for want of memory: the requirement its message states
   ("... required for HLO temporaries (19.34G) exceeds available HBM (15.75G)") as the
-  temporaries, the message's first line as `out_of_memory`."""
+  temporaries, the line that says so as `out_of_memory` (the whole message if none does)."""
   line = next((l.strip() for l in message.splitlines() if "memory" in l.lower()),
-              message.splitlines()[0] if message else "out of memory")
+              message.strip() or "out of memory")
   size = _SIZE.search(line)
   required = int(float(size.group(1)) * _UNITS[size.group(2)]) if size else 0
   return ProgramReport(name=name, argument_bytes=0, output_bytes=0, alias_bytes=0,

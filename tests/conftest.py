@@ -13,6 +13,37 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # try to open a TPU on this CPU machine, which prints warnings into every captured stderr.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _memory_map_count() -> int:
+  with open(f"/proc/{os.getpid()}/maps", "rb") as f:
+    return sum(1 for _ in f)
+
+
+def _map_budget() -> int:
+  try:
+    return int(pathlib.Path("/proc/sys/vm/max_map_count").read_text()) // 2
+  except (OSError, ValueError):
+    return 0
+
+
+_MAP_BUDGET = _map_budget()
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+  """Every compiled XLA:CPU program keeps ~5 memory mappings while JAX caches it; the suite
+  compiles thousands, and past the kernel's vm.max_map_count (65,530) LLVM's next mmap fails
+  and the interpreter dies with SIGSEGV in backend_compile_and_load (seen at ~85% of the
+  suite). Past half the limit the caches are dropped (programs compile again when needed)."""
+  yield
+  if _MAP_BUDGET and _memory_map_count() > _MAP_BUDGET:
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
 # =========================================================================================
 # Tasks and data fixtures: local shared data, tiny locally-trained tokenizers (no hub).
 # =========================================================================================

@@ -15,6 +15,13 @@ from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")
+# q/k normalisation before RoPE (`ModelConfig.qk_norm`): none; RMSNorm over each head's
+# head_dim (Qwen3, Gemma 3); RMSNorm over the whole q (k) projection, all heads (OLMo 2).
+QK_NORMS = ("none", "head", "projection")
+# How an RMSNorm applies its weight (`layers.rms_norm`): Llama casts the normalised
+# activations back, then multiplies; OLMo 2 multiplies in float32, then casts; Gemma
+# multiplies by (1 + w) in float32, then casts.
+RMS_NORM_STYLES = ("llama", "olmo", "gemma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +29,10 @@ class ModelConfig:
   """Architecture hyper-parameters shared by all families.
 
   `layer_windows[i]` is the attention window of layer i (0 = global causal attention),
-  so alternating local/global layers (Gemma 2, GPT-Neo) are data, not code paths.
+  so alternating local/global layers (Gemma 2, GPT-Neo) are data, not code paths. So is
+  per-layer RoPE (Gemma 3's local and global bases): `layer_rope_thetas[i]` is layer i's
+  base and `layer_rope_scaled[i]` whether `rope_type`/`rope_params` scale its frequencies;
+  both empty = every layer rotates with `rope_theta`, scaled (`rope_layers`).
   """
 
   family: str
@@ -48,6 +58,10 @@ class ModelConfig:
   attn_scale: float = 0.0  # multiplier of q·k; 0 means 1/sqrt(head_dim)
   attn_logit_softcap: float = 0.0  # 0 = off
   final_logit_softcap: float = 0.0
+  qk_norm: str = "none"  # QK_NORMS: q/k RMSNorm before RoPE, per head or per projection
+  qk_norm_style: str = "llama"  # RMS_NORM_STYLES: how the q/k norms apply their weight
+  layer_rope_thetas: tuple[float, ...] = ()  # per-layer RoPE base; () = rope_theta
+  layer_rope_scaled: tuple[bool, ...] = ()  # per-layer: rope_type scales it; () = all
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
@@ -61,6 +75,15 @@ class ModelConfig:
   @property
   def hf_config(self) -> dict[str, Any]:
     return json.loads(self.hf_config_json)
+
+  def rope_layers(self) -> tuple[tuple[float, bool], ...]:
+    """(base, scaled by `rope_type`) of every layer's RoPE."""
+    thetas = self.layer_rope_thetas or (self.rope_theta,) * self.num_layers
+    scaled = self.layer_rope_scaled or (True,) * self.num_layers
+    if len(thetas) != self.num_layers or len(scaled) != self.num_layers:
+      raise ValueError(f"layer_rope_thetas ({len(thetas)}) and layer_rope_scaled "
+                       f"({len(scaled)}) must name all {self.num_layers} layers")
+    return tuple(zip(map(float, thetas), map(bool, scaled)))
 
 
 def unsupported(field: str, value: Any, why: str) -> ValueError:

@@ -11,8 +11,9 @@ Conventions (those of HF `generate` with left padding):
 
 Blocks are stored stacked (leading `layers` axis) and run with `lax.scan`: one compiled
 block regardless of depth (shallow stacks are unrolled: FULL_UNROLL_MAX_LAYERS), and a
-per-layer attention window (`ModelConfig.layer_windows`) scanned alongside, so alternating
-local/global layers need no second code path. The KV cache rides in the scan carry.
+per-layer attention window (`ModelConfig.layer_windows`) and RoPE table
+(`ModelConfig.rope_layers`) scanned alongside, so alternating local/global layers need no
+second code path. The KV cache rides in the scan carry.
 """
 from __future__ import annotations
 
@@ -166,13 +167,34 @@ class CausalLM(nnx.Module):
 
   # -- shared machinery -------------------------------------------------------------
   def rope_tables(self, positions: jax.Array):
+    """cos/sin tables (B, T, head_dim), or None without RoPE. With several RoPEs over the
+    layers (`ModelConfig.rope_layers`: Gemma 3's local and global bases), one table per
+    distinct RoPE, stacked (R, B, T, head_dim), in `rope_variants` order."""
     cfg = self.cfg
     if cfg.rope_type == "none":
       return None
     seq_len = jnp.max(positions) + 1 if cfg.rope_type == "dynamic" else None
-    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope,
-                                    cfg.max_position_embeddings, seq_len)
-    return layers.rope_cos_sin(positions, inv_freq)
+    tables = []
+    for theta, scaled in self.rope_variants:
+      rope_type, params = (cfg.rope_type, cfg.rope) if scaled else ("default", {})
+      inv_freq = layers.rope_inv_freq(cfg.head_dim, theta, rope_type, params,
+                                      cfg.max_position_embeddings, seq_len)
+      tables.append(layers.rope_cos_sin(positions, inv_freq))
+    if len(tables) == 1:
+      return tables[0]
+    return tuple(jnp.stack(t) for t in zip(*tables))
+
+  @property
+  def rope_variants(self) -> tuple[tuple[float, bool], ...]:
+    """The distinct (base, scaled) RoPEs of the layers (`ModelConfig.rope_layers`)."""
+    return tuple(sorted(set(self.cfg.rope_layers())))
+
+  def _layer_rope_index(self) -> jax.Array | None:
+    """Each layer's row of the stacked `rope_tables` (L,), or None with one RoPE."""
+    variants = self.rope_variants
+    if self.cfg.rope_type == "none" or len(variants) == 1:
+      return None
+    return jnp.asarray([variants.index(r) for r in self.cfg.rope_layers()], jnp.int32)
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     h = self.final_norm(h)
@@ -193,6 +215,9 @@ class CausalLM(nnx.Module):
     cfg = self.cfg
     graphdef, block_state = nnx.split(self.blocks)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    # Per-layer RoPE is scanned data, like the windows: each layer picks its table.
+    rope_index = self._layer_rope_index()
+    rope_ids = rope_index if rope_index is not None else jnp.zeros((cfg.num_layers,), jnp.int32)
     attn_kwargs = dict(scale=attn_scale(cfg), softcap=cfg.attn_logit_softcap,
                        impl=self.attention_impl, layer_windows=cfg.layer_windows)
     write_index = cache.index if cache is not None else jnp.int32(0)
@@ -201,10 +226,11 @@ class CausalLM(nnx.Module):
     # per-layer slices stacked back as scan outputs).
     def body(carry, xs):
       h, kv_all = carry
-      state, window, layer = xs
+      state, window, layer, rope_id = xs
       block = nnx.merge(graphdef, state)
       layer_cache = None if kv_all is None else (*kv_all, layer)
-      h, kv = block(h, rope=rope, layer_cache=layer_cache, write_index=write_index,
+      layer_rope = rope if rope_index is None else tuple(t[rope_id] for t in rope)
+      h, kv = block(h, rope=layer_rope, layer_cache=layer_cache, write_index=write_index,
                     q_slots=q_slots, k_slots=k_slots, key_valid=key_valid, window=window,
                     **attn_kwargs)
       if kv_all is None:
@@ -223,7 +249,7 @@ class CausalLM(nnx.Module):
             lambda x: jax.lax.dynamic_index_in_dim(x, layer_ids[layer], keepdims=False),
             block_state)
         (h, (k, v)), _ = body((h, (cache.k[layer], cache.v[layer])),
-                              (state, windows[layer], None))
+                              (state, windows[layer], None, rope_ids[layer]))
         new_k.append(k)
         new_v.append(v)
       return h, (tuple(new_k), tuple(new_v))
@@ -231,9 +257,9 @@ class CausalLM(nnx.Module):
     kv_all = (cache.k, cache.v) if cache is not None else None
     # Remat keeps the scan: the point is bounded memory, which the loop structure gives.
     unroll = cfg.num_layers if self.unrolled_layers else 1
-    (h, new_kv), fresh_kv = jax.lax.scan(body, (h, kv_all),
-                                         (block_state, windows, jnp.arange(cfg.num_layers)),
-                                         unroll=unroll)
+    (h, new_kv), fresh_kv = jax.lax.scan(
+        body, (h, kv_all), (block_state, windows, jnp.arange(cfg.num_layers), rope_ids),
+        unroll=unroll)
     return h, (fresh_kv if collect_kv else new_kv)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -356,4 +382,5 @@ class CausalLM(nnx.Module):
 def attn_block_kwargs(cfg: ModelConfig, dtype, param_dtype) -> dict[str, Any]:
   return dict(hidden=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               head_dim=cfg.head_dim, qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+              qk_norm=cfg.qk_norm, qk_norm_style=cfg.qk_norm_style, norm_eps=cfg.norm_eps,
               dtype=dtype, param_dtype=param_dtype)

@@ -2,7 +2,8 @@
 
 Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling types,
 sliding/local windows shorter than the sequence, and soft-capping. The KV-cache path
-(prefill + one-token decode) must reproduce the same logits.
+(prefill + one-token decode) must reproduce the same logits. The worst |logit difference|
+of each check is printed (`-s` or `-rP` shows it).
 """
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,13 @@ def case(request, tmp_path_factory):
   return request.param, hf, model, cfg
 
 
+def _worst(name, what, ours, ref, mask):
+  """The largest |ours - ref| over real positions, printed for the test log."""
+  worst = float(np.abs(ours - ref)[mask.astype(bool)].max())
+  print(f"{name}: {what}: worst |logit diff| vs HF = {worst:.2e}")
+  return worst
+
+
 def _hf_logits(hf, ids, mask, positions):
   with torch.no_grad():
     return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -61,8 +69,7 @@ def test_logits_match_hf_left_padded(case):
   ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   ref = _hf_logits(hf, ids, mask, positions)
   ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  real = mask.astype(bool)
-  assert np.abs(ours - ref)[real].max() <= 1e-4, name
+  assert _worst(name, "forward", ours, ref, mask) <= 1e-4, name
 
 
 def test_padding_never_changes_real_positions(case):
@@ -114,8 +121,7 @@ def test_kv_cache_prefill_and_decode_match_hf(case, layout, monkeypatch):
                                              jnp.asarray(mask[:, t:t + 1]), cache)
     outs.append(np.asarray(logits))
   ours = np.concatenate(outs, axis=1)
-  real = mask.astype(bool)
-  assert np.abs(ours - ref)[real].max() <= 1e-4, name
+  assert _worst(name, f"KV cache ({layout}) prefill + decode", ours, ref, mask) <= 1e-4, name
   assert int(cache.index) == LENGTH
   np.testing.assert_array_equal(np.asarray(cache.next_pos), mask.sum(1))
 
@@ -155,7 +161,8 @@ def test_prefill_fills_the_cache_hidden_states_with_cache_fills(case, layout, mo
                                              jnp.asarray(mask[:, t:t + 1]), cache)
     outs.append(np.asarray(logits))
   ref = _hf_logits(hf, ids, mask, positions)
-  assert np.abs(np.concatenate(outs, axis=1) - ref)[mask.astype(bool)].max() <= 1e-4, name
+  ours = np.concatenate(outs, axis=1)
+  assert _worst(name, f"sampler prefill ({layout}) + decode", ours, ref, mask) <= 1e-4, name
   with pytest.raises(ValueError, match="does not fit"):
     model.prefill(prompt, prompt_mask, split - 1)
 

@@ -124,6 +124,10 @@ def key_rules(cfg: ModelConfig, norms: tuple[str, ...] = NORMS) -> list[KeyRule]
     if cfg.attention_bias:
       rules.append(KeyRule(p + f"self_attn.{x}_proj.bias", f"blocks.self_attn.{x}_proj.bias", FLAT))
   rules.append(KeyRule(p + "self_attn.o_proj.weight", "blocks.self_attn.o_proj.kernel", LINEAR, 2))
+  if cfg.qk_norm != "none":  # HF (head_dim,) per head, or (heads * head_dim,) per projection
+    for x in "qk":
+      rules.append(KeyRule(p + f"self_attn.{x}_norm.weight", f"blocks.self_attn.{x}_norm.scale",
+                           FLAT))
   if cfg.attention_out_bias:
     rules.append(KeyRule(p + "self_attn.o_proj.bias", "blocks.self_attn.o_proj.bias"))
   for x in ("gate", "up", "down"):

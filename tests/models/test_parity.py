@@ -35,6 +35,8 @@ CASES = {
     "gpt_neo": ("gpt_neo", {}),
     "gpt_neo_all_local": ("gpt_neo", dict(attention_types=[[["local"], 3]], num_layers=3,
                                           window_size=3)),
+    "qwen3": ("qwen3", {}),
+    "qwen3_tied_sliding": ("qwen3_tied_sliding", {}),
 }
 
 BATCH, LENGTH, PADS = 3, 13, (0, 4, 9)

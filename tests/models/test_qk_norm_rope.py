@@ -58,6 +58,8 @@ def test_rms_norm_style_is_checked():
 
 @pytest.mark.parametrize("name,qk_norm,style,q_norm,k_norm", [
     ("llama", "none", "llama", None, None),
+    # one (head_dim,) weight per layer, shared by the heads
+    ("qwen3", "head", "llama", ((2, 16), ("layers", "norm")), ((2, 16), ("layers", "norm"))),
 ])
 def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_norm, k_norm):
   cfg = models.from_hf_config(testing.hf_config(name).to_dict())
@@ -67,3 +69,13 @@ def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_
            for path, var in nnx.to_flat_state(state)}
   assert found.get("blocks.self_attn.q_norm.scale") == q_norm
   assert found.get("blocks.self_attn.k_norm.scale") == k_norm
+
+
+@pytest.mark.parametrize("name,overrides,field", [
+    ("qwen3", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    ("qwen3", dict(hidden_act="relu"), "hidden_act"),
+])
+def test_unsupported_config_fields_name_the_field(name, overrides, field):
+  cfg = dict(testing.TINY_CONFIGS[name], model_type=name, **overrides)
+  with pytest.raises(ValueError, match=field):
+    models.from_hf_config(cfg)

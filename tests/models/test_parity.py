@@ -37,6 +37,7 @@ CASES = {
                                           window_size=3)),
     "qwen3": ("qwen3", {}),
     "qwen3_tied_sliding": ("qwen3_tied_sliding", {}),
+    "olmo2": ("olmo2", {}),
 }
 
 BATCH, LENGTH, PADS = 3, 13, (0, 4, 9)

@@ -60,6 +60,9 @@ def test_rms_norm_style_is_checked():
     ("llama", "none", "llama", None, None),
     # one (head_dim,) weight per layer, shared by the heads
     ("qwen3", "head", "llama", ((2, 16), ("layers", "norm")), ((2, 16), ("layers", "norm"))),
+    # over the whole projection: sharded like it (heads over the tensor axis)
+    ("olmo2", "projection", "olmo", ((2, 4, 12), ("layers", "heads", "head_dim")),
+     ((2, 2, 12), ("layers", "kv_heads", "head_dim"))),
 ])
 def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_norm, k_norm):
   cfg = models.from_hf_config(testing.hf_config(name).to_dict())
@@ -74,6 +77,8 @@ def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_
 @pytest.mark.parametrize("name,overrides,field", [
     ("qwen3", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
     ("qwen3", dict(hidden_act="relu"), "hidden_act"),
+    ("olmo2", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                 "original_max_position_embeddings": 64}), "rope_type"),
 ])
 def test_unsupported_config_fields_name_the_field(name, overrides, field):
   cfg = dict(testing.TINY_CONFIGS[name], model_type=name, **overrides)

@@ -2,6 +2,8 @@
 styles (against HF's own norm modules, in bfloat16 where they differ), q/k norms per head or
 per projection (parameters, logical axes), per-layer RoPE as data, and the config fields
 these families do not implement. Logit parity is tests/models/test_parity.py's."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from flax import nnx
 
 from memdyn_jax import models, testing
 from memdyn_jax.models import layers
+from memdyn_jax.plan import programs
 
 
 def _hf_norm(style, dim):
@@ -63,6 +66,7 @@ def test_rms_norm_style_is_checked():
     # over the whole projection: sharded like it (heads over the tensor axis)
     ("olmo2", "projection", "olmo", ((2, 4, 12), ("layers", "heads", "head_dim")),
      ((2, 2, 12), ("layers", "kv_heads", "head_dim"))),
+    ("gemma3_text", "head", "gemma", ((6, 16), ("layers", "norm")), ((6, 16), ("layers", "norm"))),
 ])
 def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_norm, k_norm):
   cfg = models.from_hf_config(testing.hf_config(name).to_dict())
@@ -74,7 +78,42 @@ def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_
   assert found.get("blocks.self_attn.k_norm.scale") == k_norm
 
 
+def test_gemma3_layer_types_give_per_layer_windows_and_ropes():
+  cfg = models.from_hf_config(testing.hf_config("gemma3_text").to_dict())
+  assert cfg.layer_windows == (5, 5, 5, 5, 5, 0)  # 5 local : 1 global
+  assert cfg.rope_layers() == ((20.0, False),) * 5 + ((10000.0, True),)
+  assert (cfg.rope_type, cfg.rope) == ("linear", {"factor": 4.0})
+  assert cfg.attn_scale == 24 ** -0.5
+  # The planner's 1- and 2-layer variants keep the per-layer data of their layers.
+  two = programs.layer_variant(cfg, 2)
+  assert two.layer_windows == (5, 5) and two.rope_layers() == ((20.0, False),) * 2
+  with pytest.raises(ValueError, match="layer_rope_thetas"):
+    dataclasses.replace(cfg, num_layers=7).rope_layers()
+
+
+def test_per_layer_ropes_change_the_logits():
+  """Giving every layer the global RoPE (or the local one) changes Gemma 3's logits: the
+  per-layer RoPE the parity test checks is not a no-op at its sequence lengths."""
+  cfg = models.from_hf_config(testing.hf_config("gemma3_text").to_dict())
+  model = models.build_model(cfg, seed=2)
+  ids, mask, _ = testing.left_padded_batch(cfg.vocab_size, 2, 13, (0, 4))
+  ref = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  for thetas, scaled in (((10000.0,) * 6, (True,) * 6), ((20.0,) * 6, (False,) * 6)):
+    other = models.build_model(dataclasses.replace(cfg, layer_rope_thetas=thetas,
+                                                   layer_rope_scaled=scaled))
+    nnx.update(other, nnx.state(model))
+    out = np.asarray(other(jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(out - ref)[mask.astype(bool)].max() > 1e-2
+
+
 @pytest.mark.parametrize("name,overrides,field", [
+    ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    ("gemma3_text", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                       "original_max_position_embeddings": 64}), "rope_type"),
+    ("gemma3_text", dict(rope_parameters={
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+     "rope_parameters.sliding_attention.rope_type"),
     ("qwen3", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
     ("qwen3", dict(hidden_act="relu"), "hidden_act"),
     ("olmo2", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0,

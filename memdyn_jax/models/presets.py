@@ -118,21 +118,108 @@ _GPT_NEO_27B = {
     "eos_token_id": 50256,
 }
 
+# Qwen/Qwen3-8B
+_QWEN3_8B = {
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "max_window_layers": 36,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
+# google/gemma-3-12b-pt: the `text_config` of its config.json (model_type "gemma3", a
+# multimodal checkpoint: the SigLIP vision tower and projector are not modelled here), with
+# the top-level token ids.
+_GEMMA3_12B = {
+    "model_type": "gemma3_text",
+    "vocab_size": 262208,
+    "hidden_size": 3840,
+    "intermediate_size": 15360,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 1024,
+    "sliding_window_pattern": 6,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+# allenai/OLMo-2-1124-7B
+_OLMO2_7B = {
+    "model_type": "olmo2",
+    "vocab_size": 100352,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 500000,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "eos_token_id": 100257,
+    "pad_token_id": 100277,
+}
+
 HF_CONFIGS: dict[str, dict[str, Any]] = {
     "llama3-8b": _LLAMA3_8B,
     "gemma2-9b": _GEMMA2_9B,
     "deepseek-math-7b": _DEEPSEEK_MATH_7B,
     "qwen2.5-7b": _QWEN25_7B,
     "gpt-neo-2.7b": _GPT_NEO_27B,
+    "qwen3-8b": _QWEN3_8B,
+    "gemma3-12b": _GEMMA3_12B,
+    "olmo2-7b": _OLMO2_7B,
 }
 
 # Parameter counts the model cards / HF `num_parameters()` report: a check on the values.
+# The newer cards give rounded sizes only, so their counts are computed from the config
+# above (every weight matrix, norm and embedding), checked against what was published:
+# - qwen3-8b: the card's "8.2B, non-embedding 6.95B" (6,946,075,648 + 2 x 622,329,856
+#   untied embedding / LM head);
+# - gemma3-12b: the text decoder only; its non-embedding part, 10,759,151,616, is the Gemma 3
+#   technical report's 10,759M (Table 1; the 417M vision encoder is not counted), plus the
+#   tied 262,208 x 3,840 embedding;
+# - olmo2-7b: the card's "7B" (7.30B; q/k norms over the whole projections included).
 PUBLISHED_NUM_PARAMS: dict[str, int] = {
     "llama3-8b": 8_030_261_248,
     "gemma2-9b": 9_241_705_984,
     "deepseek-math-7b": 6_910_365_696,
     "qwen2.5-7b": 7_615_616_512,
     "gpt-neo-2.7b": 2_651_307_520,
+    "qwen3-8b": 8_190_735_360,
+    "gemma3-12b": 11_766_034_176,
+    "olmo2-7b": 7_298_617_344,
 }
 
 # The hub ids of the presets' models: what a command's --model names (launch/ sizes their
@@ -143,6 +230,10 @@ HUB_IDS: dict[str, str] = {
     "deepseek-ai/deepseek-math-7b-base": "deepseek-math-7b",
     "Qwen/Qwen2.5-7B": "qwen2.5-7b",
     "EleutherAI/gpt-neo-2.7B": "gpt-neo-2.7b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+    "allenai/OLMo-2-1124-7B": "olmo2-7b",
+    # (google/gemma-3-12b-pt is a multimodal "gemma3" checkpoint, which from_pretrained does
+    # not read: gemma3-12b is for planning its text decoder only.)
 }
 
 

@@ -1,9 +1,10 @@
-"""Gemma 3 text models (`gemma3_text`: Gemma-3-1B, and the decoder of the larger, multimodal
-checkpoints): Gemma 2's block and embedding scaling, plus an RMSNorm(1 + w) over each
-head's q and k before RoPE, and a RoPE per layer type: sliding-window (local) layers rotate
-with `rope_local_base_freq`, unscaled; global ones with `rope_theta` and the configured
-scaling (`rope_scaling`, e.g. linear x8). By default 5 local layers to 1 global
-(`layer_types`), no soft-capping, `query_pre_attn_scalar`.
+"""Gemma 3 text models (`gemma3_text`: Gemma-3-1B; the larger sizes' checkpoints are
+multimodal `gemma3`, not read here, though their text decoders are this architecture, as
+the `gemma3-12b` preset plans it): Gemma 2's block and embedding scaling, plus an
+RMSNorm(1 + w) over each head's q and k before RoPE, and a RoPE per layer type:
+sliding-window (local) layers rotate with `rope_local_base_freq`, unscaled; global ones with
+`rope_theta` and the configured scaling (`rope_scaling`, e.g. linear x8). By default 5 local
+layers to 1 global (`layer_types`), no soft-capping, `query_pre_attn_scalar`.
 
 Soft-capping as HF computes it: `final_logit_softcapping` caps the logits when set;
 `attn_logit_softcapping` is read by HF's config but never applied (transformers 5.25's

@@ -12,7 +12,9 @@ Conventions (those of HF `generate` with left padding):
 Blocks are stored stacked (leading `layers` axis) and run with `lax.scan`: one compiled
 block regardless of depth (shallow stacks are unrolled: FULL_UNROLL_MAX_LAYERS), and a
 per-layer attention window (`ModelConfig.layer_windows`) scanned alongside, so alternating
-local/global layers need no second code path. The KV cache rides in the scan carry.
+local/global layers need no second code path; whether a layer applies RoPE
+(`ModelConfig.layer_uses_rope`: SmolLM3's NoPE layers) is scanned data too. The KV cache
+rides in the scan carry.
 """
 from __future__ import annotations
 
@@ -169,10 +171,10 @@ class CausalLM(nnx.Module):
     cfg = self.cfg
     if cfg.rope_type == "none":
       return None
-    seq_len = jnp.max(positions) + 1 if cfg.rope_type == "dynamic" else None
-    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope,
+    seq_len = jnp.max(positions) + 1 if cfg.rope_type in ("dynamic", "longrope") else None
+    inv_freq = layers.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_type, cfg.rope,
                                     cfg.max_position_embeddings, seq_len)
-    return layers.rope_cos_sin(positions, inv_freq)
+    return layers.rope_cos_sin(positions, inv_freq, cfg.rope.get("attention_factor", 1.0))
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     h = self.final_norm(h)
@@ -193,6 +195,7 @@ class CausalLM(nnx.Module):
     cfg = self.cfg
     graphdef, block_state = nnx.split(self.blocks)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    uses_rope = jnp.asarray(cfg.rope_layers, bool)
     attn_kwargs = dict(scale=attn_scale(cfg), softcap=cfg.attn_logit_softcap,
                        impl=self.attention_impl, layer_windows=cfg.layer_windows)
     write_index = cache.index if cache is not None else jnp.int32(0)
@@ -201,10 +204,11 @@ class CausalLM(nnx.Module):
     # per-layer slices stacked back as scan outputs).
     def body(carry, xs):
       h, kv_all = carry
-      state, window, layer = xs
+      state, window, layer, layer_uses_rope = xs
       block = nnx.merge(graphdef, state)
       layer_cache = None if kv_all is None else (*kv_all, layer)
-      h, kv = block(h, rope=rope, layer_cache=layer_cache, write_index=write_index,
+      layer_rope = rope if all(cfg.rope_layers) else layers.layer_rope(rope, layer_uses_rope)
+      h, kv = block(h, rope=layer_rope, layer_cache=layer_cache, write_index=write_index,
                     q_slots=q_slots, k_slots=k_slots, key_valid=key_valid, window=window,
                     **attn_kwargs)
       if kv_all is None:
@@ -223,7 +227,7 @@ class CausalLM(nnx.Module):
             lambda x: jax.lax.dynamic_index_in_dim(x, layer_ids[layer], keepdims=False),
             block_state)
         (h, (k, v)), _ = body((h, (cache.k[layer], cache.v[layer])),
-                              (state, windows[layer], None))
+                              (state, windows[layer], None, cfg.rope_layers[layer]))
         new_k.append(k)
         new_v.append(v)
       return h, (tuple(new_k), tuple(new_v))
@@ -232,7 +236,8 @@ class CausalLM(nnx.Module):
     # Remat keeps the scan: the point is bounded memory, which the loop structure gives.
     unroll = cfg.num_layers if self.unrolled_layers else 1
     (h, new_kv), fresh_kv = jax.lax.scan(body, (h, kv_all),
-                                         (block_state, windows, jnp.arange(cfg.num_layers)),
+                                         (block_state, windows, jnp.arange(cfg.num_layers),
+                                          uses_rope),
                                          unroll=unroll)
     return h, (fresh_kv if collect_kv else new_kv)
 

@@ -2,7 +2,8 @@
 
 Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling types,
 sliding/local windows shorter than the sequence, and soft-capping. The KV-cache path
-(prefill + one-token decode) must reproduce the same logits.
+(prefill + one-token decode) must reproduce the same logits. Each check prints its worst
+|Δlogit| (`pytest -s` shows them).
 """
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,10 @@ CASES = {
     # dynamic NTK only changes anything beyond max_position_embeddings
     "llama_dynamic_rope": ("llama", dict(max_position_embeddings=8,
                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    # HF's Llama reads LongRoPE too (the sequences pass the original 8 positions)
+    "llama_longrope": ("llama", dict(rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3],
+        "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 8})),
     "mistral_sliding": ("mistral", {}),
     "qwen2": ("qwen2", {}),
     "qwen2_sliding_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=4,
@@ -50,6 +55,20 @@ def case(request, tmp_path_factory):
   return request.param, hf, model, cfg
 
 
+def _worst(name, what, ours, ref, real):
+  """The worst |Δlogit| over real positions, printed for the test log."""
+  worst = float(np.abs(ours - ref)[real].max())
+  print(f"{name}: {what} worst |dlogit| = {worst:.2e}")
+  return worst
+
+
+def _rope_depends_on_batch_length(cfg) -> bool:
+  """Dynamic NTK and LongRoPE pick their frequencies by the batch's longest position (as HF
+  does), so a row alone may get other ones than in its batch."""
+  return cfg.rope_type == "dynamic" or (
+      cfg.rope_type == "longrope" and cfg.rope["original_max_position_embeddings"] < LENGTH)
+
+
 def _hf_logits(hf, ids, mask, positions):
   with torch.no_grad():
     return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -61,8 +80,7 @@ def test_logits_match_hf_left_padded(case):
   ids, mask, positions = testing.left_padded_batch(cfg.vocab_size, BATCH, LENGTH, PADS)
   ref = _hf_logits(hf, ids, mask, positions)
   ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  real = mask.astype(bool)
-  assert np.abs(ours - ref)[real].max() <= 1e-4, name
+  assert _worst(name, "forward", ours, ref, mask.astype(bool)) <= 1e-4, name
 
 
 def test_padding_never_changes_real_positions(case):
@@ -74,8 +92,8 @@ def test_padding_never_changes_real_positions(case):
   b = np.asarray(model(jnp.asarray(garbage), jnp.asarray(mask)))
   real = mask.astype(bool)
   np.testing.assert_array_equal(a[real], b[real])
-  if cfg.rope_type == "dynamic":
-    return  # dynamic NTK depends on the batch's longest position, in HF as here
+  if _rope_depends_on_batch_length(cfg):
+    return
   # row 2 alone, unpadded, equals its padded version
   alone = np.asarray(model(jnp.asarray(ids[2:3, PADS[2]:])))
   np.testing.assert_allclose(alone[0], a[2, PADS[2]:], atol=1e-5)
@@ -114,8 +132,8 @@ def test_kv_cache_prefill_and_decode_match_hf(case, layout, monkeypatch):
                                              jnp.asarray(mask[:, t:t + 1]), cache)
     outs.append(np.asarray(logits))
   ours = np.concatenate(outs, axis=1)
-  real = mask.astype(bool)
-  assert np.abs(ours - ref)[real].max() <= 1e-4, name
+  assert _worst(name, f"KV cache ({layout}) prefill + decode", ours, ref,
+                mask.astype(bool)) <= 1e-4, name
   assert int(cache.index) == LENGTH
   np.testing.assert_array_equal(np.asarray(cache.next_pos), mask.sum(1))
 
@@ -155,7 +173,8 @@ def test_prefill_fills_the_cache_hidden_states_with_cache_fills(case, layout, mo
                                              jnp.asarray(mask[:, t:t + 1]), cache)
     outs.append(np.asarray(logits))
   ref = _hf_logits(hf, ids, mask, positions)
-  assert np.abs(np.concatenate(outs, axis=1) - ref)[mask.astype(bool)].max() <= 1e-4, name
+  assert _worst(name, f"sampler prefill ({layout}) + decode", np.concatenate(outs, axis=1), ref,
+                mask.astype(bool)) <= 1e-4, name
   with pytest.raises(ValueError, match="does not fit"):
     model.prefill(prompt, prompt_mask, split - 1)
 
@@ -219,3 +238,37 @@ def test_cache_layout_puts_slots_where_the_cache_attends_from():
   assert cache.axes("k")[-1] == cache.axes("v")[-2] == "length"
   with pytest.raises(ValueError, match="'k' or 'v'"):
     cache.axes("q")
+
+
+def test_partial_rotary_rotates_the_leading_dims_only():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  inv_freq = layers.rope_inv_freq(4, 100.0, "default", {}, 128)
+  cos, sin = layers.rope_cos_sin(positions, inv_freq)
+  assert cos.shape == (2, 5, 4)
+  out = layers.apply_rope(x, cos, sin)
+  np.testing.assert_array_equal(out[..., 4:], x[..., 4:])
+  np.testing.assert_array_equal(out[..., :4], layers.apply_rope(x[..., :4], cos, sin))
+  assert np.abs(np.asarray(out[..., :4] - x[..., :4])).max() > 0.1
+
+
+def test_a_layer_without_rope_gets_exactly_its_input():
+  """Static (unrolled layers): no tables; traced (scanned layers): the identity rotation,
+  bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  rope = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                             layers.rope_inv_freq(8, 100.0, "default", {}, 128))
+  assert layers.layer_rope(rope, False) is None and layers.layer_rope(rope, True) is rope
+  assert layers.layer_rope(None, jnp.bool_(True)) is None
+  rotate = jax.jit(lambda uses: layers.apply_rope(x, *layers.layer_rope(rope, uses)))
+  np.testing.assert_array_equal(rotate(jnp.bool_(False)), x)
+  np.testing.assert_allclose(rotate(jnp.bool_(True)), layers.apply_rope(x, *rope), atol=1e-6)
+
+
+def test_longrope_takes_its_long_factors_past_the_original_length():
+  params = dict(short_factor=(1.0, 2.0), long_factor=(4.0, 8.0),
+                original_max_position_embeddings=16.0)
+  base = 1.0 / (100.0 ** (np.arange(0, 4, 2) / 4))
+  for seq_len, factors in ((16, (1.0, 2.0)), (17, (4.0, 8.0))):
+    inv = layers.rope_inv_freq(4, 100.0, "longrope", params, 64, jnp.int32(seq_len))
+    np.testing.assert_allclose(np.asarray(inv), base / np.asarray(factors), rtol=1e-6)

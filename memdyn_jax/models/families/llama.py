@@ -47,10 +47,11 @@ class LlamaForCausalLM(CausalLM):
 # ----------------------------------------------------------------------------- HF config
 
 
-def decoder_fields(hf, raw, *, windows: tuple[int, ...], qkv_bias: bool,
-                   out_bias: bool) -> dict[str, Any]:
+def decoder_fields(hf, raw, *, windows: tuple[int, ...], qkv_bias: bool, out_bias: bool,
+                   partial_rotary: bool = False) -> dict[str, Any]:
   """`ModelConfig` fields of a Llama-style HF config, given its per-layer windows and
-  attention biases (the parts its model types differ in)."""
+  attention biases (the parts its model types differ in). `partial_rotary`: the HF model
+  reads `partial_rotary_factor` (`config.rope_fields`)."""
   if getattr(hf, "pretraining_tp", 1) not in (1, None):
     raise unsupported("pretraining_tp", hf.pretraining_tp, "only 1")
   heads = hf.num_attention_heads
@@ -70,7 +71,7 @@ def decoder_fields(hf, raw, *, windows: tuple[int, ...], qkv_bias: bool,
       attention_bias=qkv_bias,
       attention_out_bias=out_bias,
       mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-      **rope_fields(hf, raw),
+      **rope_fields(hf, raw, partial_rotary=partial_rotary),
   )
 
 

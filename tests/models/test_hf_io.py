@@ -12,7 +12,7 @@ from memdyn_jax import models, testing
 from memdyn_jax.models import hf_io
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gpt_neo"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gpt_neo", "smollm3"])
 def test_round_trip_transformers_loads_identical_tensors(name, tmp_path):
   src = testing.save_tiny_hf_model(name, str(tmp_path / "src"), seed=3)
   model, cfg = models.from_pretrained(src)
@@ -83,6 +83,18 @@ def test_unsupported_config_fields_name_the_field(overrides, field):
   cfg = dict(testing.TINY_CONFIGS["llama"], model_type="llama", **overrides)
   with pytest.raises(ValueError, match=field):
     models.from_hf_config(cfg)
+
+
+def test_smollm3_reads_which_layers_rotate():
+  """HF's rule (a NoPE layer every `no_rope_layer_interval`, or `no_rope_layers` as given);
+  SmolLM3-3B's config carries `pretraining_tp` = 2, which HF's SmolLM3 does not read."""
+  tiny = dict(testing.TINY_CONFIGS["smollm3"], model_type="smollm3", num_hidden_layers=8)
+  cfg = models.from_hf_config(dict(tiny, no_rope_layer_interval=4, pretraining_tp=2))
+  assert cfg.layer_uses_rope == (True, True, True, False) * 2
+  cfg = models.from_hf_config(dict(tiny, no_rope_layers=[0, 1] * 5))  # HF allows a longer list
+  assert cfg.layer_uses_rope == (False, True) * 4
+  with pytest.raises(ValueError, match="no_rope_layers"):  # (HF fails itself without layer_types)
+    models.from_hf_config(dict(tiny, no_rope_layers=[1, 0], layer_types=["full_attention"] * 8))
 
 
 def test_missing_shard_and_corrupt_file_are_clear_errors(tmp_path):

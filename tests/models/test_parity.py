@@ -1,9 +1,9 @@
 """Logit parity with HF PyTorch (fp32, eager) on left-padded batches, for every family.
 
 Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling types,
-sliding/local windows shorter than the sequence, and soft-capping. The KV-cache path
-(prefill + one-token decode) must reproduce the same logits. Each check prints its worst
-|Δlogit| (`pytest -s` shows them).
+sliding/local windows shorter than the sequence, soft-capping, and layers without RoPE. The
+KV-cache path (prefill + one-token decode) must reproduce the same logits. Each check prints
+its worst |Δlogit| (`pytest -s` shows them).
 """
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,11 @@ CASES = {
     "gpt_neo": ("gpt_neo", {}),
     "gpt_neo_all_local": ("gpt_neo", dict(attention_types=[[["local"], 3]], num_layers=3,
                                           window_size=3)),
+    "smollm3": ("smollm3", {}),  # NoPE on layers 1 and 3
+    # NoPE layers 1, 2 with (HF's default for use_sliding_window) windows; all biases.
+    "smollm3_sliding_bias": ("smollm3", dict(use_sliding_window=True, sliding_window=4,
+                                             no_rope_layers=[1, 0, 0, 1], attention_bias=True,
+                                             mlp_bias=True, tie_word_embeddings=False)),
 }
 
 BATCH, LENGTH, PADS = 3, 13, (0, 4, 9)

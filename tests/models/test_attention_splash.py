@@ -219,10 +219,11 @@ def _model_pair(name, **overrides):
   return cfg, ref, fused
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "smollm3"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "smollm3", "phi3"])
 def test_splash_model_logits_match_reference(name):
   """llama: GQA; gemma2: soft-capping, query_pre_attn_scalar, sliding/global layers (one
-  kernel per window, switched per layer); smollm3: layers without RoPE. Left-padded batch."""
+  kernel per window, switched per layer); smollm3: layers without RoPE; phi3: partial
+  rotary, a window on every layer. Left-padded batch."""
   cfg, ref_model, splash_model = _model_pair(name)
   ids, mask, _ = testing.left_padded_batch(cfg.vocab_size, 2, SEQ, PADS)
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)

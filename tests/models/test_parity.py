@@ -1,9 +1,9 @@
 """Logit parity with HF PyTorch (fp32, eager) on left-padded batches, for every family.
 
 Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling types,
-sliding/local windows shorter than the sequence, soft-capping, and layers without RoPE. The
-KV-cache path (prefill + one-token decode) must reproduce the same logits. Each check prints
-its worst |Δlogit| (`pytest -s` shows them).
+sliding/local windows shorter than the sequence, soft-capping, layers without RoPE, partial
+rotary and fused HF projections. The KV-cache path (prefill + one-token decode) must
+reproduce the same logits. Each check prints its worst |Δlogit| (`pytest -s` shows them).
 """
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,11 @@ CASES = {
     "smollm3_sliding_bias": ("smollm3", dict(use_sliding_window=True, sliding_window=4,
                                              no_rope_layers=[1, 0, 0, 1], attention_bias=True,
                                              mlp_bias=True, tie_word_embeddings=False)),
+    "phi3": ("phi3", {}),  # fused qkv/gate_up, half-rotary heads, sliding window
+    # long factors: the prefills (10 positions) pass 8 positions as the whole sequences do
+    "phi3_longrope": ("phi3_longrope", {}),
+    # short factors (the sequences stay within 64 positions), attention factor of 128 / 64
+    "phi3_longrope_short": ("phi3_longrope", dict(original_max_position_embeddings=64)),
 }
 
 BATCH, LENGTH, PADS = 3, 13, (0, 4, 9)

@@ -155,7 +155,7 @@ def test_presets_match_published_parameter_counts():
       "head", {0}, False)
   gemma3 = model_presets.preset_config("gemma3-12b")
   assert gemma3.layer_windows == ((1024,) * 5 + (0,)) * 8  # 5 local : 1 global
-  assert set(gemma3.rope_layers()) == {(10000.0, False), (1e6, True)}
+  assert {(r.theta, r.scaled) for r in gemma3.rope_layers()} == {(10000.0, False), (1e6, True)}
   assert (gemma3.rope_type, gemma3.rope, gemma3.attn_logit_softcap) == (
       "linear", {"factor": 8.0}, 0.0)
   assert model_presets.preset_config("olmo2-7b").qk_norm == "projection"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -207,11 +207,14 @@ class PlainMLP(nnx.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str, float],
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str, Any],
                   max_position_embeddings: int, seq_len: jax.Array | None = None) -> jax.Array:
   """Inverse frequencies as HF computes them for each supported `rope_type`.
 
-  `dynamic` (NTK) depends on the longest position in the call, like HF's forward.
+  `head_dim`: the rotated dims (`ModelConfig.rotary_dim`: fewer than a head's under partial
+  rotary). `dynamic` (NTK) and `longrope` depend on the longest position in the call
+  (`seq_len`), like HF's forward: LongRoPE takes its long factors past
+  `original_max_position_embeddings`, its short ones up to it.
   """
   exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
   if rope_type == "dynamic":
@@ -220,6 +223,10 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str,
     base = theta * ((factor * seq / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
     return 1.0 / (base ** jnp.asarray(exponents, jnp.float32))
   inv = 1.0 / (theta ** exponents)
+  if rope_type == "longrope":
+    short = (inv / np.asarray(params["short_factor"])).astype(np.float32)
+    long = (inv / np.asarray(params["long_factor"])).astype(np.float32)
+    return jnp.where(seq_len > params["original_max_position_embeddings"], long, short)
   if rope_type == "linear":
     inv = inv / params["factor"]
   elif rope_type == "llama3":
@@ -236,20 +243,36 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str,
   return jnp.asarray(inv.astype(np.float32))
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables (B, T, head_dim) in float32, HF's `cat(freqs, freqs)` layout."""
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array,
+                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables (B, T, rotary dims) in float32, HF's `cat(freqs, freqs)` layout, times
+  `scale` (HF's `attention_scaling`: LongRoPE's attention factor, else 1)."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  return cos, sin
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x (B, T, H, D) with HF's rotate-half convention."""
+  """Rotates x (B, T, H, D) with HF's rotate-half convention. Tables narrower than D rotate
+  the first dims only (partial rotary, as HF's Phi-3); the rest pass through."""
+  rotary = cos.shape[-1]
+  if rotary < x.shape[-1]:
+    return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   cos = cos[:, :, None, :].astype(x.dtype)
   sin = sin[:, :, None, :].astype(x.dtype)
   return x * cos + rotated * sin
+
+
+def identity_rope(cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Tables shaped like (cos, sin) that rotate by nothing (cos 1, sin 0): `apply_rope` with
+  them returns exactly x. The row of the stacked per-layer tables that the layers without
+  RoPE (SmolLM3's NoPE layers) pick, so every layer takes one code path."""
+  return jnp.ones_like(cos), jnp.zeros_like(sin)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -1,4 +1,5 @@
-"""Architectures of the papers' base models, as their published HF `config.json` values.
+"""Architectures of the papers' base models (and a few others), as their published HF
+`config.json` values.
 
 Only the architecture is here (no weights, nothing downloaded): enough to build an
 abstract model for memory planning (`memdyn_jax.plan`). Values are copied from each
@@ -191,6 +192,45 @@ _OLMO2_7B = {
     "pad_token_id": 100277,
 }
 
+# microsoft/Phi-4-mini-instruct (not a paper's model: a planning preset of the phi3 family).
+# Values of its config.json (transformers 4.45.0) as a public test fixture quotes it in full
+# for a 4-bit MLX conversion (its quantisation fields dropped here); one LongRoPE factor per
+# rotated frequency (96 of 128 head dims: 48).
+_PHI4_MINI = {
+    "model_type": "phi3",
+    "vocab_size": 200064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.75,
+    "rope_scaling": {
+        "type": "longrope",
+        "long_factor": [
+            1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817,
+            2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687,
+            4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894,
+            8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252,
+            16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884,
+            32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97,
+            33.28, 33.49, 33.5, 44.16, 47.77],
+        "short_factor": [1.0] * 48,
+    },
+    "sliding_window": 262144,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 199999,
+    "eos_token_id": 200020,
+    "pad_token_id": 199999,
+}
+
 HF_CONFIGS: dict[str, dict[str, Any]] = {
     "llama3-8b": _LLAMA3_8B,
     "gemma2-9b": _GEMMA2_9B,
@@ -200,6 +240,7 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3-8b": _QWEN3_8B,
     "gemma3-12b": _GEMMA3_12B,
     "olmo2-7b": _OLMO2_7B,
+    "phi4-mini": _PHI4_MINI,
 }
 
 # Parameter counts the model cards / HF `num_parameters()` report: a check on the values.
@@ -210,7 +251,8 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
 # - gemma3-12b: the text decoder only; its non-embedding part, 10,759,151,616, is the Gemma 3
 #   technical report's 10,759M (Table 1; the 417M vision encoder is not counted), plus the
 #   tied 262,208 x 3,840 embedding;
-# - olmo2-7b: the card's "7B" (7.30B; q/k norms over the whole projections included).
+# - olmo2-7b: the card's "7B" (7.30B; q/k norms over the whole projections included);
+# - phi4-mini: the card's "3.8B" (see below).
 PUBLISHED_NUM_PARAMS: dict[str, int] = {
     "llama3-8b": 8_030_261_248,
     "gemma2-9b": 9_241_705_984,
@@ -220,6 +262,10 @@ PUBLISHED_NUM_PARAMS: dict[str, int] = {
     "qwen3-8b": 8_190_735_360,
     "gemma3-12b": 11_766_034_176,
     "olmo2-7b": 7_298_617_344,
+    # The model card says 3.8B; this is the count of the config above (tied embeddings
+    # 200064 x 3072, 32 layers of 100,669,440, the final norm), as HF's `num_parameters()`
+    # of `Phi3ForCausalLM` built from it (on the meta device) gives it.
+    "phi4-mini": 3_836_021_760,
 }
 
 # The hub ids of the presets' models: what a command's --model names (launch/ sizes their
@@ -232,6 +278,7 @@ HUB_IDS: dict[str, str] = {
     "EleutherAI/gpt-neo-2.7B": "gpt-neo-2.7b",
     "Qwen/Qwen3-8B": "qwen3-8b",
     "allenai/OLMo-2-1124-7B": "olmo2-7b",
+    "microsoft/Phi-4-mini-instruct": "phi4-mini",
     # (google/gemma-3-12b-pt is a multimodal "gemma3" checkpoint, which from_pretrained does
     # not read: gemma3-12b is for planning its text decoder only.)
 }

@@ -2,9 +2,9 @@
 
 Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling types,
 sliding/local windows shorter than the sequence, soft-capping, q/k norms (per head, per
-projection) and per-layer RoPE bases. The KV-cache path (prefill + one-token decode) must
-reproduce the same logits. The worst |logit difference| of each check is printed (`-s` or
-`-rP` shows it).
+projection), per-layer RoPE bases, layers without RoPE, partial rotary and fused HF
+projections. The KV-cache path (prefill + one-token decode) must reproduce the same logits.
+Each check prints its worst |logit difference| (`-s` or `-rP` shows it).
 """
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,10 @@ CASES = {
     # dynamic NTK only changes anything beyond max_position_embeddings
     "llama_dynamic_rope": ("llama", dict(max_position_embeddings=8,
                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    # HF's Llama reads LongRoPE too (the sequences pass the original 8 positions)
+    "llama_longrope": ("llama", dict(rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3],
+        "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 8})),
     "mistral_sliding": ("mistral", {}),
     "qwen2": ("qwen2", {}),
     "qwen2_sliding_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=4,
@@ -44,6 +48,16 @@ CASES = {
     "gemma3_text_softcap_mqa": ("gemma3_text", dict(attn_logit_softcapping=5.0,
                                                     final_logit_softcapping=3.0,
                                                     num_key_value_heads=1)),
+    "smollm3": ("smollm3", {}),  # NoPE on layers 1 and 3
+    # NoPE layers 1, 2 with (HF's default for use_sliding_window) windows; all biases.
+    "smollm3_sliding_bias": ("smollm3", dict(use_sliding_window=True, sliding_window=4,
+                                             no_rope_layers=[1, 0, 0, 1], attention_bias=True,
+                                             mlp_bias=True, tie_word_embeddings=False)),
+    "phi3": ("phi3", {}),  # fused qkv/gate_up, half-rotary heads, sliding window
+    # long factors: the prefills (10 positions) pass 8 positions as the whole sequences do
+    "phi3_longrope": ("phi3_longrope", {}),
+    # short factors (the sequences stay within 64 positions), attention factor of 128 / 64
+    "phi3_longrope_short": ("phi3_longrope", dict(original_max_position_embeddings=64)),
 }
 
 BATCH, LENGTH, PADS = 3, 13, (0, 4, 9)
@@ -65,6 +79,13 @@ def _worst(name, what, ours, ref, mask):
   worst = float(np.abs(ours - ref)[mask.astype(bool)].max())
   print(f"{name}: {what}: worst |logit diff| vs HF = {worst:.2e}")
   return worst
+
+
+def _rope_depends_on_batch_length(cfg) -> bool:
+  """Dynamic NTK and LongRoPE pick their frequencies by the batch's longest position (as HF
+  does), so a row alone may get other ones than in its batch."""
+  return cfg.rope_type == "dynamic" or (
+      cfg.rope_type == "longrope" and cfg.rope["original_max_position_embeddings"] < LENGTH)
 
 
 def _hf_logits(hf, ids, mask, positions):
@@ -90,8 +111,8 @@ def test_padding_never_changes_real_positions(case):
   b = np.asarray(model(jnp.asarray(garbage), jnp.asarray(mask)))
   real = mask.astype(bool)
   np.testing.assert_array_equal(a[real], b[real])
-  if cfg.rope_type == "dynamic":
-    return  # dynamic NTK depends on the batch's longest position, in HF as here
+  if _rope_depends_on_batch_length(cfg):
+    return
   # row 2 alone, unpadded, equals its padded version
   alone = np.asarray(model(jnp.asarray(ids[2:3, PADS[2]:])))
   np.testing.assert_allclose(alone[0], a[2, PADS[2]:], atol=1e-5)
@@ -237,3 +258,38 @@ def test_cache_layout_puts_slots_where_the_cache_attends_from():
   assert cache.axes("k")[-1] == cache.axes("v")[-2] == "length"
   with pytest.raises(ValueError, match="'k' or 'v'"):
     cache.axes("q")
+
+
+def test_partial_rotary_rotates_the_leading_dims_only():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  inv_freq = layers.rope_inv_freq(4, 100.0, "default", {}, 128)
+  cos, sin = layers.rope_cos_sin(positions, inv_freq)
+  assert cos.shape == (2, 5, 4)
+  out = layers.apply_rope(x, cos, sin)
+  np.testing.assert_array_equal(out[..., 4:], x[..., 4:])
+  np.testing.assert_array_equal(out[..., :4], layers.apply_rope(x[..., :4], cos, sin))
+  assert np.abs(np.asarray(out[..., :4] - x[..., :4])).max() > 0.1
+
+
+def test_a_layer_without_rope_gets_exactly_its_input():
+  """A layer without RoPE picks the identity row of the stacked tables (as `_run_blocks` picks
+  rows, by a traced index): its q/k come out bit for bit, also under partial rotary."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  for rotary in (8, 4):
+    rope = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                               layers.rope_inv_freq(rotary, 100.0, "default", {}, 128))
+    stacked = tuple(jnp.stack(t) for t in zip(rope, layers.identity_rope(*rope)))
+    rotate = jax.jit(lambda row: layers.apply_rope(x, *(t[row] for t in stacked)))
+    np.testing.assert_array_equal(rotate(1), x)
+    np.testing.assert_allclose(rotate(0), layers.apply_rope(x, *rope), atol=1e-6)
+    assert np.abs(np.asarray(rotate(0) - x)).max() > 0.1
+
+
+def test_longrope_takes_its_long_factors_past_the_original_length():
+  params = dict(short_factor=(1.0, 2.0), long_factor=(4.0, 8.0),
+                original_max_position_embeddings=16.0)
+  base = 1.0 / (100.0 ** (np.arange(0, 4, 2) / 4))
+  for seq_len, factors in ((16, (1.0, 2.0)), (17, (4.0, 8.0))):
+    inv = layers.rope_inv_freq(4, 100.0, "longrope", params, 64, jnp.int32(seq_len))
+    np.testing.assert_allclose(np.asarray(inv), base / np.asarray(factors), rtol=1e-6)

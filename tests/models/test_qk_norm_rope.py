@@ -12,6 +12,7 @@ from flax import nnx
 
 from memdyn_jax import models, testing
 from memdyn_jax.models import layers
+from memdyn_jax.models.config import LayerRope
 from memdyn_jax.plan import programs
 
 
@@ -81,12 +82,13 @@ def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_
 def test_gemma3_layer_types_give_per_layer_windows_and_ropes():
   cfg = models.from_hf_config(testing.hf_config("gemma3_text").to_dict())
   assert cfg.layer_windows == (5, 5, 5, 5, 5, 0)  # 5 local : 1 global
-  assert cfg.rope_layers() == ((20.0, False),) * 5 + ((10000.0, True),)
+  local, glob = LayerRope(20.0, False, True), LayerRope(10000.0, True, True)
+  assert cfg.rope_layers() == (local,) * 5 + (glob,)
   assert (cfg.rope_type, cfg.rope) == ("linear", {"factor": 4.0})
   assert cfg.attn_scale == 24 ** -0.5
   # The planner's 1- and 2-layer variants keep the per-layer data of their layers.
   two = programs.layer_variant(cfg, 2)
-  assert two.layer_windows == (5, 5) and two.rope_layers() == ((20.0, False),) * 2
+  assert two.layer_windows == (5, 5) and two.rope_layers() == (local,) * 2
   with pytest.raises(ValueError, match="layer_rope_thetas"):
     dataclasses.replace(cfg, num_layers=7).rope_layers()
 

@@ -19,7 +19,7 @@ def _run_worker(checkpoint_dir):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "olmo2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "olmo2", "phi3"])  # phi3: fused HF tensors
 def test_2x2x2_mesh_places_params_by_rules_and_matches_one_device(name, tmp_path):
   src = testing.save_tiny_hf_model(name, str(tmp_path / name), num_key_value_heads=2,
                                    vocab_size=212)  # even: the vocab axis splits over tensor=2

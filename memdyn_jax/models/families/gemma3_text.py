@@ -13,7 +13,6 @@ changes nothing here either (tests/models/test_parity.py sets it and matches HF)
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 from memdyn_jax.models.config import rope_fields, unsupported
@@ -43,7 +42,7 @@ def config_fields(hf, raw) -> dict[str, Any]:
                       "local layers rotate unscaled")
   if local.get("partial_rotary_factor", 1.0) != 1.0:
     raise unsupported("partial_rotary_factor", local["partial_rotary_factor"], "only 1.0")
-  rope = rope_fields(types.SimpleNamespace(rope_parameters=ropes["full_attention"]), {})
+  rope = rope_fields(hf, raw, params=ropes["full_attention"])
   thetas = tuple(float(local["rope_theta"]) if t == "sliding_attention" else rope["rope_theta"]
                  for t in layer_types)
   return dict(gemma2.config_fields(hf, raw, rope=rope),

@@ -56,5 +56,20 @@ def main():
   print(json.dumps(out, default=str))
 
 
+def presets(*names):
+  """The train step of each named preset, compiled as `plan_scale --model=<name>` compiles
+  it (fsdp=8, remat=full, mixed precision): its parameter count and per-device total."""
+  assert jax.device_count() == 8, jax.devices()
+  out = {}
+  for name in names:
+    r = plan.plan_scale(name, (1, 8, 1), 8, 128, remat="full", sampling=False)
+    out[name] = dict(num_params=r.num_params, param_bytes=r.param_bytes,
+                     total_bytes=r.total_bytes, fits=r.fits)
+  print(json.dumps(out))
+
+
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  if sys.argv[1:2] == ["presets"]:
+    presets(*sys.argv[2:])
+  else:
+    main(*sys.argv[1:])

@@ -330,10 +330,10 @@ def test_bad_inputs_give_one_line_error(args, needle, tiny_run, bad_runs, tmp_pa
 def test_a_base_of_an_unsupported_architecture_is_refused_when_parsed(tmp_path):
   """--base naming an HF directory of an architecture the models do not implement fails
   when the flag is read, naming it, before any checkpoint is opened."""
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
   with pytest.raises(merged_run.MergeInputError) as e:
     merged_run.parse_base(str(tmp_path))
-  assert e.value.field == "base" and "'qwen3' is not supported" in e.value.message
+  assert e.value.field == "base" and "'mamba' is not supported" in e.value.message
 
 
 def test_merge_requests_record_every_default_resolved(tmp_path):

@@ -150,11 +150,39 @@ def test_presets_match_published_parameter_counts():
   assert gemma.attn_logit_softcap == 50.0 and gemma.final_logit_softcap == 30.0
   assert set(gemma.layer_windows) == {0, 4096}
   assert set(model_presets.preset_config("qwen2.5-7b").layer_windows) == {0}  # no sliding
+  qwen3 = model_presets.preset_config("qwen3-8b")
+  assert (qwen3.qk_norm, set(qwen3.layer_windows), qwen3.tie_word_embeddings) == (
+      "head", {0}, False)
+  gemma3 = model_presets.preset_config("gemma3-12b")
+  assert gemma3.layer_windows == ((1024,) * 5 + (0,)) * 8  # 5 local : 1 global
+  assert {(r.theta, r.scaled) for r in gemma3.rope_layers()} == {(10000.0, False), (1e6, True)}
+  assert (gemma3.rope_type, gemma3.rope, gemma3.attn_logit_softcap) == (
+      "linear", {"factor": 8.0}, 0.0)
+  assert model_presets.preset_config("olmo2-7b").qk_norm == "projection"
   hf = model_presets.preset_hf_config("llama3-8b")
   hf["vocab_size"] = 1  # a copy: the preset is unchanged
   assert model_presets.preset_hf_config("llama3-8b")["vocab_size"] == 128256
   with pytest.raises(ValueError, match="unknown model preset"):
     model_presets.preset_config("llama-9000")
+
+
+NEW_PRESETS = ("qwen3-8b", "gemma3-12b", "olmo2-7b")
+
+
+def test_plan_scale_compiles_the_qk_norm_presets():
+  """`plan_scale --model=<preset>` for the families with q/k norms and per-layer RoPE: the
+  train step compiles at full size on 8 fake devices, parameters sharded over fsdp."""
+  proc = subprocess.run([sys.executable, os.path.join(_HERE, "plan_scale_worker.py"),
+                         "presets", *NEW_PRESETS], env=_ENV, capture_output=True, text=True,
+                        timeout=900, cwd=_ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  plans = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name in NEW_PRESETS:
+    r = plans[name]
+    assert r["num_params"] == model_presets.PUBLISHED_NUM_PARAMS[name], name
+    # float32 master weights over 8 devices (norm scales, replicated, add a little)
+    assert 4 * r["num_params"] / 8 <= r["param_bytes"] < 1.01 * 4 * r["num_params"] / 8
+    assert r["total_bytes"] > 3 * r["param_bytes"] and r["fits"], (name, r)
 
 
 def test_lever_space_and_lower_bound():

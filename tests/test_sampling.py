@@ -29,7 +29,7 @@ PROMPTS = ["Question: How many apples are left?\nAnswer:", "Q: one?\nAnswer:",
            "Weng earns $12 an hour for babysitting.\nAnswer:"]
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma2", "gpt_neo"])
+@pytest.fixture(scope="module", params=["llama", "gemma2", "gpt_neo", "smollm3", "phi3"])
 def family(request, tmp_path_factory):
   return testing.hf_and_jax_model(request.param, tmp_path_factory.mktemp(request.param))
 

@@ -2,7 +2,8 @@
 
 One regex key map per family (as Tunix does), declared in the family's module
 (`registry.Family.key_rules`): each entry ties an HF tensor name (with `{i}` for the layer
-index) to one of our parameter paths and a layout transform; the code here is generic.
+index) to one of our parameter paths and a layout transform, or to rows of a fused HF
+tensor (split on load, concatenated on save); the code here is generic.
 The generic loader streams tensor by tensor straight into each parameter's target
 sharding: a device shard is assembled from memory-mapped safetensors slices, so host RAM
 holds one HF tensor and one stacked shard at a time, never the model.
@@ -156,7 +157,13 @@ class CheckpointReader:
 # ----------------------------------------------------------------------------- layouts
 
 
-def _to_ours(hf: np.ndarray, rule: KeyRule, layer_shape: tuple[int, ...]) -> np.ndarray:
+def _to_ours(hf: np.ndarray, rule: KeyRule, layer_shape: tuple[int, ...],
+             name: str | None = None) -> np.ndarray:
+  if rule.fused:  # our part of a fused tensor: a view of its rows
+    if hf.shape[0] != sum(rule.fused):
+      raise ValueError(f"tensor {name or rule.hf}: {hf.shape[0]} rows, but the config fuses "
+                       f"{' + '.join(map(str, rule.fused))} there (config mismatch?)")
+    hf = hf[rule.rows]
   if rule.transform == LINEAR:
     hf = hf.T
   if tuple(hf.shape) != layer_shape and math.prod(hf.shape) != math.prod(layer_shape):
@@ -272,12 +279,13 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
   ignored = _ignored(cfg)
   unexpected = []
   for name in reader.keys():
-    for rule, pat in patterns:
+    matched = False
+    for rule, pat in patterns:  # a fused tensor is claimed by the rule of each of its parts
       m = pat.match(name)
       if m:
         claimed[rule.ours][int(m.group(1)) if rule.stacked else None] = name
-        break
-    else:
+        matched = True
+    if not matched:
       if name == "lm_head.weight" and cfg.tie_word_embeddings:
         continue
       if not any(p.match(name) for p in ignored):
@@ -314,11 +322,11 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
         return shard_cache[idx]
       if rule.stacked:
         (l0, l1), rest = idx[0], idx[1:]
-        parts = [_to_ours(reader.get(names[layer]), rule, layer_shape)[
+        parts = [_to_ours(reader.get(names[layer]), rule, layer_shape, names[layer])[
             tuple(slice(a, b) for a, b in rest)].astype(np_dtype) for layer in range(l0, l1)]
         out = np.stack(parts)
       else:
-        out = _to_ours(reader.get(names[None]), rule, layer_shape)[
+        out = _to_ours(reader.get(names[None]), rule, layer_shape, names[None])[
             tuple(slice(a, b) for a, b in idx)].astype(np_dtype)
       shard_cache[idx] = out
       return out
@@ -346,23 +354,39 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
                     dtype=None) -> None:
   """Writes `config.json` + safetensors (sharded with an index past `max_shard_bytes`)
   that `transformers.AutoModelForCausalLM.from_pretrained` loads. Parameters are gathered
-  and written one at a time; only process 0 writes."""
+  and written one at a time (the parts of a fused HF tensor together); only process 0
+  writes."""
   state = nnx.state(model, nnx.Param)
   flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
   rules = key_rules(config)
   out_dtype = np.dtype(dtype) if dtype is not None else None
-  specs = []  # (hf name, hf shape, dtype, param key, rule, layer)
   for rule in rules:
     if rule.ours not in flat:
       raise ValueError(f"model has no parameter {rule.ours} for HF tensor {rule.hf}")
-    var = flat[rule.ours]
-    arr_dtype = out_dtype or np.dtype(var[...].dtype)
-    shape = tuple(var[...].shape)
-    layers = range(shape[0]) if rule.stacked else [None]
-    layer_shape = shape[1:] if rule.stacked else shape
+  # HF tensor -> the rules of its parts: one each, or every part of a fused tensor in order.
+  parts_of: dict[str, list[KeyRule]] = {}
+  for rule in rules:
+    parts_of.setdefault(rule.hf, []).append(rule)
+  specs = []  # (hf name, hf shape, dtype, [(param key, rule, layer) per part])
+  for hf_name, parts in parts_of.items():
+    parts.sort(key=lambda r: r.part)
+    fused = parts[0].fused
+    if [r.part for r in parts] != list(range(len(fused) or 1)):
+      raise ValueError(f"HF tensor {hf_name}: key rules for parts {[r.part for r in parts]} "
+                       f"of a tensor fusing {len(fused) or 1}")
+    hf_shapes = []
+    for r in parts:
+      shape = tuple(flat[r.ours][...].shape)
+      hf_shapes.append(_hf_shape(shape[1:] if r.stacked else shape, r))
+      if fused and hf_shapes[-1][0] != fused[r.part]:
+        raise ValueError(f"parameter {r.ours} {shape} is not the {fused[r.part]} rows of "
+                         f"{hf_name} its key rule says (model/key-map mismatch)")
+    arr_dtype = out_dtype or np.dtype(flat[parts[0].ours][...].dtype)
+    hf_shape = (sum(fused),) + hf_shapes[0][1:] if fused else hf_shapes[0]
+    layers = range(flat[parts[0].ours][...].shape[0]) if parts[0].stacked else [None]
     for layer in layers:
-      name = rule.hf.format(i=layer) if rule.stacked else rule.hf
-      specs.append((name, _hf_shape(layer_shape, rule), arr_dtype, rule.ours, rule, layer))
+      name = hf_name.format(i=layer) if parts[0].stacked else hf_name
+      specs.append((name, hf_shape, arr_dtype, [(r.ours, r, layer) for r in parts]))
 
   # Group tensors of one parameter together so each is gathered once.
   files: list[list[tuple]] = [[]]
@@ -384,12 +408,16 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
     by_name = {s[0]: s for s in group}
 
     def produce(name, by_name=by_name):
-      _, _, arr_dtype, key, rule, layer = by_name[name]
-      if key not in cache:
-        cache.clear()  # one parameter on the host at a time
-        cache[key] = _gather(flat[key][...])
-      full = cache[key]
-      return _to_hf(full[layer] if layer is not None else full, rule).astype(arr_dtype)
+      _, _, arr_dtype, sources = by_name[name]
+      keys = [key for key, _, _ in sources]
+      if set(keys) != set(cache):  # on the host: the parameters of one HF tensor at a time
+        held = {key: cache[key] if key in cache else _gather(flat[key][...]) for key in keys}
+        cache.clear()
+        cache.update(held)
+      tensors = [_to_hf(cache[key][layer] if layer is not None else cache[key], rule)
+                 for key, rule, layer in sources]
+      hf = tensors[0] if len(tensors) == 1 else np.concatenate(tensors, axis=0)
+      return hf.astype(arr_dtype)
 
     if is_writer:
       write_safetensors(os.path.join(out_dir, fname), specs=[(s[0], s[1], s[2]) for s in group],

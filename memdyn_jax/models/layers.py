@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from flax import nnx
 
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import splash
+from memdyn_jax.models.config import QK_NORMS, RMS_NORM_STYLES
 
 Initializer = Callable[..., jax.Array]
 _NEG_INF = -1e30  # finite so fully-masked (padding) rows stay NaN-free
@@ -49,23 +50,47 @@ def ones_init(key, shape, dtype):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm computed in float32. `offset=1` gives Gemma's `x * (1 + w)`."""
+  """RMSNorm computed in float32. `offset=1` gives Gemma's `x * (1 + w)`.
 
-  def __init__(self, dim: int, eps: float, *, offset: float = 0.0, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  `shape` (an int or a tuple): the trailing axes normalised together, and the weight's
+  shape (`axes` its logical axes). `upcast_weight`: multiply by the weight in float32 and
+  cast after (Gemma, OLMo 2), rather than cast the normalised activations back first
+  (Llama); default: with an offset. `rms_norm` builds the three styles by name.
+  """
+
+  def __init__(self, shape: int | Sequence[int], eps: float, *, offset: float = 0.0,
+               upcast_weight: bool | None = None, axes: Sequence[str | None] = ("norm",),
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     self.eps = eps
     self.offset = offset
+    self.upcast_weight = bool(offset) if upcast_weight is None else upcast_weight
+    self.reduce_axes = tuple(range(-len(shape), 0))
     init = zeros_init if offset else ones_init
-    self.scale = make_param(rngs, init, (dim,), ("norm",), param_dtype)
+    self.scale = make_param(rngs, init, shape, axes, param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    if self.offset:  # Gemma multiplies in float32, then casts
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=self.reduce_axes, keepdims=True)
+                              + self.eps)
+    if self.upcast_weight:  # Gemma and OLMo 2 multiply in float32, then cast
       return (x32 * (self.offset + self.scale[...].astype(jnp.float32))).astype(dtype)
     # Llama casts the normalised activations back before the weight multiply.
     return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+# RMSNorm(offset, upcast_weight) of each style in `config.RMS_NORM_STYLES`.
+_RMS_NORM_STYLE_ARGS = {"llama": dict(offset=0.0, upcast_weight=False),
+                        "olmo": dict(offset=0.0, upcast_weight=True),
+                        "gemma": dict(offset=1.0, upcast_weight=True)}
+
+
+def rms_norm(style: str, shape: int | Sequence[int], eps: float, **kwargs) -> RMSNorm:
+  """An `RMSNorm` of `style`, one of `config.RMS_NORM_STYLES` ("llama", "olmo", "gemma")."""
+  if style not in RMS_NORM_STYLES:
+    raise ValueError(f"RMSNorm style {style!r} not in {RMS_NORM_STYLES}")
+  return RMSNorm(shape, eps, **_RMS_NORM_STYLE_ARGS[style], **kwargs)
 
 
 class LayerNorm(nnx.Module):
@@ -182,11 +207,14 @@ class PlainMLP(nnx.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str, float],
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str, Any],
                   max_position_embeddings: int, seq_len: jax.Array | None = None) -> jax.Array:
   """Inverse frequencies as HF computes them for each supported `rope_type`.
 
-  `dynamic` (NTK) depends on the longest position in the call, like HF's forward.
+  `head_dim`: the rotated dims (`ModelConfig.rotary_dim`: fewer than a head's under partial
+  rotary). `dynamic` (NTK) and `longrope` depend on the longest position in the call
+  (`seq_len`), like HF's forward: LongRoPE takes its long factors past
+  `original_max_position_embeddings`, its short ones up to it.
   """
   exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
   if rope_type == "dynamic":
@@ -195,6 +223,10 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str,
     base = theta * ((factor * seq / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
     return 1.0 / (base ** jnp.asarray(exponents, jnp.float32))
   inv = 1.0 / (theta ** exponents)
+  if rope_type == "longrope":
+    short = (inv / np.asarray(params["short_factor"])).astype(np.float32)
+    long = (inv / np.asarray(params["long_factor"])).astype(np.float32)
+    return jnp.where(seq_len > params["original_max_position_embeddings"], long, short)
   if rope_type == "linear":
     inv = inv / params["factor"]
   elif rope_type == "llama3":
@@ -211,20 +243,36 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str, params: dict[str,
   return jnp.asarray(inv.astype(np.float32))
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables (B, T, head_dim) in float32, HF's `cat(freqs, freqs)` layout."""
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array,
+                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables (B, T, rotary dims) in float32, HF's `cat(freqs, freqs)` layout, times
+  `scale` (HF's `attention_scaling`: LongRoPE's attention factor, else 1)."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  return cos, sin
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x (B, T, H, D) with HF's rotate-half convention."""
+  """Rotates x (B, T, H, D) with HF's rotate-half convention. Tables narrower than D rotate
+  the first dims only (partial rotary, as HF's Phi-3); the rest pass through."""
+  rotary = cos.shape[-1]
+  if rotary < x.shape[-1]:
+    return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   cos = cos[:, :, None, :].astype(x.dtype)
   sin = sin[:, :, None, :].astype(x.dtype)
   return x * cos + rotated * sin
+
+
+def identity_rope(cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Tables shaped like (cos, sin) that rotate by nothing (cos 1, sin 0): `apply_rope` with
+  them returns exactly x. The row of the stacked per-layer tables that the layers without
+  RoPE (SmolLM3's NoPE layers) pick, so every layer takes one code path."""
+  return jnp.ones_like(cos), jnp.zeros_like(sin)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -412,11 +460,20 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, 
 
 
 class Attention(nnx.Module):
-  """Multi-head / grouped-query self-attention with optional RoPE, biases and softcap."""
+  """Multi-head / grouped-query self-attention with optional RoPE, biases and softcap.
+
+  `qk_norm` (`QK_NORMS`) normalises q and k before RoPE with an RMSNorm of `qk_norm_style`
+  (`rms_norm`): "head" over each head's head_dim, one (head_dim,) weight shared by
+  the heads (Qwen3, Gemma 3); "projection" over the whole projection, all heads at once,
+  with a (heads, head_dim) weight sharded like the projection (OLMo 2).
+  """
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               qkv_bias: bool, out_bias: bool, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+               qkv_bias: bool, out_bias: bool, qk_norm: str = "none",
+               qk_norm_style: str = "llama", norm_eps: float = 1e-6, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    if qk_norm not in QK_NORMS:
+      raise ValueError(f"qk_norm {qk_norm!r} not in {QK_NORMS}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Dense((hidden, num_heads, head_dim), ("embed", "heads", "head_dim"),
                         use_bias=qkv_bias, **kw)
@@ -426,6 +483,17 @@ class Attention(nnx.Module):
                         use_bias=qkv_bias, **kw)
     self.o_proj = Dense((num_heads, head_dim, hidden), ("heads", "head_dim", "embed"), n_in=2,
                         use_bias=out_bias, **kw)
+
+    def qk_norm_of(heads, heads_axis):
+      if qk_norm == "none":
+        return None
+      shape, axes = (((head_dim,), ("norm",)) if qk_norm == "head" else
+                     ((heads, head_dim), (heads_axis, "head_dim")))
+      return rms_norm(qk_norm_style, shape, norm_eps, axes=axes, param_dtype=param_dtype,
+                      rngs=rngs)
+
+    self.q_norm = qk_norm_of(num_heads, "heads")
+    self.k_norm = qk_norm_of(num_kv_heads, "kv_heads")
 
   def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None,
                layer_cache: tuple[jax.Array, jax.Array, jax.Array] | None, write_index: jax.Array,
@@ -443,6 +511,8 @@ class Attention(nnx.Module):
     `window` is this layer's (traced) window, `layer_windows` the config's (see `attention`).
     """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if layer_cache is not None:

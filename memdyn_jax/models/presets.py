@@ -1,4 +1,5 @@
-"""Architectures of the papers' base models, as their published HF `config.json` values.
+"""Architectures of the papers' base models (and a few others), as their published HF
+`config.json` values.
 
 Only the architecture is here (no weights, nothing downloaded): enough to build an
 abstract model for memory planning (`memdyn_jax.plan`). Values are copied from each
@@ -118,21 +119,153 @@ _GPT_NEO_27B = {
     "eos_token_id": 50256,
 }
 
+# Qwen/Qwen3-8B
+_QWEN3_8B = {
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "max_window_layers": 36,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
+# google/gemma-3-12b-pt: the `text_config` of its config.json (model_type "gemma3", a
+# multimodal checkpoint: the SigLIP vision tower and projector are not modelled here), with
+# the top-level token ids.
+_GEMMA3_12B = {
+    "model_type": "gemma3_text",
+    "vocab_size": 262208,
+    "hidden_size": 3840,
+    "intermediate_size": 15360,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 1024,
+    "sliding_window_pattern": 6,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+# allenai/OLMo-2-1124-7B
+_OLMO2_7B = {
+    "model_type": "olmo2",
+    "vocab_size": 100352,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 500000,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "eos_token_id": 100257,
+    "pad_token_id": 100277,
+}
+
+# microsoft/Phi-4-mini-instruct (not a paper's model: a planning preset of the phi3 family).
+# Values of its config.json (transformers 4.45.0) as a public test fixture quotes it in full
+# for a 4-bit MLX conversion (its quantisation fields dropped here); one LongRoPE factor per
+# rotated frequency (96 of 128 head dims: 48).
+_PHI4_MINI = {
+    "model_type": "phi3",
+    "vocab_size": 200064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.75,
+    "rope_scaling": {
+        "type": "longrope",
+        "long_factor": [
+            1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817,
+            2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687,
+            4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894,
+            8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252,
+            16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884,
+            32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97,
+            33.28, 33.49, 33.5, 44.16, 47.77],
+        "short_factor": [1.0] * 48,
+    },
+    "sliding_window": 262144,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 199999,
+    "eos_token_id": 200020,
+    "pad_token_id": 199999,
+}
+
 HF_CONFIGS: dict[str, dict[str, Any]] = {
     "llama3-8b": _LLAMA3_8B,
     "gemma2-9b": _GEMMA2_9B,
     "deepseek-math-7b": _DEEPSEEK_MATH_7B,
     "qwen2.5-7b": _QWEN25_7B,
     "gpt-neo-2.7b": _GPT_NEO_27B,
+    "qwen3-8b": _QWEN3_8B,
+    "gemma3-12b": _GEMMA3_12B,
+    "olmo2-7b": _OLMO2_7B,
+    "phi4-mini": _PHI4_MINI,
 }
 
 # Parameter counts the model cards / HF `num_parameters()` report: a check on the values.
+# The newer cards give rounded sizes only, so their counts are computed from the config
+# above (every weight matrix, norm and embedding), checked against what was published:
+# - qwen3-8b: the card's "8.2B, non-embedding 6.95B" (6,946,075,648 + 2 x 622,329,856
+#   untied embedding / LM head);
+# - gemma3-12b: the text decoder only; its non-embedding part, 10,759,151,616, is the Gemma 3
+#   technical report's 10,759M (Table 1; the 417M vision encoder is not counted), plus the
+#   tied 262,208 x 3,840 embedding;
+# - olmo2-7b: the card's "7B" (7.30B; q/k norms over the whole projections included);
+# - phi4-mini: the card's "3.8B" (see below).
 PUBLISHED_NUM_PARAMS: dict[str, int] = {
     "llama3-8b": 8_030_261_248,
     "gemma2-9b": 9_241_705_984,
     "deepseek-math-7b": 6_910_365_696,
     "qwen2.5-7b": 7_615_616_512,
     "gpt-neo-2.7b": 2_651_307_520,
+    "qwen3-8b": 8_190_735_360,
+    "gemma3-12b": 11_766_034_176,
+    "olmo2-7b": 7_298_617_344,
+    # The model card says 3.8B; this is the count of the config above (tied embeddings
+    # 200064 x 3072, 32 layers of 100,669,440, the final norm), as HF's `num_parameters()`
+    # of `Phi3ForCausalLM` built from it (on the meta device) gives it.
+    "phi4-mini": 3_836_021_760,
 }
 
 # The hub ids of the presets' models: what a command's --model names (launch/ sizes their
@@ -143,6 +276,11 @@ HUB_IDS: dict[str, str] = {
     "deepseek-ai/deepseek-math-7b-base": "deepseek-math-7b",
     "Qwen/Qwen2.5-7B": "qwen2.5-7b",
     "EleutherAI/gpt-neo-2.7B": "gpt-neo-2.7b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+    "allenai/OLMo-2-1124-7B": "olmo2-7b",
+    "microsoft/Phi-4-mini-instruct": "phi4-mini",
+    # (google/gemma-3-12b-pt is a multimodal "gemma3" checkpoint, which from_pretrained does
+    # not read: gemma3-12b is for planning its text decoder only.)
 }
 
 

@@ -13,7 +13,8 @@ level, `FAMILY = Family(...)`:
   does not implement raises `config.unsupported(field, ...)`;
 - `key_rules(cfg)`: one `KeyRule` per parameter, HF tensor name (`{i}` = layer) <-> our
   parameter path and layout (Tunix's per-family `params.py` regex map), read by
-  `hf_io.from_pretrained` and `save_pretrained`;
+  `hf_io.from_pretrained` and `save_pretrained`; an HF tensor fusing several parameters
+  (Phi-3's `qkv_proj`) has one rule per part (`KeyRule.fused`);
 - `model_class`: the NNX `transformer.CausalLM` subclass (its block, final norm, embedding);
 - `ignored_keys`: regexes of HF tensors that carry no parameter (old checkpoints' buffers);
 - `tiny_configs`: tiny HF configs (name -> kwargs; `model_type` defaults to the name) that
@@ -59,6 +60,18 @@ class KeyRule:
   ours: str  # our parameter path, dot-separated ("blocks.…" params are stacked over layers)
   transform: str = SAME  # SAME: as is; FLAT: HF 1-D; LINEAR: HF (out, in) -> our (in…, out…)
   n_in: int = 1  # LINEAR: how many of our leading (per-layer) axes are input axes
+  # A fused HF tensor (Phi-3's qkv_proj, gate_up_proj) holds several of our parameters one
+  # after another along its first axis: `fused` is each one's length there, in order, and
+  # `part` which one this rule's parameter is. Split on load, concatenated on save.
+  fused: tuple[int, ...] = ()
+  part: int = 0
+
+  @property
+  def rows(self) -> slice:
+    """The rows of the (fused) HF tensor that are this rule's parameter."""
+    if not self.fused:
+      return slice(None)
+    return slice(sum(self.fused[:self.part]), sum(self.fused[:self.part + 1]))
 
   @property
   def pattern(self) -> re.Pattern:

@@ -11,8 +11,10 @@ Conventions (those of HF `generate` with left padding):
 
 Blocks are stored stacked (leading `layers` axis) and run with `lax.scan`: one compiled
 block regardless of depth (shallow stacks are unrolled: FULL_UNROLL_MAX_LAYERS), and a
-per-layer attention window (`ModelConfig.layer_windows`) scanned alongside, so alternating
-local/global layers need no second code path. The KV cache rides in the scan carry.
+per-layer attention window (`ModelConfig.layer_windows`) and RoPE
+(`ModelConfig.rope_layers`: Gemma 3's local and global bases, SmolLM3's layers without RoPE)
+scanned alongside, so alternating local/global layers need no second code path. The KV
+cache rides in the scan carry.
 """
 from __future__ import annotations
 
@@ -166,13 +168,44 @@ class CausalLM(nnx.Module):
 
   # -- shared machinery -------------------------------------------------------------
   def rope_tables(self, positions: jax.Array):
+    """cos/sin tables (B, T, rotary_dim) of the one RoPE every layer rotates with, or None
+    without RoPE. Otherwise (`layer_rope_rows`: Gemma 3's local and global bases, SmolLM3's
+    layers without RoPE) stacked (R, B, T, rotary_dim): one table per `rope_variants` entry,
+    in its order, then an identity table (cos 1, sin 0) if some layers do not rotate."""
     cfg = self.cfg
-    if cfg.rope_type == "none":
+    variants = self.rope_variants
+    if not variants:
       return None
-    seq_len = jnp.max(positions) + 1 if cfg.rope_type == "dynamic" else None
-    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope,
-                                    cfg.max_position_embeddings, seq_len)
-    return layers.rope_cos_sin(positions, inv_freq)
+    seq_len = jnp.max(positions) + 1 if cfg.rope_type in ("dynamic", "longrope") else None
+    tables = []
+    for theta, scaled in variants:
+      rope_type, params = (cfg.rope_type, cfg.rope) if scaled else ("default", {})
+      inv_freq = layers.rope_inv_freq(cfg.rotary_dim, theta, rope_type, params,
+                                      cfg.max_position_embeddings, seq_len)
+      tables.append(layers.rope_cos_sin(positions, inv_freq, params.get("attention_factor", 1.0)))
+    rows = self.layer_rope_rows()
+    if rows is None:
+      return tables[0]
+    if len(variants) in rows:  # the identity row, for the layers without RoPE
+      tables.append(layers.identity_rope(*tables[0]))
+    return tuple(jnp.stack(t) for t in zip(*tables))
+
+  @property
+  def rope_variants(self) -> tuple[tuple[float, bool], ...]:
+    """The distinct (theta, scaled) RoPEs of the layers that rotate (`ModelConfig.rope_layers`),
+    sorted: one cos/sin table each."""
+    return tuple(sorted({(r.theta, r.scaled) for r in self.cfg.rope_layers() if r.uses_rope}))
+
+  def layer_rope_rows(self) -> tuple[int, ...] | None:
+    """Each layer's row of the stacked `rope_tables`: its RoPE's index in `rope_variants`, or
+    for a layer without RoPE the identity row after them. None where no layer needs a row
+    of its own: every layer rotates with one RoPE, or none rotates."""
+    variants = self.rope_variants
+    ropes = self.cfg.rope_layers()
+    if not variants or (len(variants) == 1 and all(r.uses_rope for r in ropes)):
+      return None
+    return tuple(variants.index((r.theta, r.scaled)) if r.uses_rope else len(variants)
+                 for r in ropes)
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     h = self.final_norm(h)
@@ -193,6 +226,10 @@ class CausalLM(nnx.Module):
     cfg = self.cfg
     graphdef, block_state = nnx.split(self.blocks)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    # Per-layer RoPE is scanned data, like the windows: each layer picks its row of the
+    # stacked tables (none to pick with one RoPE for all).
+    rows = self.layer_rope_rows()
+    rope_rows = jnp.asarray(rows if rows is not None else (0,) * cfg.num_layers, jnp.int32)
     attn_kwargs = dict(scale=attn_scale(cfg), softcap=cfg.attn_logit_softcap,
                        impl=self.attention_impl, layer_windows=cfg.layer_windows)
     write_index = cache.index if cache is not None else jnp.int32(0)
@@ -201,10 +238,11 @@ class CausalLM(nnx.Module):
     # per-layer slices stacked back as scan outputs).
     def body(carry, xs):
       h, kv_all = carry
-      state, window, layer = xs
+      state, window, layer, rope_row = xs
       block = nnx.merge(graphdef, state)
       layer_cache = None if kv_all is None else (*kv_all, layer)
-      h, kv = block(h, rope=rope, layer_cache=layer_cache, write_index=write_index,
+      layer_rope = rope if rows is None else tuple(t[rope_row] for t in rope)
+      h, kv = block(h, rope=layer_rope, layer_cache=layer_cache, write_index=write_index,
                     q_slots=q_slots, k_slots=k_slots, key_valid=key_valid, window=window,
                     **attn_kwargs)
       if kv_all is None:
@@ -223,7 +261,7 @@ class CausalLM(nnx.Module):
             lambda x: jax.lax.dynamic_index_in_dim(x, layer_ids[layer], keepdims=False),
             block_state)
         (h, (k, v)), _ = body((h, (cache.k[layer], cache.v[layer])),
-                              (state, windows[layer], None))
+                              (state, windows[layer], None, rope_rows[layer]))
         new_k.append(k)
         new_v.append(v)
       return h, (tuple(new_k), tuple(new_v))
@@ -231,9 +269,9 @@ class CausalLM(nnx.Module):
     kv_all = (cache.k, cache.v) if cache is not None else None
     # Remat keeps the scan: the point is bounded memory, which the loop structure gives.
     unroll = cfg.num_layers if self.unrolled_layers else 1
-    (h, new_kv), fresh_kv = jax.lax.scan(body, (h, kv_all),
-                                         (block_state, windows, jnp.arange(cfg.num_layers)),
-                                         unroll=unroll)
+    (h, new_kv), fresh_kv = jax.lax.scan(
+        body, (h, kv_all), (block_state, windows, jnp.arange(cfg.num_layers), rope_rows),
+        unroll=unroll)
     return h, (fresh_kv if collect_kv else new_kv)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -356,4 +394,5 @@ class CausalLM(nnx.Module):
 def attn_block_kwargs(cfg: ModelConfig, dtype, param_dtype) -> dict[str, Any]:
   return dict(hidden=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               head_dim=cfg.head_dim, qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+              qk_norm=cfg.qk_norm, qk_norm_style=cfg.qk_norm_style, norm_eps=cfg.norm_eps,
               dtype=dtype, param_dtype=param_dtype)

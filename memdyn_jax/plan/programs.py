@@ -179,9 +179,13 @@ def depth_extrapolated(one: Cost, two: Cost, num_layers: int) -> Cost:
 
 
 def layer_variant(cfg: ModelConfig, num_layers: int) -> ModelConfig:
-  """`cfg` with its first `num_layers` layers (their windows kept)."""
-  return dataclasses.replace(cfg, num_layers=num_layers,
-                             layer_windows=tuple(cfg.layer_windows[:num_layers]))
+  """`cfg` with its first `num_layers` layers (their per-layer data kept: every `layer_…`
+  tuple of the config, the windows and RoPE bases)."""
+  per_layer = {f.name: tuple(getattr(cfg, f.name)[:num_layers])
+               for f in dataclasses.fields(cfg)
+               if f.name.startswith("layer_") and isinstance(getattr(cfg, f.name), tuple)
+               and len(getattr(cfg, f.name)) == cfg.num_layers}
+  return dataclasses.replace(cfg, num_layers=num_layers, **per_layer)
 
 
 def _compile(mesh: Mesh, lower):

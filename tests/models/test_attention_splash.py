@@ -219,10 +219,12 @@ def _model_pair(name, **overrides):
   return cfg, ref, fused
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "olmo2", "gemma3_text", "smollm3", "phi3"])
 def test_splash_model_logits_match_reference(name):
   """llama: GQA; gemma2: soft-capping, query_pre_attn_scalar, sliding/global layers (one
-  kernel per window, switched per layer). Left-padded batch."""
+  kernel per window, switched per layer); olmo2: q/k norms over the whole projection;
+  gemma3_text: per-head q/k norms and a RoPE per layer type; smollm3: layers without RoPE;
+  phi3: partial rotary, a window on every layer. Left-padded batch."""
   cfg, ref_model, splash_model = _model_pair(name)
   ids, mask, _ = testing.left_padded_batch(cfg.vocab_size, 2, SEQ, PADS)
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)

@@ -12,7 +12,9 @@ from memdyn_jax import models, testing
 from memdyn_jax.models import hf_io
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gpt_neo"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gpt_neo", "qwen3",
+                                  "qwen3_tied_sliding", "olmo2", "gemma3_text", "smollm3",
+                                  "phi3", "phi3_longrope"])
 def test_round_trip_transformers_loads_identical_tensors(name, tmp_path):
   src = testing.save_tiny_hf_model(name, str(tmp_path / "src"), seed=3)
   model, cfg = models.from_pretrained(src)
@@ -32,8 +34,11 @@ def test_round_trip_transformers_loads_identical_tensors(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(v1[...]), np.asarray(v2[...]))
 
 
-def test_sharded_checkpoint_round_trip(tmp_path):
-  src = testing.save_tiny_hf_model("llama", str(tmp_path / "src"))
+@pytest.mark.parametrize("name", ["llama", "qwen3", "olmo2", "gemma3_text", "phi3"])
+def test_sharded_checkpoint_round_trip(name, tmp_path):
+  """Saved in several shards and streamed back shard by shard: HF reads the same tensors,
+  and the reloaded model computes the same logits (phi3: fused HF tensors)."""
+  src = testing.save_tiny_hf_model(name, str(tmp_path / "src"))
   model, cfg = models.from_pretrained(src)
   out = str(tmp_path / "sharded")
   models.save_pretrained(model, cfg, out, max_shard_bytes=40_000)
@@ -85,6 +90,18 @@ def test_unsupported_config_fields_name_the_field(overrides, field):
     models.from_hf_config(cfg)
 
 
+def test_smollm3_reads_which_layers_rotate():
+  """HF's rule (a NoPE layer every `no_rope_layer_interval`, or `no_rope_layers` as given);
+  SmolLM3-3B's config carries `pretraining_tp` = 2, which HF's SmolLM3 does not read."""
+  tiny = dict(testing.TINY_CONFIGS["smollm3"], model_type="smollm3", num_hidden_layers=8)
+  cfg = models.from_hf_config(dict(tiny, no_rope_layer_interval=4, pretraining_tp=2))
+  assert cfg.layer_uses_rope == (True, True, True, False) * 2
+  cfg = models.from_hf_config(dict(tiny, no_rope_layers=[0, 1] * 5))  # HF allows a longer list
+  assert cfg.layer_uses_rope == (False, True) * 4
+  with pytest.raises(ValueError, match="no_rope_layers"):  # (HF fails itself without layer_types)
+    models.from_hf_config(dict(tiny, no_rope_layers=[1, 0], layer_types=["full_attention"] * 8))
+
+
 def test_missing_shard_and_corrupt_file_are_clear_errors(tmp_path):
   src = testing.save_tiny_hf_model("llama", str(tmp_path / "src"))
   model, cfg = models.from_pretrained(src)
@@ -113,6 +130,31 @@ def test_missing_tensor_is_named(tmp_path):
   tensors = [(k, np.array(reader.get(k))) for k in reader.keys() if "layers.1.mlp.up_proj" not in k]
   hf_io.write_safetensors(os.path.join(src, "model.safetensors"), tensors)
   with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    models.from_pretrained(src)
+
+
+def test_fused_tensors_split_into_our_projections_by_rows(tmp_path):
+  """Phi-3's qkv_proj / gate_up_proj are our q/k/v and gate/up kernels, row blocks in order
+  (saving re-fuses them: the round trips above); a fused tensor of another size is a clear
+  error, not a silent mis-split."""
+  src = testing.save_tiny_hf_model("phi3", str(tmp_path / "src"))
+  model, cfg = models.from_pretrained(src)
+  reader = hf_io.SafetensorsFile(os.path.join(src, "model.safetensors"))
+  qkv = np.array(reader.get("model.layers.1.self_attn.qkv_proj.weight"))
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  attn = model.blocks.self_attn
+  for x, rows in (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, None))):
+    kernel = np.asarray(getattr(attn, f"{x}_proj").kernel[...][1])  # (hidden, heads, head_dim)
+    np.testing.assert_array_equal(kernel.reshape(cfg.hidden_size, -1), qkv[rows].T)
+  gate_up = np.array(reader.get("model.layers.0.mlp.gate_up_proj.weight"))
+  np.testing.assert_array_equal(np.asarray(model.blocks.mlp.up_proj.kernel[...][0]),
+                                gate_up[cfg.intermediate_size:].T)
+  tensors = [(k, np.array(reader.get(k))) for k in reader.keys()]
+  tensors = [(k, v[:-2] if k == "model.layers.1.self_attn.qkv_proj.weight" else v)
+             for k, v in tensors]
+  hf_io.write_safetensors(os.path.join(src, "model.safetensors"), tensors)
+  with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.qkv_proj\.weight: 78 rows, but "
+                                       r"the config fuses 48 \+ 16 \+ 16"):
     models.from_pretrained(src)
 
 

@@ -19,7 +19,7 @@ def _run_worker(checkpoint_dir):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "olmo2", "phi3"])  # phi3: fused HF tensors
 def test_2x2x2_mesh_places_params_by_rules_and_matches_one_device(name, tmp_path):
   src = testing.save_tiny_hf_model(name, str(tmp_path / name), num_key_value_heads=2,
                                    vocab_size=212)  # even: the vocab axis splits over tensor=2
@@ -31,6 +31,9 @@ def test_2x2x2_mesh_places_params_by_rules_and_matches_one_device(name, tmp_path
   assert placed["embedding"] == ["tensor", "fsdp"]
   assert placed["blocks.self_attn.q_proj.kernel"] == [None, "fsdp", "tensor", None]
   assert placed["blocks.mlp.down_proj.kernel"] == [None, "tensor", "fsdp"]
+  if name == "olmo2":  # q/k norms over the whole projection: split over heads like it
+    assert placed["blocks.self_attn.q_norm.scale"] == [None, "tensor", None]
+    assert placed["blocks.self_attn.k_norm.scale"] == [None, "tensor", None]
 
 
 def test_logical_to_spec_rules():

@@ -51,7 +51,9 @@ class Gemma2ForCausalLM(CausalLM):
     return h * jnp.asarray(self.cfg.hidden_size ** 0.5, dtype=h.dtype)
 
 
-def config_fields(hf, raw) -> dict[str, Any]:
+def config_fields(hf, raw, *, rope: dict[str, Any] | None = None) -> dict[str, Any]:
+  """`rope`: the RoPE fields, where the config holds them otherwise than Gemma 2's
+  (Gemma 3); default `rope_fields(hf, raw)`."""
   types = hf.layer_types
   windows = tuple(int(hf.sliding_window) if t == "sliding_attention" and hf.sliding_window else 0
                   for t in types)
@@ -74,7 +76,7 @@ def config_fields(hf, raw) -> dict[str, Any]:
       attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,
       attn_logit_softcap=float(hf.attn_logit_softcapping or 0.0),
       final_logit_softcap=float(hf.final_logit_softcapping or 0.0),
-      **rope_fields(hf, raw),
+      **(rope if rope is not None else rope_fields(hf, raw)),
   )
 
 

@@ -47,11 +47,14 @@ class LlamaForCausalLM(CausalLM):
 # ----------------------------------------------------------------------------- HF config
 
 
-def decoder_fields(hf, raw, *, windows: tuple[int, ...], qkv_bias: bool,
-                   out_bias: bool) -> dict[str, Any]:
+def decoder_fields(hf, raw, *, windows: tuple[int, ...], qkv_bias: bool, out_bias: bool,
+                   partial_rotary: bool = False, check_pretraining_tp: bool = True
+                   ) -> dict[str, Any]:
   """`ModelConfig` fields of a Llama-style HF config, given its per-layer windows and
-  attention biases (the parts its model types differ in)."""
-  if getattr(hf, "pretraining_tp", 1) not in (1, None):
+  attention biases (the parts its model types differ in). `partial_rotary`: the HF model
+  reads `partial_rotary_factor` (`config.rope_fields`); `check_pretraining_tp` False for
+  model types whose HF model has no `pretraining_tp` (SmolLM3-3B's config says 2)."""
+  if check_pretraining_tp and getattr(hf, "pretraining_tp", 1) not in (1, None):
     raise unsupported("pretraining_tp", hf.pretraining_tp, "only 1")
   heads = hf.num_attention_heads
   return dict(
@@ -70,7 +73,7 @@ def decoder_fields(hf, raw, *, windows: tuple[int, ...], qkv_bias: bool,
       attention_bias=qkv_bias,
       attention_out_bias=out_bias,
       mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-      **rope_fields(hf, raw),
+      **rope_fields(hf, raw, partial_rotary=partial_rotary),
   )
 
 
@@ -124,6 +127,10 @@ def key_rules(cfg: ModelConfig, norms: tuple[str, ...] = NORMS) -> list[KeyRule]
     if cfg.attention_bias:
       rules.append(KeyRule(p + f"self_attn.{x}_proj.bias", f"blocks.self_attn.{x}_proj.bias", FLAT))
   rules.append(KeyRule(p + "self_attn.o_proj.weight", "blocks.self_attn.o_proj.kernel", LINEAR, 2))
+  if cfg.qk_norm != "none":  # HF (head_dim,) per head, or (heads * head_dim,) per projection
+    for x in "qk":
+      rules.append(KeyRule(p + f"self_attn.{x}_norm.weight", f"blocks.self_attn.{x}_norm.scale",
+                           FLAT))
   if cfg.attention_out_bias:
     rules.append(KeyRule(p + "self_attn.o_proj.bias", "blocks.self_attn.o_proj.bias"))
   for x in ("gate", "up", "down"):

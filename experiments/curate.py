@@ -37,7 +37,7 @@ flags.DEFINE_integer("n_test", 0, "Test examples evaluated after every round (fi
 flags.DEFINE_integer("n_ifd", 0, "Test examples the IFD model is fine-tuned on (0 = all).")
 flags.DEFINE_list("methods", list(curation.METHODS), f"Any of {list(curation.METHODS)}.")
 flags.DEFINE_integer("iterations", 5, "Rounds of data collection (n).")
-flags.DEFINE_float("threshold", 0.75, "PreMemAcc threshold t: sources are examples below it.")
+flags.DEFINE_float("premem_cutoff", 0.75, "PreMemAcc cutoff t: sources are examples below it.")
 flags.DEFINE_integer("additions_per_iteration", 0,
                      "New examples per round, every method (0 = n_train // iterations).")
 flags.DEFINE_float("keep_fraction", None, "Share of D_train IFD/heuristic draw from "
@@ -96,7 +96,7 @@ def sampling(task_name: str):
 def curation_config(method: str) -> curation.CurationConfig:
   try:
     return curation.CurationConfig(
-        method=method, iterations=FLAGS.iterations, threshold=FLAGS.threshold,
+        method=method, iterations=FLAGS.iterations, premem_cutoff=FLAGS.premem_cutoff,
         additions_per_iteration=FLAGS.additions_per_iteration,
         keep_fraction=FLAGS.keep_fraction,
         memorization_perplexity=FLAGS.memorization_perplexity, ifd_epochs=FLAGS.ifd_epochs)

@@ -365,7 +365,7 @@ def test_one_iteration_of_every_method_end_to_end(study):
     np.testing.assert_array_equal(res.curve()[0], [16, 20])
   # PreMemAcc: the train set was evaluated at both checkpoints (epochs 1 and 2).
   pm = results["premem"].rounds[0]
-  assert pm["pool_size"] == (pm["n_below_threshold"] or 16)
+  assert pm["pool_size"] == (pm["n_below_cutoff"] or 16)
   steps = sorted(os.listdir(os.path.join(out, pm["run"], "eval")))
   assert [s for s in steps if s.startswith("step_")] == ["step_00000002", "step_00000004"]
   # IFD / heuristic draw from the kept half only.

@@ -164,6 +164,19 @@ def test_library_errors_are_typed_and_whole():
   assert not offenders, "\n".join(offenders)
 
 
+def test_the_memorization_rule_has_one_home():
+  """"Memorized" (perplexity under the threshold, NaN never), the task thresholds and the
+  log(log(perplexity)) conversion are written in metrics/premem.py alone; every other stage
+  calls it."""
+  rule = re.compile(r"(ppl|perplexit\w*)\S*\s*<=?\s*(threshold|memorization_perplexity|p\b)"
+                    r"|exp\(\w*\.?exp\(|nan_to_num\([^)]*perplexit")
+  offenders = [f"{name}:{lineno}: {line.strip()}"
+               for name, path in modules().items() if name != "memdyn_jax.metrics.premem"
+               for lineno, line in enumerate(path.read_text().splitlines(), 1)
+               if rule.search(line.split("#")[0])]
+  assert not offenders, "\n".join(offenders)
+
+
 def test_former_top_level_modules_still_import_as_their_new_homes():
   import importlib
 

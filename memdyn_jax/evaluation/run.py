@@ -566,8 +566,8 @@ def checkpoint_scalars(rows: Sequence[Mapping[str, Any]], threshold: float
                        ) -> dict[int, dict[str, float]]:
   """Per-checkpoint evaluation scalars from a run's records: for every unit, mean accuracy,
   perplexity and exact memorization; for "train", also the share of targets memorized
-  (perplexity below `threshold`) and PreMemAcc over the checkpoints so far (Kang et al.,
-  on the train examples present at all of them).
+  (`metrics.memorized_fraction`: perplexity below `threshold`, unscored never) and PreMemAcc
+  over the checkpoints so far (Kang et al., on the train examples present at all of them).
 
   Returns:
     {step: {"<unit>/<metric>": value}}.
@@ -590,17 +590,18 @@ def checkpoint_scalars(rows: Sequence[Mapping[str, Any]], threshold: float
           scalars[f"{unit}/{key}"] = float(np.nanmean(values))
     train = {r["example_id"]: r for r in by_step[step].get("train", [])}
     if train:
-      ppl = np.array([float(r["perplexity"]) for r in train.values()])
-      if np.isfinite(ppl).all():
-        scalars["train/memorized_fraction"] = float(np.mean(ppl < threshold))
-        train_acc.append({i: float(r["accuracy"]) for i, r in train.items()})
-        train_ppl.append({i: float(r["perplexity"]) for i, r in train.items()})
-        ids = sorted(set.intersection(*(set(a) for a in train_acc)))
-        if ids:
-          acc = np.array([[a[i] for i in ids] for a in train_acc])
-          ppl_m = np.array([[p[i] for i in ids] for p in train_ppl])
-          scalars["train/premem_accuracy"] = float(
-              metrics.dataset_premem_accuracy(acc, ppl_m, threshold)[-1])
+      # The memorization rule and its NaN policy are metrics.premem's (as in the report).
+      ppl = {i: float(r.get("perplexity", np.nan)) for i, r in train.items()}
+      scalars["train/memorized_fraction"] = metrics.memorized_fraction(
+          list(ppl.values()), threshold)
+      train_acc.append({i: float(r["accuracy"]) for i, r in train.items()})
+      train_ppl.append(ppl)
+      ids = sorted(set.intersection(*(set(a) for a in train_acc)))
+      if ids:
+        acc = np.array([[a[i] for i in ids] for a in train_acc])
+        ppl_m = metrics.unscored_as_never_memorized([[p[i] for i in ids] for p in train_ppl])
+        scalars["train/premem_accuracy"] = float(
+            metrics.dataset_premem_accuracy(acc, ppl_m, threshold)[-1])
     out[step] = scalars
   return out
 

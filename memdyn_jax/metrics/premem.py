@@ -30,7 +30,8 @@ from memdyn_jax.metrics._checks import (
     check_unit_interval,
 )
 
-# Reference-code thresholds on the log(log(perplexity)) scale.
+# Kang et al.'s reference-code thresholds on the log(log(perplexity)) scale (perplexity
+# 1.105 and 1.200): the tasks' defaults (`Task.memorization_loglog_threshold`).
 GSM8K_LOGLOG_THRESHOLD = -2.3
 MATH_LOGLOG_THRESHOLD = -1.7
 
@@ -61,6 +62,30 @@ def perplexity_to_loglog(perplexity):
   return float(out) if out.ndim == 0 else out
 
 
+# ----------------------------------------------------------------------------- the rule
+# A target is memorized when its perplexity is strictly below the threshold p (Kang et al.:
+# MaskedAcc keeps accuracy while Perp >= p). A NaN perplexity is a target that was not
+# scored: never memorized, and still counted among the targets. Every stage (TensorBoard
+# scalars, report, curation) applies the rule through these functions.
+
+
+def unscored_as_never_memorized(perplexity) -> np.ndarray:
+  """Perplexities with NaN (not scored) as +inf, which no threshold calls memorized."""
+  return np.nan_to_num(np.asarray(perplexity, dtype=np.float64), nan=np.inf, posinf=np.inf)
+
+
+def is_memorized(perplexity, threshold: float) -> np.ndarray:
+  """1[Perp < p] per target (bool, the shape of `perplexity`); NaN is not memorized."""
+  return unscored_as_never_memorized(perplexity) < _threshold(threshold)
+
+
+def memorized_fraction(perplexity, threshold: float) -> float:
+  """Share of targets memorized (`is_memorized`), unscored ones counted as not memorized;
+  NaN when there are no targets."""
+  memorized = is_memorized(perplexity, threshold)
+  return float(memorized.mean()) if memorized.size else float("nan")
+
+
 def _acc_ppl(acc, perplexity) -> tuple[np.ndarray, np.ndarray]:
   a = as_float_array("acc", acc, ndim=2)
   check_unit_interval("acc", a)
@@ -89,7 +114,7 @@ def masked_accuracy(acc, perplexity, threshold: float) -> np.ndarray:
     Shape (C, N) float array.
   """
   a, p = _acc_ppl(acc, perplexity)
-  return a * (p >= _threshold(threshold))
+  return a * ~is_memorized(p, threshold)
 
 
 def premem_accuracy(acc, perplexity, threshold: float) -> np.ndarray:
@@ -223,7 +248,7 @@ def calibrate_threshold(
   if base_perplexity is not None:
     base = as_float_array("base_perplexity", np.ravel(base_perplexity), ndim=1, allow_inf=True)
     check_nonempty("base_perplexity", base)
-    eligible &= np.array([np.mean(base < p) <= max_base_memorized for p in cands])
+    eligible &= np.array([memorized_fraction(base, p) <= max_base_memorized for p in cands])
   for k, p in enumerate(cands):
     x, y = _pooled_xy(runs, p)
     if against == "fit":

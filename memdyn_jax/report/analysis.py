@@ -41,7 +41,7 @@ def train_premem(run: RunRecords, threshold: float) -> tuple[np.ndarray, np.ndar
   train = run.units.get(TRAIN)
   if train is None or not train.example_ids:
     return None
-  ppl = np.nan_to_num(train.fields["perplexity"], nan=np.inf)  # unscored: never memorized
+  ppl = metrics.unscored_as_never_memorized(train.fields["perplexity"])
   return train.steps, metrics.premem_accuracy(train.fields["accuracy"], ppl, threshold)
 
 
@@ -128,7 +128,7 @@ def calibration_runs(runs: Sequence[RunRecords]) -> list[metrics.CalibrationRun]
     if not steps.size or not run.units[TRAIN].example_ids:
       continue
     train = run.units[TRAIN].at(steps)
-    ppl = np.nan_to_num(train.fields["perplexity"], nan=np.inf)
+    ppl = metrics.unscored_as_never_memorized(train.fields["perplexity"])
     out.append(metrics.CalibrationRun(train.fields["accuracy"], ppl,
                                       run.units[TEST].at(steps).mean("accuracy")))
   return out
@@ -436,7 +436,8 @@ def base_train_perplexity(runs: Sequence[RunRecords]) -> np.ndarray | None:
   for run in runs:
     train = run.units.get(TRAIN)
     if train is not None and train.example_ids and BASE_STEP in train.steps.tolist():
-      values.append(np.nan_to_num(train.at([BASE_STEP]).fields["perplexity"][0], nan=np.inf))
+      values.append(metrics.unscored_as_never_memorized(
+          train.at([BASE_STEP]).fields["perplexity"][0]))
   return np.concatenate(values) if values else None
 
 
@@ -445,14 +446,12 @@ def last_train_perplexity(run: RunRecords) -> np.ndarray | None:
   train = run.units.get(TRAIN)
   if train is None or not train.example_ids or not train.steps.size:
     return None
-  return np.nan_to_num(train.fields["perplexity"][-1], nan=np.inf)
+  return metrics.unscored_as_never_memorized(train.fields["perplexity"][-1])
 
 
 def memorized_fraction(perplexity: np.ndarray | None, threshold: float) -> float:
-  """Share of targets whose perplexity is under the memorization threshold (NaN if none)."""
-  if perplexity is None or not np.size(perplexity):
-    return math.nan
-  return float(np.mean(np.asarray(perplexity) < threshold))
+  """`metrics.memorized_fraction` of some targets' perplexities; NaN for none."""
+  return math.nan if perplexity is None else metrics.memorized_fraction(perplexity, threshold)
 
 
 def finite_or_none(x) -> float | None:

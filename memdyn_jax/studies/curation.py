@@ -1,7 +1,7 @@
 """Data curation by pre-memorization accuracy (Kang et al. Sec. 5.2, Algorithm 1) and the
 baselines it is compared with (i.i.d. additions, IFD, difficulty heuristics).
 
-Algorithm 1, for n iterations with threshold t:
+Algorithm 1, for n iterations with PreMemAcc cutoff t:
 
   D' = {}
   for i = 1..n:
@@ -92,7 +92,8 @@ class CurationConfig:
   Attributes:
     method: one of METHODS.
     iterations: n, rounds of data collection (n + 1 training runs: one per set size).
-    threshold: t; D_train examples with PreMemAcc below it are the sources ("premem").
+    premem_cutoff: t; D_train examples with PreMemAcc below it are the sources ("premem").
+      (Kang et al. call it a threshold; here "threshold" is only the memorization one.)
     additions_per_iteration: N'_i, new examples per round, the same for every method;
       0 = len(D_train) // iterations (the set doubles over the study).
     keep_fraction: share of D_train the "ifd"/"heuristic" baselines draw from; None =
@@ -105,7 +106,7 @@ class CurationConfig:
 
   method: str = "premem"
   iterations: int = 5
-  threshold: float = 0.75
+  premem_cutoff: float = 0.75
   additions_per_iteration: int = 0
   keep_fraction: float | None = None
   memorization_perplexity: float | None = None
@@ -117,8 +118,9 @@ class CurationConfig:
       raise CurationConfigError("method", f"{self.method!r} is not one of {list(METHODS)}")
     if self.iterations < 1:
       raise CurationConfigError("iterations", f"must be >= 1, got {self.iterations}")
-    if not 0 <= self.threshold <= 1:
-      raise CurationConfigError("threshold", f"must be in [0, 1], got {self.threshold}")
+    if not 0 <= self.premem_cutoff <= 1:
+      raise CurationConfigError("premem_cutoff",
+                                f"must be in [0, 1], got {self.premem_cutoff}")
     if self.additions_per_iteration < 0:
       raise CurationConfigError("additions_per_iteration",
                                 f"must be >= 0, got {self.additions_per_iteration}")
@@ -848,11 +850,11 @@ def _pool(method: str, setup: CurationSetup, cfg: CurationConfig, out_dir: str,
     return train, {}
   if method == "premem":
     pm = evaluated.train_premem or {}
-    pool = [ex for ex in train if pm.get(ex.id, 0.0) < cfg.threshold]
+    pool = [ex for ex in train if pm.get(ex.id, 0.0) < cfg.premem_cutoff]
     info = {"train_premem_mean": float(np.mean(list(pm.values()))) if pm else math.nan,
-            "n_below_threshold": len(pool)}
+            "n_below_cutoff": len(pool)}
     if not pool:  # every example is learnt robustly: nothing to prioritize
-      info["fallback"] = f"no example below PreMemAcc {cfg.threshold}: i.i.d. sources"
+      info["fallback"] = f"no example below PreMemAcc {cfg.premem_cutoff}: i.i.d. sources"
       pool = train
     return pool, info
   if method == "ifd":
@@ -887,7 +889,7 @@ def run_curation(setup: CurationSetup, cfg: CurationConfig, generator: Generator
   Returns:
     The CurationResult: per round, n_examples, test_accuracy, run (relative to out_dir),
     n_added (examples added after it), sources (their source ids), pool_size and, for
-    "premem", train_premem_mean and n_below_threshold.
+    "premem", train_premem_mean and n_below_cutoff.
 
   Raises:
     CurationError: the saved state was made with other settings, the generator cannot
@@ -1023,7 +1025,7 @@ def run_seeds(setup: CurationSetup, configs: Sequence[CurationConfig], generator
 def curve_rows(results: Sequence[CurationResult]) -> list[dict[str, Any]]:
   """One row per (method, round): the sample-efficiency curves as a table."""
   keys = ("n_examples", "test_accuracy", "n_added", "pool_size", "train_premem_mean",
-          "n_below_threshold")
+          "n_below_cutoff")
   return [{"method": res.method, "round": r["round"], **{k: r.get(k, math.nan) for k in keys}}
           for res in results for r in res.rounds]
 

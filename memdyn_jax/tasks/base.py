@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+from memdyn_jax.metrics import premem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,8 +345,8 @@ class Task:
   name: str = ""
   template: PromptTemplate = DEFAULT_TEMPLATE
   # PreMemAcc memorization threshold on Kang et al.'s log(log(perplexity)) scale: their
-  # reference code's GSM8K value (-2.3, perplexity 1.105); MATH overrides it (-1.7).
-  memorization_loglog_threshold: float = -2.3
+  # GSM8K value (`metrics.premem`, the rule's home); MATH overrides it.
+  memorization_loglog_threshold: float = premem.GSM8K_LOGLOG_THRESHOLD
   # Sampling for accuracy (Kang et al.'s reference settings): GSM8K's, which tasks
   # without their own use; `memdyn_jax.evaluation.default_sampling` reads it.
   sampling_defaults: Mapping[str, Any] = types.MappingProxyType(
@@ -519,7 +520,7 @@ def task_class(task_name: str | None) -> type[Task]:
 
 
 def memorization_threshold(task_name: str | None) -> float:
-  """The task's default PreMemAcc threshold in perplexity units, exp(exp(t)) of its
-  `memorization_loglog_threshold` (no instance needed); GSM8K's for an unknown or unnamed
-  task."""
-  return math.exp(math.exp(task_class(task_name).memorization_loglog_threshold))
+  """The task's default PreMemAcc threshold in perplexity units: its
+  `memorization_loglog_threshold` through `premem.loglog_to_perplexity` (no instance
+  needed); GSM8K's for an unknown or unnamed task."""
+  return premem.loglog_to_perplexity(task_class(task_name).memorization_loglog_threshold)

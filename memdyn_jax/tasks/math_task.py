@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
 
+from memdyn_jax.metrics import premem
 from memdyn_jax.tasks.base import (
     DEFAULT_TEMPLATE,
     DataError,
@@ -207,7 +208,7 @@ class MathTask(Task):
     template: prompt/target rendering.
   """
 
-  memorization_loglog_threshold = -1.7
+  memorization_loglog_threshold = premem.MATH_LOGLOG_THRESHOLD
   sampling_defaults = types.MappingProxyType(
       dict(temperature=0.8, top_p=1.0, max_new_tokens=1024, n=5))
   curation_keep_fraction = 0.75  # Kang et al. App. C

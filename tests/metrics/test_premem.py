@@ -83,6 +83,33 @@ def test_infinite_perplexity_is_never_memorized():
   np.testing.assert_allclose(pm, [[0.5], [1.0]])
 
 
+def test_memorization_rule_and_its_nan_policy():
+  """Memorized = perplexity strictly below p; an unscored target (NaN) is never memorized
+  and still counts among the targets."""
+  ppl = np.array([1.0, 1.1, np.nan, np.inf, 1.05])
+  np.testing.assert_array_equal(premem.is_memorized(ppl, 1.1), [True, False, False, False, True])
+  assert premem.memorized_fraction(ppl, 1.1) == pytest.approx(2 / 5)
+  assert np.isnan(premem.memorized_fraction([], 1.1))
+  np.testing.assert_array_equal(premem.unscored_as_never_memorized(ppl)[2:4], [np.inf, np.inf])
+
+
+def test_tensorboard_and_report_agree_on_a_checkpoint_with_an_unscored_target():
+  """The TensorBoard scalars (evaluation) and the report count the same share memorized when
+  one train target has no perplexity: both through the rule above (the TensorBoard path
+  once skipped such a step while the report counted NaN as never memorized)."""
+  from memdyn_jax.evaluation import run as run_evaluation
+  from memdyn_jax.report import analysis
+  ppl = [1.01, float("nan"), 3.0, 1.02]
+  rows = [dict(step=10, split="train", example_id=i, accuracy=0.5, perplexity=p,
+               exact_memorization=0.0) for i, p in enumerate(ppl)]
+  tensorboard = run_evaluation.checkpoint_scalars(rows, threshold=1.1)[10]
+  assert tensorboard["train/memorized_fraction"] == pytest.approx(0.5)
+  assert analysis.memorized_fraction(np.array(ppl), 1.1) == pytest.approx(0.5)
+  # PreMemAcc of the unscored example: its accuracy, never masked as memorized.
+  expected = premem.dataset_premem_accuracy([[0.5] * 4], [[1.01, np.inf, 3.0, 1.02]], 1.1)
+  assert tensorboard["train/premem_accuracy"] == pytest.approx(float(expected[-1]))
+
+
 @pytest.mark.parametrize("acc, ppl, match", [
     (np.zeros(3), np.ones(3), "acc"),
     (np.zeros((2, 3)), np.ones((3, 2)), "perplexity"),

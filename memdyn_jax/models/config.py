@@ -18,10 +18,10 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")
 # q/k normalisation before RoPE (`ModelConfig.qk_norm`): none; RMSNorm over each head's
 # head_dim (Qwen3, Gemma 3); RMSNorm over the whole q (k) projection, all heads (OLMo 2).
 QK_NORMS = ("none", "head", "projection")
-# How an RMSNorm applies its weight (`layers.rms_norm`): Llama casts the normalised
-# activations back, then multiplies; OLMo 2 multiplies in float32, then casts; Gemma
-# multiplies by (1 + w) in float32, then casts.
-RMS_NORM_STYLES = ("llama", "olmo", "gemma")
+# How an RMSNorm applies its weight (`layers.rms_norm`): cast the normalised activations
+# back, then multiply (Llama, Qwen3); multiply in float32, then cast (OLMo 2); multiply by
+# (1 + w) in float32, then cast (Gemma).
+RMS_NORM_STYLES = ("cast_then_scale", "scale_then_cast", "one_plus_scale")
 
 
 class LayerRope(NamedTuple):
@@ -75,7 +75,7 @@ class ModelConfig:
   attn_logit_softcap: float = 0.0  # 0 = off
   final_logit_softcap: float = 0.0
   qk_norm: str = "none"  # QK_NORMS: q/k RMSNorm before RoPE, per head or per projection
-  qk_norm_style: str = "llama"  # RMS_NORM_STYLES: how the q/k norms apply their weight
+  qk_norm_style: str = "cast_then_scale"  # RMS_NORM_STYLES: how the q/k norms apply their weight
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None

@@ -81,13 +81,13 @@ class RMSNorm(nnx.Module):
 
 
 # RMSNorm(offset, upcast_weight) of each style in `config.RMS_NORM_STYLES`.
-_RMS_NORM_STYLE_ARGS = {"llama": dict(offset=0.0, upcast_weight=False),
-                        "olmo": dict(offset=0.0, upcast_weight=True),
-                        "gemma": dict(offset=1.0, upcast_weight=True)}
+_RMS_NORM_STYLE_ARGS = {"cast_then_scale": dict(offset=0.0, upcast_weight=False),
+                        "scale_then_cast": dict(offset=0.0, upcast_weight=True),
+                        "one_plus_scale": dict(offset=1.0, upcast_weight=True)}
 
 
 def rms_norm(style: str, shape: int | Sequence[int], eps: float, **kwargs) -> RMSNorm:
-  """An `RMSNorm` of `style`, one of `config.RMS_NORM_STYLES` ("llama", "olmo", "gemma")."""
+  """An `RMSNorm` of `style`, one of `config.RMS_NORM_STYLES`."""
   if style not in RMS_NORM_STYLES:
     raise ValueError(f"RMSNorm style {style!r} not in {RMS_NORM_STYLES}")
   return RMSNorm(shape, eps, **_RMS_NORM_STYLE_ARGS[style], **kwargs)
@@ -470,7 +470,7 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                qkv_bias: bool, out_bias: bool, qk_norm: str = "none",
-               qk_norm_style: str = "llama", norm_eps: float = 1e-6, dtype=jnp.float32,
+               qk_norm_style: str = "cast_then_scale", norm_eps: float = 1e-6, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     if qk_norm not in QK_NORMS:
       raise ValueError(f"qk_norm {qk_norm!r} not in {QK_NORMS}")

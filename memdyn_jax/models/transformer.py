@@ -258,7 +258,7 @@ class CausalLM(nnx.Module):
       layer_ids = jax.lax.optimization_barrier(jnp.arange(cfg.num_layers))
       for layer in range(cfg.num_layers):
         state = jax.tree.map(
-            lambda x: jax.lax.dynamic_index_in_dim(x, layer_ids[layer], keepdims=False),
+            lambda x, i=layer_ids[layer]: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
             block_state)
         (h, (k, v)), _ = body((h, (cache.k[layer], cache.v[layer])),
                               (state, windows[layer], None, rope_rows[layer]))

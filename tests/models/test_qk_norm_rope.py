@@ -20,11 +20,12 @@ def _hf_norm(style, dim):
   from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
   from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
   from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-  return {"llama": Qwen3RMSNorm, "olmo": Olmo2RMSNorm, "gemma": Gemma3RMSNorm}[style](
-      dim, eps=1e-6)
+  hf_norms = {"cast_then_scale": Qwen3RMSNorm, "scale_then_cast": Olmo2RMSNorm,
+              "one_plus_scale": Gemma3RMSNorm}
+  return hf_norms[style](dim, eps=1e-6)
 
 
-@pytest.mark.parametrize("style", ["llama", "olmo", "gemma"])
+@pytest.mark.parametrize("style", ["cast_then_scale", "scale_then_cast", "one_plus_scale"])
 @pytest.mark.parametrize("shape", [(16,), (4, 16)])  # per head; a whole 4-head projection
 def test_rms_norm_styles_are_hfs_norms_in_bfloat16(style, shape):
   """Each style casts where its HF module does: in bfloat16 the three differ, and each
@@ -45,9 +46,9 @@ def test_rms_norm_styles_are_hfs_norms_in_bfloat16(style, shape):
   assert out.dtype == np.float32 and ours(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
   np.testing.assert_allclose(out, ref, rtol=2**-7, atol=1e-6)  # one bf16 ulp
   assert (out == ref).mean() > 0.97
-  if style != "gemma":  # Llama's and OLMo 2's casts differ: the other style misses
-    other = layers.rms_norm("olmo" if style == "llama" else "llama", shape, 1e-6, axes=axes,
-                            param_dtype=jnp.bfloat16)
+  if style != "one_plus_scale":  # Llama's and OLMo 2's casts differ: the other style misses
+    other_style = "scale_then_cast" if style == "cast_then_scale" else "cast_then_scale"
+    other = layers.rms_norm(other_style, shape, 1e-6, axes=axes, param_dtype=jnp.bfloat16)
     other.scale[...] = ours.scale[...]
     missed = np.asarray(other(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32)) != ref
     assert missed.mean() > 0.05
@@ -61,13 +62,14 @@ def test_rms_norm_style_is_checked():
 
 
 @pytest.mark.parametrize("name,qk_norm,style,q_norm,k_norm", [
-    ("llama", "none", "llama", None, None),
+    ("llama", "none", "cast_then_scale", None, None),
     # one (head_dim,) weight per layer, shared by the heads
-    ("qwen3", "head", "llama", ((2, 16), ("layers", "norm")), ((2, 16), ("layers", "norm"))),
+    ("qwen3", "head", "cast_then_scale", ((2, 16), ("layers", "norm")), ((2, 16), ("layers", "norm"))),
     # over the whole projection: sharded like it (heads over the tensor axis)
-    ("olmo2", "projection", "olmo", ((2, 4, 12), ("layers", "heads", "head_dim")),
+    ("olmo2", "projection", "scale_then_cast", ((2, 4, 12), ("layers", "heads", "head_dim")),
      ((2, 2, 12), ("layers", "kv_heads", "head_dim"))),
-    ("gemma3_text", "head", "gemma", ((6, 16), ("layers", "norm")), ((6, 16), ("layers", "norm"))),
+    ("gemma3_text", "head", "one_plus_scale", ((6, 16), ("layers", "norm")),
+     ((6, 16), ("layers", "norm"))),
 ])
 def test_qk_norm_parameters_per_head_and_per_projection(name, qk_norm, style, q_norm, k_norm):
   cfg = models.from_hf_config(testing.hf_config(name).to_dict())

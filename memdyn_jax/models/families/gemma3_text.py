@@ -47,7 +47,7 @@ def config_fields(hf, raw) -> dict[str, Any]:
                  for t in layer_types)
   return dict(gemma2.config_fields(hf, raw, rope=rope),
               attn_logit_softcap=0.0,  # HF's Gemma 3 never applies it (module docstring)
-              qk_norm="head", qk_norm_style="gemma", layer_rope_thetas=thetas,
+              qk_norm="head", qk_norm_style="one_plus_scale", layer_rope_thetas=thetas,
               layer_rope_scaled=tuple(t == "full_attention" for t in layer_types))
 
 

@@ -1,7 +1,8 @@
 """OLMo 2: norms after attention and after the MLP, inside the residual branch
 (h + norm(attn(h)), h + norm(mlp(h)); no pre-norms), and an RMSNorm over the whole q and
 k projections (all heads at once) before RoPE. Its RMSNorms multiply by the weight in
-float32 and cast after (`layers.rms_norm` style "olmo"). Llama's tensor names otherwise.
+float32 and cast after (`layers.rms_norm` style "scale_then_cast"). Llama's tensor names
+otherwise.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from memdyn_jax.models.transformer import CausalLM, attn_block_kwargs
 class Olmo2Block(nnx.Module):
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
-    norm = lambda: layers.rms_norm("olmo", cfg.hidden_size, cfg.norm_eps,
+    norm = lambda: layers.rms_norm("scale_then_cast", cfg.hidden_size, cfg.norm_eps,
                                    param_dtype=param_dtype, rngs=rngs)
     self.self_attn = layers.Attention(**attn_block_kwargs(cfg, dtype, param_dtype), rngs=rngs)
     self.post_attention_layernorm = norm()
@@ -40,7 +41,7 @@ class Olmo2ForCausalLM(CausalLM):
     return Olmo2Block(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
   def make_final_norm(self, rngs):
-    return layers.rms_norm("olmo", self.cfg.hidden_size, self.cfg.norm_eps,
+    return layers.rms_norm("scale_then_cast", self.cfg.hidden_size, self.cfg.norm_eps,
                            param_dtype=self.param_dtype, rngs=rngs)
 
 
@@ -50,7 +51,7 @@ def config_fields(hf, raw) -> dict[str, Any]:
   bias = bool(getattr(hf, "attention_bias", False))
   fields = llama.decoder_fields(hf, raw, windows=(0,) * hf.num_hidden_layers, qkv_bias=bias,
                                 out_bias=bias)
-  return dict(fields, mlp_bias=False, qk_norm="projection", qk_norm_style="olmo")
+  return dict(fields, mlp_bias=False, qk_norm="projection", qk_norm_style="scale_then_cast")
 
 
 def key_rules(cfg: ModelConfig) -> list[KeyRule]:

@@ -32,7 +32,7 @@ def config_fields(hf, raw) -> dict[str, Any]:
   bias = bool(getattr(hf, "attention_bias", False))
   return dict(llama.decoder_fields(hf, raw, windows=layer_windows(hf), qkv_bias=bias,
                                    out_bias=bias),
-              qk_norm="head", qk_norm_style="llama")
+              qk_norm="head", qk_norm_style="cast_then_scale")
 
 
 FAMILY = Family(

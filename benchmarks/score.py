@@ -75,15 +75,16 @@ def main(argv):
     nxt = ids_t[:, 1:, None]
     tmask_t = torch.tensor(target[:, 1:], dtype=torch.bool)
 
-    def jax_score():
+    # Each shape's closures take its arrays as defaults: bound now, not at the loop's end.
+    def jax_score(ids=ids, mask=mask, target=target):
       out = scoring.score(model, ids, mask, target)
       return jax.block_until_ready(out.token_logprobs)
 
-    def hf_forward():
+    def hf_forward(ids_t=ids_t, mask_t=mask_t):
       with torch.no_grad():
         return hf(input_ids=ids_t, attention_mask=mask_t).logits
 
-    def hf_score():
+    def hf_score(ids_t=ids_t, mask_t=mask_t, nxt=nxt, tmask_t=tmask_t):
       with torch.no_grad():
         logits = hf(input_ids=ids_t, attention_mask=mask_t).logits[:, :-1]
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt)[..., 0]

@@ -56,7 +56,7 @@ def test_write_list_load_records_atomically(tmp_path):
   # Strict JSON on disk (non-finite floats as null), NaN again on reading; +inf too.
   for f in (path, records.record_path(run, 3, "train")):
     for line in open(f):
-      json.loads(line, parse_constant=lambda c: pytest.fail(f"{f}: {c} token"))
+      json.loads(line, parse_constant=lambda c, f=f: pytest.fail(f"{f}: {c} token"))
   assert '"accuracy": null' in open(records.record_path(run, 3, "train")).read()
   assert math.isnan(rows[1]["accuracy"]) and rows[2]["perturbation"] == "We know that"
   assert rows[0]["perturbation"] is None  # Text fields keep their real None.

@@ -178,7 +178,7 @@ def test_slerp_endpoints_midpoint_and_lerp_fallback(trees):
   a, b = models[0], models[1]
   for t in (0.0, 1.0):
     out = merging.merge_pytrees(MergeConfig("slerp", t=t), None, [a, b])
-    check_leafwise(out, lambda x, y: y if t else x, a, b, atol=1e-6)
+    check_leafwise(out, lambda x, y, t=t: y if t else x, a, b, atol=1e-6)
   out = merging.merge_pytrees(MergeConfig("slerp", t=0.5), None, [a, b])
   check_leafwise(out, lambda x, y: np_slerp(x, y, 0.5), a, b)
   out = merging.merge_pytrees(MergeConfig("slerp", t=0.3), None, [a, b])
@@ -401,7 +401,7 @@ def per_layer_reference(cfg, name, xs, base, layer_axis=0):
   layer's keys, `dare_key` with its index)."""
   out = []
   for l in range(xs[0].shape[layer_axis]):
-    take = lambda x: np.take(np.asarray(x, np.float32), l, axis=layer_axis)
+    take = lambda x, l=l: np.take(np.asarray(x, np.float32), l, axis=layer_axis)
     layer_xs, layer_base = [take(x) for x in xs], None if base is None else take(base)
     if cfg.method.startswith("dare"):
       dropped = []  # DARE's drop-and-rescale by hand, then the method at density 1

@@ -132,7 +132,7 @@ def test_mbc_study_end_to_end_and_resume(base_model, tmp_path):
                                 "test.jsonl"))} for s in cfg.samplers}
   for r in reference:
     ex = next(e for e in task.load("test") if e.id == r["example_id"])
-    grade = lambda s: float(task.grade(recs[s][ex.id]["texts"][0], ex.answer))
+    grade = lambda s, ex=ex: float(task.grade(recs[s][ex.id]["texts"][0], ex.answer))
     assert float(r["score"]) == grade("mbc") - grade("uniform")
 
   report = open(result.report).read()

@@ -230,7 +230,7 @@ def _out_of_memory_report(name: str, mesh: Mesh, message: str, seconds: float) -
   """A program the compiler refused for want of memory: the requirement its message states
   ("... required for HLO temporaries (19.34G) exceeds available HBM (15.75G)") as the
   temporaries, the line that says so as `out_of_memory` (the whole message if none does)."""
-  line = next((l.strip() for l in message.splitlines() if "memory" in l.lower()),
+  line = next((text.strip() for text in message.splitlines() if "memory" in text.lower()),
               message.strip() or "out of memory")
   size = _SIZE.search(line)
   required = int(float(size.group(1)) * _UNITS[size.group(2)]) if size else 0

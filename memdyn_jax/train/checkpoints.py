@@ -169,7 +169,7 @@ def reading_checkpoint(run_dir: str, step: int):
   except Exception as e:  # noqa: BLE001 - orbax's wrapper is a plain Exception: re-raised
     # unless `_storage_error` recognises it
     if _is_orbax_read_error(e) and isinstance(e.__cause__, KeyboardInterrupt):
-      raise e.__cause__  # a Ctrl-C / stop signal (`signals.StopRequested`) during the read
+      raise e.__cause__  # noqa: B904 - the Ctrl-C / stop signal (`signals.StopRequested`) itself
     cause = _storage_error(e)
     if cause is None:
       raise

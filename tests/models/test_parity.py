@@ -280,7 +280,7 @@ def test_a_layer_without_rope_gets_exactly_its_input():
     rope = layers.rope_cos_sin(jnp.broadcast_to(jnp.arange(5), (2, 5)),
                                layers.rope_inv_freq(rotary, 100.0, "default", {}, 128))
     stacked = tuple(jnp.stack(t) for t in zip(rope, layers.identity_rope(*rope)))
-    rotate = jax.jit(lambda row: layers.apply_rope(x, *(t[row] for t in stacked)))
+    rotate = jax.jit(lambda row, tables=stacked: layers.apply_rope(x, *(t[row] for t in tables)))
     np.testing.assert_array_equal(rotate(1), x)
     np.testing.assert_allclose(rotate(0), layers.apply_rope(x, *rope), atol=1e-6)
     assert np.abs(np.asarray(rotate(0) - x)).max() > 0.1

@@ -383,6 +383,7 @@ def test_every_plot_writes_a_png(tmp_path, runs):
     ({"atc_reference": "run_0"}, "atc_reference"), ({"premem_bins": 0}, "premem_bins"),
     ({"overmem_reference": "bogus"}, "overmem_reference"),
     ({"overmem_ppl_rise": 0.0}, "overmem_ppl_rise"),
+    ({"calibration_runs": 1}, "calibration_runs"),
 ])
 def test_analysis_options_name_the_bad_field(kwargs, field):
   with pytest.raises(report.AnalysisError) as e:
@@ -414,6 +415,33 @@ def test_analyze_sweep_in_process(sweep, tmp_path):
     with pytest.raises(report.AnalysisError) as e:
       report.analyze_sweep(*args)
     assert e.value.field == field, args
+
+
+def test_held_out_r2_of_premem_and_the_baselines(sweep, tmp_path):
+  """Every run's test accuracy is its PreMemAcc at the planted threshold: calibrated on the
+  other runs, PreMemAcc predicts a held-out run exactly; the K-run protocol needs K + 1 runs
+  and names the runs it calibrated on."""
+  root, _ = sweep
+  three = report.analyze_sweep(root, str(tmp_path / "k3"), report.AnalysisOptions()).summary
+  held = three["r2_held_out"]
+  assert held["leave_one_run_out"]["premem"] == pytest.approx(1.0)
+  assert held["leave_one_run_out_premem_thresholds"] and all(
+      1.02 < t <= 2.0 for t in held["leave_one_run_out_premem_thresholds"])
+  assert set(held["leave_one_run_out"]) == set(report.sweep_report.R2_PREDICTORS)
+  assert held["k_runs"] is None and held["calibration_runs"] == []
+  # In sample, the baselines' R² is at least their held-out R² here (a line fitted on the
+  # points it is scored on).
+  for key, r2 in held["leave_one_run_out"].items():
+    if r2 is not None and three["r2"][key] is not None:
+      assert r2 <= three["r2"][key] + 1e-9, key
+  two = report.analyze_sweep(root, str(tmp_path / "k2"),
+                             report.AnalysisOptions(calibration_runs=2)).summary["r2_held_out"]
+  # Final test accuracy rises with k (run_2 highest, run_0 lowest): the extremes calibrate.
+  assert two["calibration_runs"] == ["run_0", "run_2"]
+  assert two["k_runs"]["premem"] == pytest.approx(1.0)
+  table = open(tmp_path / "k2" / "baselines.csv").read().splitlines()
+  assert "r2_leave_one_run_out" in table[0] and "r2_k_runs" in table[0]
+  assert "calibrated on run_0, run_2" in open(tmp_path / "k2" / "report.md").read()
 
 
 # ----------------------------------------------------------------------------- CLI

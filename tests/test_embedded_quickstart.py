@@ -178,11 +178,14 @@ def test_tiny_quickstart_runs_the_standard_pipeline(tmp_path, monkeypatch, cache
   assert "PreMemAcc" in text and "| lr0.003_ep1_frac1 |" in text and "## Targets" in text
   summary = json.loads((out / "summary.json").read_text())
   for key in ("base_test_accuracy", "test_accuracy_standard_error", "runs",
-              "premem_threshold_perplexity", "base_memorized_fraction", "r2", "merge",
-              "wall_seconds"):
+              "premem_threshold_perplexity", "base_memorized_fraction", "r2", "r2_held_out",
+              "merge", "wall_seconds"):
     assert key in summary, key
   assert set(summary["r2"]) == {"premem", "train_accuracy", "train_perplexity",
                                 "gradient_variance", "distance_from_init", "atc"}
+  # Two runs: too few to hold one out and still calibrate on the rest.
+  assert summary["r2_held_out"]["leave_one_run_out"] is None
+  assert "Held out (Kang et al. App. A.1" in text
   assert set(summary["runs"]) == {"lr0.003_ep1_frac1", "lr0.003_ep2_frac0.5"}
   for run in summary["runs"].values():
     assert {"final_test_accuracy", "final_train_accuracy", "memorized_fraction",

@@ -1,6 +1,7 @@
 """Memorization metrics: pure numpy / jax functions over per-checkpoint, per-example arrays.
 
 - premem: pre-memorization train accuracy and threshold calibration (Kang et al. Sec. 4).
+- held_out: held-out R² of predictors (leave-one-run-out, K-run calibration; App. A.1).
 - regression: line fit with R² and Pearson r.
 - baselines: gradient variance, distance from initialization, ATC (Kang et al. App. B).
 - overmemorization: over-memorization stages and checkpoint selection (Ruan et al.).
@@ -40,6 +41,15 @@ from memdyn_jax.metrics.diversity import (
     sample_diversity,
     unique_final_answers,
     unique_traces,
+)
+from memdyn_jax.metrics.held_out import (
+    HeldOutScore,
+    choose_calibration_runs,
+    k_run_fold,
+    leave_one_run_out,
+    line_held_out,
+    out_of_sample_r2,
+    premem_held_out,
 )
 from memdyn_jax.metrics.overmemorization import (
     OverMemorization,

@@ -220,6 +220,79 @@ def correlation_table(rows: Sequence[Mapping[str, Any]], predictors: Sequence[st
   return out
 
 
+HELD_OUT_PROTOCOLS = ("leave_one_run_out", "k_runs")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """Held-out R² of every predictor (`metrics.held_out`), per protocol.
+
+  Attributes:
+    runs: the trajectories scored (those with train and test records), in order.
+    calibration_runs: the K-run protocol's calibration runs (`choose_calibration_runs`);
+      () when there are not K + 1 runs.
+    scores: protocol (HELD_OUT_PROTOCOLS) -> predictor key -> score; a protocol the runs
+      cannot support is absent.
+    notes: why a protocol is absent.
+  """
+
+  runs: tuple[str, ...]
+  calibration_runs: tuple[str, ...]
+  scores: dict[str, dict[str, metrics.HeldOutScore]]
+  notes: tuple[str, ...]
+
+
+def held_out_scores(trajs: Sequence[RunRecords], traj_rows: Sequence[Mapping[str, Any]],
+                    predictors: Mapping[str, str], k: int, base_ppl, threshold: float
+                    ) -> HeldOut:
+  """Each predictor (key -> its column in `traj_rows`; key "premem" is PreMemAcc, whose
+  threshold is calibrated inside every fold) scored on runs its fit never saw: leave one
+  run out, and Kang et al.'s K calibration runs (chosen by final test accuracy and the
+  share of train targets memorized at `threshold`) with the rest held out."""
+  named = [(run.name, cal) for run in trajs for cal in calibration_runs([run])]
+  names = tuple(name for name, _ in named)
+  cal_runs = [cal for _, cal in named]
+  folds, notes, chosen = {}, [], ()
+  if len(names) >= 3:
+    folds["leave_one_run_out"] = metrics.leave_one_run_out(len(names))
+  else:
+    notes.append(f"leave-one-run-out needs 3 runs with train and test records ({len(names)})")
+  if len(names) > k:
+    chosen = metrics.choose_calibration_runs(
+        [float(c.test_acc[-1]) for c in cal_runs],
+        [metrics.memorized_fraction(c.train_perplexity[-1], threshold) for c in cal_runs], k)
+    folds["k_runs"] = metrics.k_run_fold(chosen, len(names))
+  else:
+    notes.append(f"{k}-run calibration needs {k + 1} runs with train and test records "
+                 f"({len(names)})")
+  by_run = {name: sorted((r for r in traj_rows if r["run"] == name), key=lambda r: r["step"])
+            for name in names}
+  column = lambda col: [np.array([float(r.get(col, math.nan)) for r in by_run[n]])
+                        for n in names]
+  test = column("test_accuracy")
+  scores = {}
+  for protocol, protocol_folds in folds.items():
+    scores[protocol] = {
+        key: (metrics.premem_held_out(cal_runs, default_candidates(), protocol_folds,
+                                      base_perplexity=base_ppl) if key == "premem"
+              else metrics.line_held_out(column(col), test, protocol_folds))
+        for key, col in predictors.items()}
+  return HeldOut(names, tuple(names[i] for i in chosen), scores, tuple(notes))
+
+
+def held_out_summary(held: HeldOut) -> dict[str, Any]:
+  """summary.json's held-out R²: per protocol, predictor key -> R² (None if undefined),
+  PreMemAcc's thresholds per fold, and the calibration runs."""
+  out: dict[str, Any] = {"calibration_runs": list(held.calibration_runs)}
+  for protocol in HELD_OUT_PROTOCOLS:
+    scores = held.scores.get(protocol)
+    out[protocol] = None if scores is None else {
+        key: finite_or_none(score.r2) for key, score in scores.items()}
+    if scores is not None and "premem" in scores:
+      out[f"{protocol}_premem_thresholds"] = list(scores["premem"].thresholds)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class OverMemRun:
   """Over-memorization analysis of one run.

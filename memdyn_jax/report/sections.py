@@ -7,8 +7,9 @@ section or summary.json needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -92,13 +93,30 @@ def premem_vs_test(sheet: Sheet, trajs: Sequence[RunRecords], threshold: float, 
     sheet.report.paragraph(cal_note)
 
 
-def baselines(sheet: Sheet, traj_rows: Sequence[Mapping[str, Any]], predictors: Iterable[str],
-              atc_note: str) -> list[dict[str, Any]]:
-  """PreMemAcc against the App. B baselines: how well each predicts test accuracy."""
+def baselines(sheet: Sheet, traj_rows: Sequence[Mapping[str, Any]],
+              predictors: Mapping[str, str], atc_note: str,
+              held: analysis.HeldOut) -> list[dict[str, Any]]:
+  """PreMemAcc against the App. B baselines: how well each predicts test accuracy, in
+  sample (pooled fit over all checkpoints) and held out (`analysis.held_out_scores`)."""
   sheet.report.heading("PreMemAcc vs baselines (Kang et al. Fig. 5, App. B)")
-  base_rows = analysis.correlation_table(traj_rows, list(predictors))
+  base_rows = analysis.correlation_table(traj_rows, list(predictors.values()))
+  for row, key in zip(base_rows, predictors):
+    for protocol in analysis.HELD_OUT_PROTOCOLS:
+      score = held.scores.get(protocol, {}).get(key)
+      row[f"r2_{protocol}"] = math.nan if score is None else score.r2
   sheet.csv("baselines.csv", base_rows)
   sheet.report.table(base_rows)
+  sheet.report.paragraph(
+      "Held out: each predictor's line (and PreMemAcc's threshold) is fitted on some runs "
+      "and scored on the others' checkpoints (1 - SS_res/SS_tot over the held-out points; "
+      "negative = worse than their mean). r2_leave_one_run_out: each run predicted from "
+      "all the others. r2_k_runs: Kang et al.'s protocol (App. A.1), calibrated on "
+      + (f"{', '.join(held.calibration_runs)} — the runs at evenly spaced ranks of final "
+         "test accuracy (the lowest and highest among them), the middle one swapped for "
+         "the most different memorized share if they lack spread — and scored on the "
+         f"other {len(held.runs) - len(held.calibration_runs)}."
+         if held.calibration_runs else "K runs (not possible here).")
+      + "".join(f" {note}." for note in held.notes))
   recorded = lambda key: any(np.isfinite(row.get(key, np.nan)) for row in traj_rows)
   sheet.report.paragraph(
       f"ATC reference: {atc_note}. Distance from init: "

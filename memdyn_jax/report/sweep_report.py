@@ -61,6 +61,8 @@ class AnalysisOptions:
     premem_bins: PreMemAcc bins of the robustness plot.
     atc_reference: ATC reference checkpoint RUN:STEP (default: last checkpoint of the
       first run with greedy test scores).
+    calibration_runs: K, runs the held-out R² calibrates on (Kang et al. App. A.1: e.g.
+      3, spread in test accuracy and memorization); the others are scored.
   """
   eval_name: str = "eval"
   threshold: str = "default"
@@ -71,11 +73,14 @@ class AnalysisOptions:
   overmem_min_stage_len: int = 1
   premem_bins: int = 5
   atc_reference: str = ""
+  calibration_runs: int = 3
 
   def __post_init__(self):
     object.__setattr__(self, "threshold", str(self.threshold).strip())
     if self.premem_bins < 1:
       raise AnalysisError("premem_bins", "must be >= 1")
+    if self.calibration_runs < 2:
+      raise AnalysisError("calibration_runs", "must be >= 2")
     if self.overmem_min_stage_len < 1:
       raise AnalysisError("overmem_min_stage_len", "must be >= 1")
     if not self.overmem_ppl_rise > 0:
@@ -193,7 +198,9 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
     rows = sections.checkpoint_table(sheet, runs, threshold, atc, options.threshold)
     traj_rows = [row for row in rows if row["kind"] == "trajectory"]
     sections.premem_vs_test(sheet, trajs, threshold, cal, cal_note)
-    base_rows = sections.baselines(sheet, traj_rows, R2_PREDICTORS.values(), atc_note)
+    held = analysis.held_out_scores(trajs, traj_rows, R2_PREDICTORS, options.calibration_runs,
+                                    base_ppl, threshold)
+    base_rows = sections.baselines(sheet, traj_rows, R2_PREDICTORS, atc_note, held)
     config = metrics.OverMemorizationConfig(
         min_ppl_rise=options.overmem_ppl_rise, max_acc_drop=options.overmem_acc_drop,
         reference=options.overmem_reference, min_stage_len=options.overmem_min_stage_len)
@@ -214,6 +221,7 @@ def analyze_sweep(sweep_dir: str, output_dir: str | None = None,
         "r2": {key: analysis.finite_or_none(next(
             row["r2"] for row in base_rows if row["predictor"] == col))
                for key, col in R2_PREDICTORS.items()},
+        "r2_held_out": analysis.held_out_summary(held),
         "n_checkpoints": len(traj_rows), "runs": run_summaries,
         "merges": merges.summary_rows(merge_rows)}
     sheet.written.append(markdown.write_json(os.path.join(out, SUMMARY_FILE), summary))

@@ -308,7 +308,8 @@ def quickstart_summary(config: QuickstartConfig, analysis: Mapping[str, Any],
                               if finals and base.get("test_accuracy") is not None else None),
       "premem_threshold_perplexity": analysis["premem_threshold_perplexity"],
       "threshold_source": analysis.get("threshold_source"),
-      "r2": analysis["r2"], "runs": runs, "merge": merge,
+      "r2": analysis["r2"], "r2_held_out": analysis.get("r2_held_out"),
+      "runs": runs, "merge": merge,
       "base_model": {k: base_manifest.get(k) for k in ("spec_key", "num_params", "tokens_seen",
                                                        "final_loss", "probes")},
       "settings": dataclasses.asdict(config) | {"output_dir": None},
@@ -321,6 +322,21 @@ def quickstart_summary(config: QuickstartConfig, analysis: Mapping[str, Any],
 
 def _fmt(x, digits: int = 3) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def held_out_sentence(held: Mapping[str, Any] | None) -> str:
+  """The report's held-out R² (`report.analysis.held_out_summary`), one sentence."""
+  if not held:
+    return "No held-out R² (an analysis from before it was reported)."
+  parts = []
+  calibrated_on = ", ".join(held["calibration_runs"]) or "K runs"
+  for protocol, label in (("leave_one_run_out", "each run predicted from the others"),
+                          ("k_runs", f"calibrated on {calibrated_on}, scored on the others")):
+    scores = held.get(protocol)
+    parts.append(f"{label}: " + ("not possible with these runs" if scores is None else
+                                 ", ".join(f"{k} {_fmt(v)}" for k, v in scores.items())))
+  return "Held out (Kang et al. App. A.1: fitted on some runs, scored on others) — " + \
+      "; ".join(parts) + "."
 
 
 def targets(summary: Mapping[str, Any]) -> list[tuple[str, bool | None]]:
@@ -403,8 +419,10 @@ def narrative(config: QuickstartConfig, summary: Mapping[str, Any], spec) -> str
                    else "(Kang et al.'s task default: this sweep has too little spread to "
                    "calibrate one; ") +
                 f"at the base {_fmt(summary['base_memorized_fraction'], 2)} are). R² of "
-                "test accuracy on each predictor over every evaluated checkpoint: "
-                + ", ".join(f"{k} {_fmt(v)}" for k, v in r2.items()) + "."]
+                "test accuracy on each predictor over every evaluated checkpoint (in sample: "
+                "the threshold and lines are fitted on the points scored): "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in r2.items()) + ". "
+                + held_out_sentence(summary.get("r2_held_out"))]
   merge = summary.get("merge")
   if merge:
     lines += ["", f"**Over-memorization (Ruan et al.).** Merged {merge['source_run']} "

@@ -41,7 +41,8 @@ setup(
         # Planning for TPU slices with the real TPU compiler (experiments/plan_scale.py).
         "tpu": TPU_COMPILER,
         # The tests: HF PyTorch is the parity reference, they convert the offline GGUF, and
-        # they compile the programs for a TPU topology; ruff lints (pyproject.toml) first.
-        "test": ["pytest", "ruff==0.17.6", *GGUF_CONVERSION, *TPU_COMPILER],
+        # they compile the programs for a TPU topology; ruff lints (pyproject.toml) first;
+        # pytest-xdist runs the test files in two processes (one per core of the CI machine).
+        "test": ["pytest", "pytest-xdist", "ruff==0.17.6", *GGUF_CONVERSION, *TPU_COMPILER],
     },
 )

@@ -116,6 +116,31 @@ def unsupported(field: str, value: Any, why: str) -> ValueError:
   return ValueError(f"config field {field!r} = {value!r} is not supported: {why}")
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF `layer_types` values we run
+
+
+def layer_types(hf) -> list[str]:
+  """HF's `layer_types` (Qwen3, Gemma 3, SmolLM3), checked: one per layer, each in
+  LAYER_TYPES."""
+  types = list(hf.layer_types)
+  if len(types) != hf.num_hidden_layers:
+    raise unsupported("layer_types", types, f"names {len(types)} layers, not "
+                      f"num_hidden_layers = {hf.num_hidden_layers}")
+  for t in types:
+    if t not in LAYER_TYPES:
+      raise unsupported("layer_types", t, f"supported: {LAYER_TYPES}")
+  return types
+
+
+def windows_of_layer_types(hf) -> tuple[int, ...]:
+  """Each layer's attention window as HF's eager masks read `layer_types`: `sliding_window`
+  on the sliding layers (none where it is None: HF's config clears it when sliding is off),
+  0 (global) elsewhere."""
+  window = getattr(hf, "sliding_window", None)
+  return tuple(int(window) if t == "sliding_attention" and window else 0
+               for t in layer_types(hf))
+
+
 def rope_fields(hf, raw, *, params: dict[str, Any] | None = None,
                 partial_rotary: bool = False) -> dict[str, Any]:
   """`rope_theta`, `rope_type`, `rope_params` and `partial_rotary_factor` of an HF config with

@@ -15,23 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from memdyn_jax.models.config import rope_fields, unsupported
+from memdyn_jax.models.config import layer_types, rope_fields, unsupported
 from memdyn_jax.models.families import gemma2
 from memdyn_jax.models.registry import Family
 
-LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 def config_fields(hf, raw) -> dict[str, Any]:
   if getattr(hf, "use_bidirectional_attention", False):
     raise unsupported("use_bidirectional_attention", True, "causal attention only")
-  layer_types = list(hf.layer_types)
-  if len(layer_types) != hf.num_hidden_layers:
-    raise unsupported("layer_types", layer_types, f"names {len(layer_types)} layers, not "
-                      f"num_hidden_layers = {hf.num_hidden_layers}")
-  for t in layer_types:
-    if t not in LAYER_TYPES:
-      raise unsupported("layer_types", t, f"supported: {LAYER_TYPES}")
+  types = layer_types(hf)
   # HF 5.x keeps one RoPE per layer type ({"sliding_attention": {...}, "full_attention":
   # {...}}, from rope_local_base_freq, rope_theta and rope_scaling). The global one carries
   # the scaling; a local one must be plain (ModelConfig scales with one rope_type).
@@ -44,11 +37,11 @@ def config_fields(hf, raw) -> dict[str, Any]:
     raise unsupported("partial_rotary_factor", local["partial_rotary_factor"], "only 1.0")
   rope = rope_fields(hf, raw, params=ropes["full_attention"])
   thetas = tuple(float(local["rope_theta"]) if t == "sliding_attention" else rope["rope_theta"]
-                 for t in layer_types)
+                 for t in types)
   return dict(gemma2.config_fields(hf, raw, rope=rope),
               attn_logit_softcap=0.0,  # HF's Gemma 3 never applies it (module docstring)
               qk_norm="head", qk_norm_style="one_plus_scale", layer_rope_thetas=thetas,
-              layer_rope_scaled=tuple(t == "full_attention" for t in layer_types))
+              layer_rope_scaled=tuple(t == "full_attention" for t in types))
 
 
 FAMILY = Family(

@@ -6,32 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from memdyn_jax.models.config import unsupported
+from memdyn_jax.models.config import windows_of_layer_types
 from memdyn_jax.models.families import llama
 from memdyn_jax.models.registry import Family
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def layer_windows(hf) -> tuple[int, ...]:
-  """The window of each layer as HF's Qwen2/Qwen3 attention reads it: `sliding_window`
-  (None unless `use_sliding_window`, set so by the config class) on the layers `layer_types`
-  marks sliding (by default those from `max_window_layers` on), 0 elsewhere."""
-  types = list(hf.layer_types)
-  if len(types) != hf.num_hidden_layers:
-    raise unsupported("layer_types", types, f"names {len(types)} layers, not "
-                      f"num_hidden_layers = {hf.num_hidden_layers}")
-  for t in types:
-    if t not in LAYER_TYPES:
-      raise unsupported("layer_types", t, f"supported: {LAYER_TYPES}")
-  window = hf.sliding_window
-  return tuple(int(window) if t == "sliding_attention" and window else 0 for t in types)
-
-
 def config_fields(hf, raw) -> dict[str, Any]:
   bias = bool(getattr(hf, "attention_bias", False))
-  return dict(llama.decoder_fields(hf, raw, windows=layer_windows(hf), qkv_bias=bias,
-                                   out_bias=bias),
+  # HF's config sets `sliding_window` None unless `use_sliding_window`, and marks the layers
+  # from `max_window_layers` on sliding.
+  return dict(llama.decoder_fields(hf, raw, windows=windows_of_layer_types(hf),
+                                   qkv_bias=bias, out_bias=bias),
               qk_norm="head", qk_norm_style="cast_then_scale")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memdyn_jax.models.config import unsupported
+from memdyn_jax.models.config import unsupported, windows_of_layer_types
 from memdyn_jax.models.families import llama
 from memdyn_jax.models.registry import Family
 
@@ -20,10 +20,8 @@ def config_fields(hf, raw) -> dict[str, Any]:
   flags = list(hf.no_rope_layers)  # 1: the layer applies RoPE (HF lists at least n)
   if len(flags) < n:
     raise unsupported("no_rope_layers", flags, f"lists {len(flags)} layers of {n}")
-  window = getattr(hf, "sliding_window", None)
   # HF's eager masks follow `layer_types` (its config derives them from use_sliding_window).
-  windows = tuple(int(window) if t == "sliding_attention" and window else 0
-                  for t in hf.layer_types)
+  windows = windows_of_layer_types(hf)
   bias = bool(getattr(hf, "attention_bias", False))
   fields = llama.decoder_fields(hf, raw, windows=windows, qkv_bias=bias, out_bias=bias,
                                 check_pretraining_tp=False)

@@ -278,12 +278,12 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
 
   # Per rule, its HF tensors by index (layer, expert: `KeyRule.indices`); every HF tensor
   # must be claimed by a rule or ignored.
-  rules = key_rules(cfg)
+  key_map = key_rules(cfg)
   rules_of_path: dict[str, list[KeyRule]] = {}
-  for rule in rules:
+  for rule in key_map:
     rules_of_path.setdefault(rule.ours, []).append(rule)
-  claimed: dict[KeyRule, dict[tuple[int, ...], str]] = {rule: {} for rule in rules}
-  patterns = [(r, r.pattern) for r in rules]
+  claimed: dict[KeyRule, dict[tuple[int, ...], str]] = {rule: {} for rule in key_map}
+  patterns = [(r, r.pattern) for r in key_map]
   ignored = _ignored(cfg)
   unexpected = []
   for name in reader.keys():

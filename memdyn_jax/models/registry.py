@@ -324,3 +324,16 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def num_params(cfg: ModelConfig) -> int:
   """The parameter count of the architecture `cfg` describes."""
   return int(sum(math.prod(shape) for shape in param_shapes(cfg).values()))
+
+
+def num_active_params(cfg: ModelConfig) -> int:
+  """The parameters one token uses (a mixture of experts' "activated" count, embeddings
+  included): a parameter with an `expert` logical axis counts `num_experts_per_tok` of its
+  `num_experts` experts; a dense model's count is `num_params`."""
+  total = 0
+  for _, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
+    size = math.prod(var.shape)
+    if "expert" in var.get_metadata().get("logical_axes", ()):
+      size = size // cfg.num_experts * cfg.num_experts_per_tok
+    total += size
+  return int(total)

@@ -28,8 +28,9 @@ program is compiled for (`sharding.target_platform`); `set_moe_impl` picks one f
 Ties: when two experts' router probabilities are exactly equal at the k-th place,
 `jax.lax.top_k` keeps the lower expert index; `torch.topk` does not promise an order for
 ties (CPU and CUDA kernels may pick differently), so on such a token HF may pick another
-expert. With float32 probabilities of non-degenerate router weights exact ties do not occur
-in practice; a zero router (or identical rows) ties every expert.
+expert. Exact ties are unlikely with float32 probabilities of a trained or random router; a
+zero router (or identical rows) ties every expert. (HF's eager and grouped expert kernels
+also sum a token's k expert outputs in another order than ours: float rounding only.)
 """
 from __future__ import annotations
 

@@ -64,6 +64,8 @@ def test_rms_norm_style_is_checked():
     ("llama", "none", "llama", None, None),
     # one (head_dim,) weight per layer, shared by the heads
     ("qwen3", "head", "llama", ((2, 16), ("layers", "norm")), ((2, 16), ("layers", "norm"))),
+    ("qwen3_moe", "head", "llama", ((2, 16), ("layers", "norm")),
+     ((2, 16), ("layers", "norm"))),
     # over the whole projection: sharded like it (heads over the tensor axis)
     ("olmo2", "projection", "olmo", ((2, 4, 12), ("layers", "heads", "head_dim")),
      ((2, 2, 12), ("layers", "kv_heads", "head_dim"))),

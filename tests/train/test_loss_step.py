@@ -1,6 +1,8 @@
 """Loss normalization, per-example perplexity, and the jitted train step."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,15 +156,14 @@ def test_router_aux_coefficient_follows_hf_unless_told():
     TrainConfig(router_aux_loss="always")
 
 
-@pytest.mark.parametrize("micro_batch_size", [0, 4])
-def test_moe_step_adds_the_load_balancing_loss(micro_batch_size):
-  """A train step of a mixture of experts with the load-balancing term: the metric is the
-  loss of each micro-batch's forward (their mean), the gradient is that of
-  loss + c * aux, and steps run (and learn) with it."""
+def test_moe_step_adds_the_load_balancing_loss():
+  """A train step of a mixture of experts with the load-balancing term, 2 micro-batches:
+  the metric is the mean of the micro-batches' losses (each that of its own forward, as
+  HF's), the gradient that of loss + c * aux, and steps run (and learn) with it."""
   from memdyn_jax.models import moe
   coef = 0.5  # large, so its gradient shows
   cfg = TrainConfig(learning_rate=1e-2, schedule="constant", global_batch_size=8,
-                    micro_batch_size=micro_batch_size, max_grad_norm=0.0)
+                    micro_batch_size=4, max_grad_norm=0.0)
   batch = tiny_batch()
   host = dict(batch, weights=np.ones(8, np.float32))
   mb = step_lib.to_microbatches(host, cfg.accumulation_steps)
@@ -182,7 +183,7 @@ def test_moe_step_adds_the_load_balancing_loss(micro_batch_size):
       aux += moe.load_balancing_loss(stats, model.cfg.num_experts) / cfg.accumulation_steps
     return lm + coef * aux, (lm, aux)
 
-  (_, (lm, aux)), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+  (_, (lm, aux)), grads = nnx.jit(nnx.value_and_grad(objective, has_aux=True))(model)
   assert float(m["loss"]) == pytest.approx(float(lm), rel=1e-5)
   assert float(m["router_aux_loss"]) == pytest.approx(float(aux), rel=1e-5)
   assert float(m["grad_norm"]) == pytest.approx(float(optim.global_norm(grads)), rel=1e-4)
@@ -194,8 +195,32 @@ def test_moe_step_adds_the_load_balancing_loss(micro_batch_size):
   assert np.abs(router(trained1) - router(trained0)).max() > 0
   losses = [float(m["loss"])]
   opt_state = tx.init(trained1)
-  for s in range(1, 8):
+  for s in range(1, 4):
     trained1, opt_state, rngs, m = step(trained1, opt_state, rngs, frozen, mb, jnp.int32(s))
     assert bool(m["finite"])
     losses.append(float(m["loss"]))
   assert losses[-1] < losses[0]
+
+
+def test_moe_training_run_logs_the_load_balancing_loss(tmp_path):
+  """`train.loop.train` of a qwen3_moe checkpoint: the tiny config has HF add the loss
+  (output_router_logits), so the run weighs it in and logs it; "off" logs none."""
+  import json
+
+  from memdyn_jax import testing
+  from memdyn_jax.train import loop
+
+  src = testing.save_tiny_hf_model("qwen3_moe", str(tmp_path / "moe"), vocab_size=64)
+  b = tiny_batch()
+  data = loop.TrainData(b["input_ids"], b["attention_mask"], b["target_mask"])
+  cfg = TrainConfig(learning_rate=1e-2, schedule="constant", global_batch_size=4,
+                    max_steps=2, micro_batch_size=2)
+  for mode, logged in (("hf", True), ("off", False)):
+    run = str(tmp_path / mode)
+    result = loop.train(cfg.replace(router_aux_loss=mode), data, src, run, progress=False,
+                        async_checkpoints=False)
+    assert result.step == 2
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [("router_aux_loss" in r) for r in records] == [logged] * 2
+    if logged:
+      assert all(r["router_aux_loss"] > 0.9 for r in records)  # ~1 when balanced

@@ -15,10 +15,10 @@ Two ways to compute the experts (`MOE_IMPLS`), the same function of the same wei
   across devices would gather every token everywhere) against the expert weights, which
   GSPMD all-gathers at the boundary (FSDP's gather); the expert width `mlp` stays split
   over `tensor` and the partial outputs are summed (`psum`), Megatron-style.
-  XLA:TPU runs ragged dots natively. XLA:GPU hands bf16/f16 ones to cuDNN's grouped matmul
-  where its version allows and otherwise expands them into a masked dense dot (not
-  measured here: no GPU). jax lowers them on CPU the same masked way (num_experts times
-  the rows, k times the FLOPs of "dense").
+  XLA:TPU runs ragged dots natively. XLA:GPU (by XLA's source) hands bf16/f16 ones to
+  cuDNN's grouped matmul where its version allows and otherwise expands them into a masked
+  dense dot (not measured here: no GPU). jax lowers them on CPU the same masked way
+  (num_experts times the rows: k times the FLOPs of "dense").
 - "dense": every expert on every token, weighted by the (mostly zero) gates of the chosen
   ones: `num_experts / top_k` times the expert FLOPs, but plain einsums, the cheaper of the
   two on CPU.

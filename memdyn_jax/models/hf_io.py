@@ -336,7 +336,8 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
       grid = list(itertools.product(*(range(a, b) for a, b in lead)))  # [()] without indices
       parts = [_to_ours(reader.get(names[i]), rule, layer_shape, names[i])[rest].astype(np_dtype)
                for i in grid]
-      out = np.stack(parts).reshape(tuple(b - a for a, b in lead) + parts[0].shape)
+      out = (np.stack(parts).reshape(tuple(b - a for a, b in lead) + parts[0].shape) if lead
+             else parts[0])  # no copy of an unindexed tensor (an embedding) beyond astype's
       shard_cache[idx] = out
       return out
 

@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules, placement of host data and multi-host initialisation.
 
 Parameters name their axes logically (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `layers`, `norm`, `positions`); activations use `batch` and `length`. One rules table
+`mlp`, `expert`, `layers`, `norm`, `positions`); activations use `batch` and `length`. One rules table
 maps logical names to mesh axes (`data`, `fsdp`, `tensor`), as MaxText's
 `logical_axis_rules` does, so placement is decided in one place; the helpers that put host
 arrays on a mesh and fetch them back (`put_global`, `put_batch`, `to_host`, `data_shards`)
@@ -32,6 +32,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # A mixture of experts' weights (experts, embed, mlp) split by expert over fsdp (a
+    # parameter's embed axis then stays whole: a mesh axis shards one dimension), the width
+    # over tensor. The experts are gathered whole where they are used, as FSDP gathers any
+    # weight (`models.moe`: at its shard_map's boundary).
+    ("expert", "fsdp"),
     ("layers", None),
     ("norm", None),
     ("positions", None),

@@ -185,6 +185,44 @@ def test_plan_scale_compiles_the_qk_norm_presets():
     assert r["total_bytes"] > 3 * r["param_bytes"] and r["fits"], (name, r)
 
 
+def test_moe_preset_counts_total_and_active_parameters_and_flops():
+  """Qwen3-30B-A3B: the card's "30.5B in total and 3.3B activated"; its model FLOPs per token
+  are those of the activated matmul weights (8 of 128 experts, the router, attention)."""
+  import math
+
+  from memdyn_jax.models import flops, registry
+  from memdyn_jax.train import loss as loss_lib
+
+  cfg = model_presets.preset_config("qwen3-30b-a3b")
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+          cfg.norm_topk_prob, cfg.qk_norm) == (128, 8, 768, True, "head")
+  total, active = models.num_params(cfg), registry.num_active_params(cfg)
+  assert total == model_presets.PUBLISHED_NUM_PARAMS["qwen3-30b-a3b"]
+  assert round(total / 1e9, 1) == 30.5 and 3.3e9 <= active < 3.4e9
+  norms = sum(math.prod(shape) for path, shape in models.param_shapes(cfg).items()
+              if "norm" in path)
+  embeddings = 2 * cfg.vocab_size * cfg.hidden_size  # untied: embedding and LM head
+  assert flops.decoder_flops_per_token(cfg) == 2 * (active - embeddings - norms)
+  # HF adds the load-balancing loss only with output_router_logits, false in its config
+  assert loss_lib.router_aux_coefficient("hf", cfg) == 0.0
+  assert loss_lib.router_aux_coefficient("on", cfg) == 0.001
+
+
+def test_plan_scale_compiles_the_moe_preset():
+  """`plan_scale --model=qwen3-30b-a3b`: the train step compiles at full size on 8 fake
+  devices (the CPU's dense experts; test_plan_tpu compiles the TPU's ragged dots), every
+  weight, the experts included, split 8 ways."""
+  proc = subprocess.run([sys.executable, os.path.join(_HERE, "plan_scale_worker.py"),
+                         "presets", "qwen3-30b-a3b"], env=_ENV, capture_output=True, text=True,
+                        timeout=900, cwd=_ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])["qwen3-30b-a3b"]
+  n = model_presets.PUBLISHED_NUM_PARAMS["qwen3-30b-a3b"]
+  assert r["num_params"] == n
+  assert 4 * n / 8 <= r["param_bytes"] < 1.01 * 4 * n / 8
+  assert r["total_bytes"] > 3 * r["param_bytes"] and r["fits"], r
+
+
 def test_lever_space_and_lower_bound():
   cfg = model_presets.preset_config("llama3-8b")
   n = models.num_params(cfg)

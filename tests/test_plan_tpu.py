@@ -93,6 +93,36 @@ def test_loading_the_tpu_compiler_leaves_the_environment_as_it_was():
   assert dict(os.environ) == before
 
 
+@needs_libtpu
+def test_moe_experts_compile_to_ragged_dots_for_tpu():
+  """On a TPU mesh "auto" takes the sorted dispatch: per device in a shard_map, grouped
+  matmuls that XLA:TPU compiles as ragged dots, forward and backward (the gradient of a
+  loss with the load-balancing term)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from memdyn_jax import sharding, testing
+  from memdyn_jax.models import moe
+
+  cfg = models.from_hf_config(testing.hf_config("qwen3_moe", vocab_size=256))
+  mesh = sharding.make_mesh(1, 4, 1, devices=plan.target_devices(plan.parse_target("v5e-4")))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.build_model(cfg,
+                                                                         dtype=jnp.bfloat16)))
+  state = plan.programs.abstract_state(state, mesh, sharding.DEFAULT_RULES)
+  tokens = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+  def loss(state, ids, mask):
+    logits, stats = nnx.merge(graphdef, state).logits_and_router_stats(ids, mask)
+    return jnp.mean(logits) + moe.load_balancing_loss(stats, cfg.num_experts)
+
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(jax.grad(loss)).lower(state, tokens, tokens)
+    text = lowered.compile().as_text()
+  assert lowered.as_text().count("sdy.manual_computation") >= 2  # a shard_map per layer
+  assert "ragged-dot" in text
+
+
 @pytest.fixture(scope="module")
 def tpu_plan():
   """The tiny model's train step (remat, 2 micro-batches), scorer and sampler for v5e-4."""

@@ -75,12 +75,28 @@ class ModelConfig:
   attn_logit_softcap: float = 0.0  # 0 = off
   final_logit_softcap: float = 0.0
   qk_norm: str = "none"  # QK_NORMS: q/k RMSNorm before RoPE, per head or per projection
-  qk_norm_style: str = "cast_then_scale"  # RMS_NORM_STYLES: how the q/k norms apply their weight
+  qk_norm_style: str = "cast_then_scale"  # RMS_NORM_STYLES: how q/k norms apply weights
+  # Mixture of experts (`moe`; Qwen3-MoE) in place of the dense MLP on every layer: each
+  # token goes to its `num_experts_per_tok` most probable of `num_experts` SwiGLU experts
+  # of width `moe_intermediate_size` (`intermediate_size` is then unused). 0 experts: dense.
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False  # the top-k router probabilities are renormalised to sum 1
+  router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (HF's config value)
+  # HF's `output_router_logits`: its model adds the weighted load-balancing loss to the
+  # loss it returns only when this is set (`train.loss.router_aux_coefficient`).
+  router_aux_loss_in_hf_loss: bool = False
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
   # The HF config dict we were built from, re-emitted by `save_pretrained`.
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+  @property
+  def is_moe(self) -> bool:
+    """Its blocks route tokens to experts (`num_experts` > 0)."""
+    return self.num_experts > 0
 
   @property
   def rope(self) -> dict[str, Any]:

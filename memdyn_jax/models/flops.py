@@ -8,10 +8,17 @@ from memdyn_jax.models.config import ModelConfig
 
 def decoder_flops_per_token(cfg: ModelConfig) -> int:
   """Matmul FLOPs of one token through the decoder layers: the q, k, v, o projections and
-  the gated MLP's three matrices. Attention scores and the LM head are counted apart
-  (`attention_flops`, `lm_head_flops_per_token`) since not every position pays for them."""
+  the gated MLP's three matrices; in a mixture of experts the router and the three matrices
+  of the `num_experts_per_tok` experts the token reaches (the model's FLOPs: the dense
+  expert path, `models.moe`, computes every expert). Attention scores and the LM head are
+  counted apart (`attention_flops`, `lm_head_flops_per_token`) since not every position
+  pays for them."""
   h, d = cfg.hidden_size, cfg.head_dim
-  per_layer = 2 * h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 6 * h * cfg.intermediate_size
+  if cfg.is_moe:
+    mlp = 2 * h * cfg.num_experts + 6 * h * cfg.moe_intermediate_size * cfg.num_experts_per_tok
+  else:
+    mlp = 6 * h * cfg.intermediate_size
+  per_layer = 2 * h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + mlp
   return cfg.num_layers * per_layer
 
 

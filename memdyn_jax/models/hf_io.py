@@ -2,14 +2,16 @@
 
 One regex key map per family (as Tunix does), declared in the family's module
 (`registry.Family.key_rules`): each entry ties an HF tensor name (with `{i}` for the layer
-index) to one of our parameter paths and a layout transform, or to rows of a fused HF
-tensor (split on load, concatenated on save); the code here is generic.
+index, `{e}` for the expert) to one of our parameter paths and a layout transform, or to rows
+of a fused HF tensor (split on load, concatenated on save); a read-only entry is another
+layout the loader accepts in its place (HF's fused experts); the code here is generic.
 The generic loader streams tensor by tensor straight into each parameter's target
 sharding: a device shard is assembled from memory-mapped safetensors slices, so host RAM
 holds one HF tensor and one stacked shard at a time, never the model.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -28,7 +30,7 @@ from memdyn_jax import fileio, hub
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import registry
 from memdyn_jax.models.config import ModelConfig
-from memdyn_jax.models.registry import FLAT, LINEAR, KeyRule
+from memdyn_jax.models.registry import BATCHED_LINEAR, FLAT, LINEAR, KeyRule
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +162,15 @@ class CheckpointReader:
 def _to_ours(hf: np.ndarray, rule: KeyRule, layer_shape: tuple[int, ...],
              name: str | None = None) -> np.ndarray:
   if rule.fused:  # our part of a fused tensor: a view of its rows
-    if hf.shape[0] != sum(rule.fused):
-      raise ValueError(f"tensor {name or rule.hf}: {hf.shape[0]} rows, but the config fuses "
+    axis = rule.fused_axis % hf.ndim
+    if hf.shape[axis] != sum(rule.fused):
+      raise ValueError(f"tensor {name or rule.hf}: {hf.shape[axis]} rows, but the config fuses "
                        f"{' + '.join(map(str, rule.fused))} there (config mismatch?)")
-    hf = hf[rule.rows]
+    hf = hf[(slice(None),) * axis + (rule.rows,)]
   if rule.transform == LINEAR:
     hf = hf.T
+  elif rule.transform == BATCHED_LINEAR:
+    hf = np.swapaxes(hf, -1, -2)
   if tuple(hf.shape) != layer_shape and math.prod(hf.shape) != math.prod(layer_shape):
     raise ValueError(f"tensor {rule.hf}: shape {hf.shape} does not fit parameter {rule.ours} "
                      f"{layer_shape} (config mismatch?)")
@@ -173,6 +178,8 @@ def _to_ours(hf: np.ndarray, rule: KeyRule, layer_shape: tuple[int, ...],
 
 
 def _to_hf(ours: np.ndarray, rule: KeyRule) -> np.ndarray:
+  if rule.read_only:
+    raise ValueError(f"key rule for {rule.hf} is a layout read, never written")
   if rule.transform == LINEAR:
     n_in = rule.n_in
     return ours.reshape(math.prod(ours.shape[:n_in]), -1).T
@@ -269,13 +276,14 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
   graphdef, abs_state = nnx.split(abstract)
   reader = CheckpointReader(directory)
 
-  # HF name -> (rule, layer); every HF tensor must be claimed by a rule or ignored.
-  rules_by_path = {}
-  claimed: dict[str, dict[int | None, str]] = {}
-  for rule in key_rules(cfg):
-    rules_by_path[rule.ours] = rule
-    claimed[rule.ours] = {}
-  patterns = [(r, r.pattern) for r in key_rules(cfg)]
+  # Per rule, its HF tensors by index (layer, expert: `KeyRule.indices`); every HF tensor
+  # must be claimed by a rule or ignored.
+  key_map = key_rules(cfg)
+  rules_of_path: dict[str, list[KeyRule]] = {}
+  for rule in key_map:
+    rules_of_path.setdefault(rule.ours, []).append(rule)
+  claimed: dict[KeyRule, dict[tuple[int, ...], str]] = {rule: {} for rule in key_map}
+  patterns = [(r, r.pattern) for r in key_map]
   ignored = _ignored(cfg)
   unexpected = []
   for name in reader.keys():
@@ -283,7 +291,7 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
     for rule, pat in patterns:  # a fused tensor is claimed by the rule of each of its parts
       m = pat.match(name)
       if m:
-        claimed[rule.ours][int(m.group(1)) if rule.stacked else None] = name
+        claimed[rule][tuple(int(m.group(n)) for n in rule.indices)] = name
         matched = True
     if not matched:
       if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -298,14 +306,18 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
   loaded = []
   for path, var in flat:
     key = ".".join(map(str, path))
-    if key not in rules_by_path:
+    if key not in rules_of_path:
       raise ValueError(f"parameter {key} has no HF key rule (model/key-map mismatch)")
-    rule = rules_by_path[key]
+    # The written layout, unless the checkpoint holds none of it but another one it reads.
+    rule = next(r for r in rules_of_path[key] if not r.read_only)
+    if not claimed[rule]:
+      rule = next((r for r in rules_of_path[key] if r.read_only and claimed[r]), rule)
     shape = tuple(var.shape)
-    layer_shape = shape[1:] if rule.stacked else shape
-    names = claimed[key]
-    expected = range(cfg.num_layers) if rule.stacked else [None]
-    missing = [rule.hf.format(i=i) for i in expected if i not in names]
+    n_index = len(rule.indices)  # our leading axes the HF names index
+    layer_shape = shape[n_index:]  # the shape of one HF tensor's part, in our layout
+    names = claimed[rule]
+    expected = itertools.product(*(range(n) for n in shape[:n_index]))
+    missing = [rule.name(i) for i in expected if i not in names]
     if missing:
       raise ValueError(f"{directory}: checkpoint lacks tensor(s) {missing[:4]} for {key}")
     np_dtype = np.dtype(param_dtype)
@@ -316,18 +328,16 @@ def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=None,
     shard_cache: dict[Any, np.ndarray] = {}
 
     def read_shard(index, rule=rule, names=names, layer_shape=layer_shape, shape=shape,
-                   np_dtype=np_dtype, shard_cache=shard_cache):
+                   n_index=n_index, np_dtype=np_dtype, shard_cache=shard_cache):
       idx = _index_tuple(index, shape)
       if idx in shard_cache:
         return shard_cache[idx]
-      if rule.stacked:
-        (l0, l1), rest = idx[0], idx[1:]
-        parts = [_to_ours(reader.get(names[layer]), rule, layer_shape, names[layer])[
-            tuple(slice(a, b) for a, b in rest)].astype(np_dtype) for layer in range(l0, l1)]
-        out = np.stack(parts)
-      else:
-        out = _to_ours(reader.get(names[None]), rule, layer_shape, names[None])[
-            tuple(slice(a, b) for a, b in idx)].astype(np_dtype)
+      lead, rest = idx[:n_index], tuple(slice(a, b) for a, b in idx[n_index:])
+      grid = list(itertools.product(*(range(a, b) for a, b in lead)))  # [()] without indices
+      parts = [_to_ours(reader.get(names[i]), rule, layer_shape, names[i])[rest].astype(np_dtype)
+               for i in grid]
+      out = (np.stack(parts).reshape(tuple(b - a for a, b in lead) + parts[0].shape) if lead
+             else parts[0])  # no copy of an unindexed tensor (an embedding) beyond astype's
       shard_cache[idx] = out
       return out
 
@@ -358,7 +368,7 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
   writes."""
   state = nnx.state(model, nnx.Param)
   flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
-  rules = key_rules(config)
+  rules = [r for r in key_rules(config) if not r.read_only]
   out_dtype = np.dtype(dtype) if dtype is not None else None
   for rule in rules:
     if rule.ours not in flat:
@@ -367,7 +377,7 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
   parts_of: dict[str, list[KeyRule]] = {}
   for rule in rules:
     parts_of.setdefault(rule.hf, []).append(rule)
-  specs = []  # (hf name, hf shape, dtype, [(param key, rule, layer) per part])
+  specs = []  # (hf name, hf shape, dtype, [(param key, rule, index) per part])
   for hf_name, parts in parts_of.items():
     parts.sort(key=lambda r: r.part)
     fused = parts[0].fused
@@ -377,16 +387,16 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
     hf_shapes = []
     for r in parts:
       shape = tuple(flat[r.ours][...].shape)
-      hf_shapes.append(_hf_shape(shape[1:] if r.stacked else shape, r))
+      hf_shapes.append(_hf_shape(shape[len(r.indices):], r))
       if fused and hf_shapes[-1][0] != fused[r.part]:
         raise ValueError(f"parameter {r.ours} {shape} is not the {fused[r.part]} rows of "
                          f"{hf_name} its key rule says (model/key-map mismatch)")
     arr_dtype = out_dtype or np.dtype(flat[parts[0].ours][...].dtype)
     hf_shape = (sum(fused),) + hf_shapes[0][1:] if fused else hf_shapes[0]
-    layers = range(flat[parts[0].ours][...].shape[0]) if parts[0].stacked else [None]
-    for layer in layers:
-      name = hf_name.format(i=layer) if parts[0].stacked else hf_name
-      specs.append((name, hf_shape, arr_dtype, [(r.ours, r, layer) for r in parts]))
+    lead = flat[parts[0].ours][...].shape[:len(parts[0].indices)]
+    for index in itertools.product(*(range(n) for n in lead)):  # [()] without indices
+      specs.append((parts[0].name(index), hf_shape, arr_dtype,
+                    [(r.ours, r, index) for r in parts]))
 
   # Group tensors of one parameter together so each is gathered once.
   files: list[list[tuple]] = [[]]
@@ -414,8 +424,7 @@ def save_pretrained(model, config: ModelConfig, out_dir: str, *, max_shard_bytes
         held = {key: cache[key] if key in cache else _gather(flat[key][...]) for key in keys}
         cache.clear()
         cache.update(held)
-      tensors = [_to_hf(cache[key][layer] if layer is not None else cache[key], rule)
-                 for key, rule, layer in sources]
+      tensors = [_to_hf(cache[key][index], rule) for key, rule, index in sources]
       hf = tensors[0] if len(tensors) == 1 else np.concatenate(tensors, axis=0)
       return hf.astype(arr_dtype)
 

@@ -231,6 +231,39 @@ _PHI4_MINI = {
     "pad_token_id": 199999,
 }
 
+# Qwen/Qwen3-30B-A3B (not a paper's model: the smallest published Qwen3 MoE, a planning preset
+# of the qwen3_moe family): 128 experts of width 768 on every layer, 8 per token.
+_QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "max_window_layers": 48,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
 HF_CONFIGS: dict[str, dict[str, Any]] = {
     "llama3-8b": _LLAMA3_8B,
     "gemma2-9b": _GEMMA2_9B,
@@ -241,6 +274,7 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma3-12b": _GEMMA3_12B,
     "olmo2-7b": _OLMO2_7B,
     "phi4-mini": _PHI4_MINI,
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
 }
 
 # Parameter counts the model cards / HF `num_parameters()` report: a check on the values.
@@ -252,7 +286,9 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
 #   technical report's 10,759M (Table 1; the 417M vision encoder is not counted), plus the
 #   tied 262,208 x 3,840 embedding;
 # - olmo2-7b: the card's "7B" (7.30B; q/k norms over the whole projections included);
-# - phi4-mini: the card's "3.8B" (see below).
+# - phi4-mini: the card's "3.8B" (see below);
+# - qwen3-30b-a3b: the card's "30.5B in total and 3.3B activated" (activated:
+#   `registry.num_active_params`, 3,353,032,704: 8 of the 128 experts, embeddings included).
 PUBLISHED_NUM_PARAMS: dict[str, int] = {
     "llama3-8b": 8_030_261_248,
     "gemma2-9b": 9_241_705_984,
@@ -266,6 +302,10 @@ PUBLISHED_NUM_PARAMS: dict[str, int] = {
     # 200064 x 3072, 32 layers of 100,669,440, the final norm), as HF's `num_parameters()`
     # of `Phi3ForCausalLM` built from it (on the meta device) gives it.
     "phi4-mini": 3_836_021_760,
+    # As HF's `num_parameters()` of `Qwen3MoeForCausalLM` built from the config above (on
+    # the meta device) gives it: untied 151936 x 2048 embedding and LM head, 48 layers of
+    # attention, q/k norms, router and 128 experts of 3 x 2048 x 768.
+    "qwen3-30b-a3b": 30_532_122_624,
 }
 
 # The hub ids of the presets' models: what a command's --model names (launch/ sizes their
@@ -279,6 +319,7 @@ HUB_IDS: dict[str, str] = {
     "Qwen/Qwen3-8B": "qwen3-8b",
     "allenai/OLMo-2-1124-7B": "olmo2-7b",
     "microsoft/Phi-4-mini-instruct": "phi4-mini",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
     # (google/gemma-3-12b-pt is a multimodal "gemma3" checkpoint, which from_pretrained does
     # not read: gemma3-12b is for planning its text decoder only.)
 }

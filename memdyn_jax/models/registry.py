@@ -51,20 +51,29 @@ from memdyn_jax.models.transformer import CausalLM
 
 # ----------------------------------------------------------------------------- key rules
 
-SAME, FLAT, LINEAR = "same", "flat", "linear"  # transforms: see `hf_io._to_ours` / `_to_hf`
+# Transforms: see `hf_io._to_ours` / `_to_hf`. BATCHED_LINEAR (read only): HF (n, out, in),
+# a stack of matrices in one tensor (HF's fused experts) -> our (n, in, out).
+SAME, FLAT, LINEAR, BATCHED_LINEAR = "same", "flat", "linear", "batched_linear"
+# The indices an HF tensor name may hold, in the order of our parameter's leading axes:
+# "{i}" the layer (the `layers` axis), "{e}" the expert (the `expert` axis after it).
+NAME_INDICES = ("i", "e")
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyRule:
-  hf: str  # HF tensor name; "{i}" = layer index
+  hf: str  # HF tensor name; "{i}" = layer index, "{e}" = expert index (`NAME_INDICES`)
   ours: str  # our parameter path, dot-separated ("blocks.…" params are stacked over layers)
   transform: str = SAME  # SAME: as is; FLAT: HF 1-D; LINEAR: HF (out, in) -> our (in…, out…)
   n_in: int = 1  # LINEAR: how many of our leading (per-layer) axes are input axes
   # A fused HF tensor (Phi-3's qkv_proj, gate_up_proj) holds several of our parameters one
-  # after another along its first axis: `fused` is each one's length there, in order, and
-  # `part` which one this rule's parameter is. Split on load, concatenated on save.
+  # after another along its output axis (the first; BATCHED_LINEAR: the second to last):
+  # `fused` is each one's length there, in order, and `part` which one this rule's parameter
+  # is. Split on load, concatenated on save.
   fused: tuple[int, ...] = ()
   part: int = 0
+  # Another layout of the parameter that `from_pretrained` reads where a checkpoint holds it
+  # instead of the written rule's tensors; `save_pretrained` never writes it.
+  read_only: bool = False
 
   @property
   def rows(self) -> slice:
@@ -74,8 +83,27 @@ class KeyRule:
     return slice(sum(self.fused[:self.part]), sum(self.fused[:self.part + 1]))
 
   @property
+  def fused_axis(self) -> int:
+    """The HF tensor's axis that `fused` splits: its output axis."""
+    return -2 if self.transform == BATCHED_LINEAR else 0
+
+  @property
+  def indices(self) -> tuple[str, ...]:
+    """The indices its HF name holds (`NAME_INDICES`): one HF tensor per value of our
+    parameter's leading axes, that many of them."""
+    return tuple(n for n in NAME_INDICES if "{" + n + "}" in self.hf)
+
+  @property
   def pattern(self) -> re.Pattern:
-    return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(\d+)") + "$")
+    """Matches its HF names; group `n` of each index n in `indices`."""
+    pattern = re.escape(self.hf)
+    for n in self.indices:
+      pattern = pattern.replace(re.escape("{" + n + "}"), rf"(?P<{n}>\d+)")
+    return re.compile("^" + pattern + "$")
+
+  def name(self, index: tuple[int, ...]) -> str:
+    """The HF tensor name at `index` (one value per entry of `indices`)."""
+    return self.hf.format(**dict(zip(self.indices, index)))
 
   @property
   def stacked(self) -> bool:
@@ -296,3 +324,16 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def num_params(cfg: ModelConfig) -> int:
   """The parameter count of the architecture `cfg` describes."""
   return int(sum(math.prod(shape) for shape in param_shapes(cfg).values()))
+
+
+def num_active_params(cfg: ModelConfig) -> int:
+  """The parameters one token uses (a mixture of experts' "activated" count, embeddings
+  included): a parameter with an `expert` logical axis counts `num_experts_per_tok` of its
+  `num_experts` experts; a dense model's count is `num_params`."""
+  total = 0
+  for _, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
+    size = math.prod(var.shape)
+    if "expert" in var.get_metadata().get("logical_axes", ()):
+      size = size // cfg.num_experts * cfg.num_experts_per_tok
+    total += size
+  return int(total)

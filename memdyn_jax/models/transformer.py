@@ -125,7 +125,13 @@ def _remat(fn, policy: str):
 
 
 class CausalLM(nnx.Module):
-  """Base class; a family implements `make_block`, `embed_tokens` and `final_norm`."""
+  """Base class; a family implements `make_block`, `embed_tokens` and `final_norm`.
+
+  A family whose blocks route tokens to experts sets `has_router`: its blocks take a
+  `stats_mask` and then return their router statistics too (`logits_and_router_stats`).
+  """
+
+  has_router = False
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                remat: str = "none", attention_impl: str = "auto", unroll_layers: bool = False,
@@ -220,9 +226,12 @@ class CausalLM(nnx.Module):
     return logits
 
   def _run_blocks(self, h, *, rope, cache: KVCache | None, q_slots, k_slots, key_valid,
-                  collect_kv: bool = False):
+                  collect_kv: bool = False, stats_mask: jax.Array | None = None):
     """The block stack. Returns (h, cache (k, v)) with a cache, else (h, None), or with
-    `collect_kv` (no cache) (h, (k, v)): each layer's fresh keys/values, (L,B,T,K,D)."""
+    `collect_kv` (no cache) (h, (k, v)): each layer's fresh keys/values, (L,B,T,K,D).
+    With `stats_mask` (no cache; routed blocks only, `has_router`) each block also returns
+    its router statistics over the tokens the mask marks, and the result is
+    ((h, kv or None), statistics stacked over layers)."""
     cfg = self.cfg
     graphdef, block_state = nnx.split(self.blocks)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
@@ -242,11 +251,12 @@ class CausalLM(nnx.Module):
       block = nnx.merge(graphdef, state)
       layer_cache = None if kv_all is None else (*kv_all, layer)
       layer_rope = rope if rows is None else tuple(t[rope_row] for t in rope)
-      h, kv = block(h, rope=layer_rope, layer_cache=layer_cache, write_index=write_index,
-                    q_slots=q_slots, k_slots=k_slots, key_valid=key_valid, window=window,
-                    **attn_kwargs)
+      stats_kwargs = {} if stats_mask is None else {"stats_mask": stats_mask}
+      h, kv, *stats = block(h, rope=layer_rope, layer_cache=layer_cache,
+                            write_index=write_index, q_slots=q_slots, k_slots=k_slots,
+                            key_valid=key_valid, window=window, **attn_kwargs, **stats_kwargs)
       if kv_all is None:
-        return (h, None), (kv if collect_kv else None)
+        return (h, None), (kv if collect_kv else None, stats[0] if stats else None)
       return (h, kv), None
 
     if cache is not None and cache.per_layer:
@@ -269,16 +279,30 @@ class CausalLM(nnx.Module):
     kv_all = (cache.k, cache.v) if cache is not None else None
     # Remat keeps the scan: the point is bounded memory, which the loop structure gives.
     unroll = cfg.num_layers if self.unrolled_layers else 1
-    (h, new_kv), fresh_kv = jax.lax.scan(
+    (h, new_kv), per_layer = jax.lax.scan(
         body, (h, kv_all), (block_state, windows, jnp.arange(cfg.num_layers), rope_rows),
         unroll=unroll)
-    return h, (fresh_kv if collect_kv else new_kv)
+    fresh_kv, stats = per_layer if kv_all is None else (None, None)
+    out = h, (fresh_kv if collect_kv else new_kv)
+    return out if stats_mask is None else (out, stats)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None) -> jax.Array:
     """Logits (B, T, V) in float32 for a (left- or right-) padded batch."""
     return constrain_batch(self.logits_from_hidden(
         self.hidden_states(input_ids, attention_mask, positions=positions)))
+
+  def logits_and_router_stats(self, input_ids: jax.Array,
+                              attention_mask: jax.Array | None = None, *,
+                              positions: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """`__call__`'s logits and every layer's router statistics over the real tokens
+    (`moe.RouterStats`, stacked over layers), for the load-balancing loss; None for a
+    model without routers (`has_router`)."""
+    if not self.has_router:
+      return self(input_ids, attention_mask, positions=positions), None
+    (h, _), stats = self._forward_fresh(input_ids, attention_mask, positions, collect_kv=False,
+                                        router_stats=True)
+    return constrain_batch(self.logits_from_hidden(h)), stats
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                     positions: jax.Array | None = None) -> jax.Array:
@@ -288,8 +312,10 @@ class CausalLM(nnx.Module):
     h, _ = self._forward_fresh(input_ids, attention_mask, positions, collect_kv=False)
     return h
 
-  def _forward_fresh(self, input_ids, attention_mask, positions, *, collect_kv: bool):
-    """The forward of a sequence attending over itself only: (h, per-layer (k, v) or None)."""
+  def _forward_fresh(self, input_ids, attention_mask, positions, *, collect_kv: bool,
+                     router_stats: bool = False):
+    """The forward of a sequence attending over itself only: (h, per-layer (k, v) or None),
+    and with `router_stats` ((h, ...), the blocks' router statistics over the real tokens)."""
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -299,7 +325,8 @@ class CausalLM(nnx.Module):
     h = constrain_batch(self.embed_tokens(input_ids, positions))
     slots = jnp.arange(t)
     return self._run_blocks(h, rope=self.rope_tables(positions), cache=None, q_slots=slots,
-                            k_slots=slots, key_valid=valid, collect_kv=collect_kv)
+                            k_slots=slots, key_valid=valid, collect_kv=collect_kv,
+                            stats_mask=valid if router_stats else None)
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None, max_len: int,
               cache_dtype=None) -> tuple[jax.Array, KVCache]:

@@ -31,6 +31,7 @@ from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import ModelConfig, abstract_model
 from memdyn_jax.plan.hlo import (Collective, cudnn_attention_calls, hlo_collectives,
                                  mosaic_calls)
+from memdyn_jax.train import loss as loss_lib
 from memdyn_jax.train import step as step_lib
 from memdyn_jax.train.config import TrainConfig
 from memdyn_jax.train.optim import make_optimizer
@@ -319,7 +320,9 @@ def _lower_train_step(cfg: ModelConfig, mesh: Mesh, tcfg: TrainConfig, global_ba
   step = step_lib.make_train_step(graphdef, tx, state_shardings=shardings,
                                   batch_shardings=batch_shardings, seed=tcfg.seed,
                                   model_hook=(batch_sharded_embeddings(mesh, rules)
-                                              if pin_activations else None))
+                                              if pin_activations else None),
+                                  router_aux_loss_coef=loss_lib.router_aux_coefficient(
+                                      tcfg.router_aux_loss, cfg))
   step_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
   lower = lambda: step.lower(trained, opt_state, rngs, frozen, batch, step_index)
   return lower, trained, opt_state, batch, tx

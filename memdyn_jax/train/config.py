@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")
 SAMPLERS = ("uniform", "mbc", "memorization_reweight")
 REMAT = ("none", "full", "dots")
 OVERLENGTH = ("drop", "truncate", "error")
+ROUTER_AUX_LOSSES = ("hf", "on", "off")
 
 
 class ConfigError(FieldError):
@@ -86,6 +87,11 @@ class TrainConfig:
       (and the last step) would make, spread over the run as `spread_steps` picks them: the
       ones an evaluation with `checkpoints_per_run` of the same number reads. 0 = all.
     log_every_steps: metrics cadence.
+    router_aux_loss: a mixture-of-experts model's load-balancing loss, weighted by its
+      config's `router_aux_loss_coef`, added to the training objective: "hf" where HF's model
+      adds it to its loss (its config's `output_router_logits`; Qwen3-30B-A3B's: false, so
+      off), "on", or "off". Ignored for models without routers
+      (`memdyn_jax.train.loss.router_aux_coefficient`).
   """
 
   learning_rate: float = 2e-5
@@ -125,6 +131,7 @@ class TrainConfig:
   save_every_epochs: float = 0.0
   checkpoints_to_save: int = 0
   log_every_steps: int = 1
+  router_aux_loss: str = "hf"
 
   def __post_init__(self):
     # Lists from JSON / flags become tuples so the config stays hashable and comparable.
@@ -136,6 +143,7 @@ class TrainConfig:
     _choice("sampler", self.sampler, SAMPLERS)
     _choice("remat", self.remat, REMAT)
     _choice("overlength", self.overlength, OVERLENGTH)
+    _choice("router_aux_loss", self.router_aux_loss, ROUTER_AUX_LOSSES)
     _check("learning_rate", self.learning_rate >= 0, "must be >= 0")
     _check("num_epochs", self.num_epochs > 0, "must be > 0")
     for name in ("max_steps", "warmup_steps", "save_every_steps", "micro_batch_size",

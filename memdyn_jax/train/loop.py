@@ -32,6 +32,7 @@ from memdyn_jax import fileio
 from memdyn_jax import sharding as sharding_lib
 from memdyn_jax.models import hf_io
 from memdyn_jax.signals import STOP_SIGNALS, StopSignals  # noqa: F401 - re-exported
+from memdyn_jax.train import loss as loss_lib
 from memdyn_jax.train import step as step_lib
 from memdyn_jax.train.config import TrainConfig, checkpoint_steps, epoch_crossed
 from memdyn_jax.train.optim import make_optimizer, make_schedule
@@ -291,6 +292,7 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
     if cfg.lora_dropout > 0:
       model.train()  # adapters drop out; keys set per (step, micro-batch) by the hook
       model_hook = lora_lib.set_lora_dropout_key
+  router_aux_coef = loss_lib.router_aux_coefficient(cfg.router_aux_loss, model.cfg)
   graphdef, trained, rngs, frozen = step_lib.split_model(model, wrt)
   del model  # its trained buffers are donated to the step from here on
 
@@ -324,7 +326,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
   batch_shardings["weights"] = step_lib.microbatch_sharding(mesh, 2, rules)
   train_step = step_lib.make_train_step(graphdef, tx, state_shardings=state_shardings,
                                         batch_shardings=batch_shardings, seed=cfg.seed,
-                                        model_hook=model_hook)
+                                        model_hook=model_hook,
+                                        router_aux_loss_coef=router_aux_coef)
   ppl_fn = None
   writer = MetricsWriter(output_dir, start, enabled=is_main)
 
@@ -378,6 +381,8 @@ def train(cfg: TrainConfig, data: TrainData, model_path: str, output_dir: str, *
                   "target_tokens": int(metrics["target_tokens"]),
                   "tokens_per_s": float(host["attention_mask"].sum() / max(dt, 1e-9)),
                   "examples_seen": done * cfg.global_batch_size}
+        if "router_aux_loss" in metrics:  # unweighted; the objective adds router_aux_coef x it
+          record["router_aux_loss"] = float(metrics["router_aux_loss"])
         if done % cfg.log_every_steps == 0 or done == total:
           writer.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -12,11 +12,22 @@ memorization-reweight sampler renormalizes them to mean 1). The denominator is t
 *unweighted* count of target tokens of the whole global batch — all micro-batches and all
 hosts — so gradient accumulation and sharding give exactly the full-batch mean (HF
 Trainer instead averages per-micro-batch means, which weights tokens unequally).
+
+A mixture-of-experts model may add its router's load-balancing loss (HF's
+`load_balancing_loss_func`, `models.moe.load_balancing_loss`) to the objective:
+L + c · mean over micro-batches of aux(micro-batch), c from `router_aux_coefficient`. The
+loss is a product of two means over a micro-batch's real tokens (all devices' together), so
+unlike L it is per micro-batch; without accumulation it is HF's `loss + coef * aux_loss` of
+the batch. (HF Trainer with accumulation adds c · aux of every micro-batch to a loss summed
+over them, A times ours; under DDP each device computes it over its own rows.)
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from memdyn_jax.models.config import ModelConfig
+from memdyn_jax.train.config import ROUTER_AUX_LOSSES
 
 
 def token_nll(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
@@ -55,3 +66,15 @@ def example_perplexity(logits: jax.Array, input_ids: jax.Array,
   nll = token_nll(logits, input_ids, target_mask)
   count = jnp.maximum(jnp.sum(target_mask[:, 1:].astype(jnp.float32), axis=-1), 1.0)
   return jnp.exp(jnp.sum(nll, axis=-1) / count)
+
+
+def router_aux_coefficient(mode: str, cfg: ModelConfig) -> float:
+  """The weight of the load-balancing loss in the objective (0: not computed) for
+  `TrainConfig.router_aux_loss` `mode`: "hf" the model config's `router_aux_loss_coef` where
+  HF's model adds the loss (`output_router_logits`), "on" that coefficient always, "off" 0.
+  0 for a model without routers."""
+  if mode not in ROUTER_AUX_LOSSES:
+    raise ValueError(f"router_aux_loss {mode!r} not in {ROUTER_AUX_LOSSES}")
+  if not cfg.is_moe or mode == "off" or (mode == "hf" and not cfg.router_aux_loss_in_hf_loss):
+    return 0.0
+  return float(cfg.router_aux_loss_coef)

@@ -10,7 +10,8 @@ A global batch arrives as (A, micro, T) arrays: A = accumulation steps, micro-ba
 sharded over ('data', 'fsdp'). Gradients of the A micro-batches are summed in a `lax.scan`,
 each micro-batch's loss numerator divided by the target-token count of the *global* batch,
 so the accumulated gradient is exactly that of the global-batch loss in
-`memdyn_jax.train.loss`.
+`memdyn_jax.train.loss`. A mixture of experts' load-balancing loss, when weighted in
+(`router_aux_loss_coef`), joins the objective per micro-batch (see `memdyn_jax.train.loss`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memdyn_jax import sharding as sharding_lib
+from memdyn_jax.models import moe
 from memdyn_jax.train import loss as loss_lib
 from memdyn_jax.train.optim import global_norm
 
@@ -55,8 +57,8 @@ def microbatch_sharding(mesh: Mesh, ndim: int, rules=sharding_lib.DEFAULT_RULES)
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     state_shardings: tuple | None = None, batch_shardings: dict | None = None,
                     donate: bool = True, seed: int = 0,
-                    model_hook: Callable[[nnx.Module, jax.Array], None] | None = None
-                    ) -> Callable:
+                    model_hook: Callable[[nnx.Module, jax.Array], None] | None = None,
+                    router_aux_loss_coef: float = 0.0) -> Callable:
   """The jitted `step(trained, opt_state, rngs, frozen, batch, step_index) -> (trained,
   opt_state, rngs, metrics)`.
 
@@ -71,21 +73,33 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     model_hook: `hook(model, key)` called on the merged model before each micro-batch's
       forward pass (LoRA dropout keys). Keys are a function of (seed, step, micro-batch)
       only, so a resumed run draws the same randomness.
+    router_aux_loss_coef: c > 0 adds c times a routed model's load-balancing loss to the
+      objective (`loss.router_aux_coefficient`); 0 computes none.
 
   `batch` has "input_ids", "attention_mask", "target_mask" (A, micro, T) and "weights"
   (A, micro) float32 per-example loss weights. Metrics (replicated scalars): "loss" (the
   global-batch loss), "grad_norm" (before clipping), "target_tokens", "finite" (loss and
-  gradient norm both finite).
+  gradient norm both finite), and with a load-balancing term "router_aux_loss" (its
+  unweighted value, the mean over micro-batches; the objective is loss + c times it).
   """
+  with_aux = router_aux_loss_coef > 0
 
-  def loss_fn(trained, rngs, frozen, mb, denom, key):
+  def loss_fn(trained, rngs, frozen, mb, denom, n_micro, key):
     # copy=True: fresh Variables owned by this trace, so the hook may write to them.
     model = nnx.merge(graphdef, trained, rngs, frozen, copy=True)
     if model_hook is not None:
       model_hook(model, key)
-    logits = model(mb["input_ids"], mb["attention_mask"])
+    if with_aux:
+      logits, stats = model.logits_and_router_stats(mb["input_ids"], mb["attention_mask"])
+      if stats is None:
+        raise ValueError("router_aux_loss_coef > 0 for a model without routers")
+      aux = moe.load_balancing_loss(stats, model.cfg.num_experts)
+    else:
+      logits, aux = model(mb["input_ids"], mb["attention_mask"]), jnp.float32(0)
     num = loss_lib.weighted_nll_sum(logits, mb["input_ids"], mb["target_mask"], mb["weights"])
-    return num / denom, nnx.state(model, nnx.RngState)
+    loss = num / denom
+    objective = loss + router_aux_loss_coef * aux / n_micro
+    return objective, (nnx.state(model, nnx.RngState), loss, aux / n_micro)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -96,21 +110,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     n_micro = batch["input_ids"].shape[0]
 
     def micro(carry, xs):
-      grads, total, rngs = carry
+      grads, total, total_aux, rngs = carry
       mb, i = xs
       key = jax.random.fold_in(step_key, i)
-      (loss, rngs), g = grad_fn(trained, rngs, frozen, mb, denom, key)
+      (_, (rngs, loss, aux)), g = grad_fn(trained, rngs, frozen, mb, denom, n_micro, key)
       grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-      return (grads, total + loss, rngs), None
+      return (grads, total + loss, total_aux + aux, rngs), None
 
-    (grads, loss, rngs), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), rngs),
-                                          (batch, jnp.arange(n_micro)))
+    (grads, loss, aux, rngs), _ = jax.lax.scan(
+        micro, (zeros, jnp.float32(0), jnp.float32(0), rngs), (batch, jnp.arange(n_micro)))
     grad_norm = global_norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trained)
     updates, opt_state = tx.update(grads, opt_state, trained)
     trained = optax.apply_updates(trained, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": denom,
-               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+               "finite": jnp.isfinite(loss) & jnp.isfinite(aux) & jnp.isfinite(grad_norm)}
+    if with_aux:
+      metrics["router_aux_loss"] = aux
     return trained, opt_state, rngs, metrics
 
   kwargs: dict[str, Any] = {}
@@ -119,9 +135,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     mesh = jax.tree.leaves(trained_s)[0].mesh
     replicated = NamedSharding(mesh, P())
     kwargs["in_shardings"] = (trained_s, opt_s, rngs_s, frozen_s, batch_shardings, replicated)
+    metric_names = ("loss", "grad_norm", "target_tokens", "finite") + (
+        ("router_aux_loss",) if with_aux else ())
     kwargs["out_shardings"] = (trained_s, opt_s, rngs_s,
-                               {k: replicated for k in ("loss", "grad_norm", "target_tokens",
-                                                        "finite")})
+                               {k: replicated for k in metric_names})
   return jax.jit(step, donate_argnums=(0, 1, 2) if donate else (), **kwargs)
 
 

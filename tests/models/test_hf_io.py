@@ -14,7 +14,7 @@ from memdyn_jax.models import hf_io
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gpt_neo", "qwen3",
                                   "qwen3_tied_sliding", "olmo2", "gemma3_text", "smollm3",
-                                  "phi3", "phi3_longrope"])
+                                  "phi3", "phi3_longrope", "qwen3_moe"])
 def test_round_trip_transformers_loads_identical_tensors(name, tmp_path):
   src = testing.save_tiny_hf_model(name, str(tmp_path / "src"), seed=3)
   model, cfg = models.from_pretrained(src)
@@ -34,10 +34,12 @@ def test_round_trip_transformers_loads_identical_tensors(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(v1[...]), np.asarray(v2[...]))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "olmo2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "olmo2", "gemma3_text", "phi3",
+                                  "qwen3_moe"])
 def test_sharded_checkpoint_round_trip(name, tmp_path):
   """Saved in several shards and streamed back shard by shard: HF reads the same tensors,
-  and the reloaded model computes the same logits (phi3: fused HF tensors)."""
+  and the reloaded model computes the same logits (phi3: fused HF tensors; qwen3_moe: one
+  HF tensor per layer and expert)."""
   src = testing.save_tiny_hf_model(name, str(tmp_path / "src"))
   model, cfg = models.from_pretrained(src)
   out = str(tmp_path / "sharded")

@@ -2,8 +2,9 @@
 
 Configs exercise GQA/MHA, tied and untied embeddings, q/k/v biases, RoPE scaling types,
 sliding/local windows shorter than the sequence, soft-capping, q/k norms (per head, per
-projection), per-layer RoPE bases, layers without RoPE, partial rotary and fused HF
-projections. The KV-cache path (prefill + one-token decode) must reproduce the same logits.
+projection), per-layer RoPE bases, layers without RoPE, partial rotary, fused HF
+projections and routed experts (Qwen3-MoE; the CPU's dense expert path here, the sorted
+ragged_dot dispatch in test_moe.py). The KV-cache path (prefill + one-token decode) must reproduce the same logits.
 Each check prints its worst |logit difference| (`-s` or `-rP` shows it).
 """
 import jax
@@ -58,6 +59,11 @@ CASES = {
     "phi3_longrope": ("phi3_longrope", {}),
     # short factors (the sequences stay within 64 positions), attention factor of 128 / 64
     "phi3_longrope_short": ("phi3_longrope", dict(original_max_position_embeddings=64)),
+    "qwen3_moe": ("qwen3_moe", {}),  # top-2 of 8 experts, renormalised
+    # top-3 not renormalised, a sliding window on every layer, all attention biases, tied
+    "qwen3_moe_unnormed_sliding": ("qwen3_moe", dict(
+        norm_topk_prob=False, num_experts_per_tok=3, use_sliding_window=True, sliding_window=4,
+        attention_bias=True, tie_word_embeddings=True)),
 }
 
 BATCH, LENGTH, PADS = 3, 13, (0, 4, 9)

@@ -65,6 +65,8 @@ def test_rms_norm_style_is_checked():
     ("llama", "none", "cast_then_scale", None, None),
     # one (head_dim,) weight per layer, shared by the heads
     ("qwen3", "head", "cast_then_scale", ((2, 16), ("layers", "norm")), ((2, 16), ("layers", "norm"))),
+    ("qwen3_moe", "head", "cast_then_scale", ((2, 16), ("layers", "norm")),
+     ((2, 16), ("layers", "norm"))),
     # over the whole projection: sharded like it (heads over the tensor axis)
     ("olmo2", "projection", "scale_then_cast", ((2, 4, 12), ("layers", "heads", "head_dim")),
      ((2, 2, 12), ("layers", "kv_heads", "head_dim"))),

@@ -39,6 +39,9 @@ def test_2x2x2_mesh_places_params_by_rules_and_matches_one_device(name, tmp_path
 def test_logical_to_spec_rules():
   assert sharding.logical_to_spec(("batch", "length")) == P(("data", "fsdp"), None)
   assert sharding.logical_to_spec(("layers", "embed", "mlp")) == P(None, "fsdp", "tensor")
+  # experts over fsdp take it from embed (one mesh axis per spec)
+  assert (sharding.logical_to_spec(("layers", "expert", "embed", "mlp"))
+          == P(None, "fsdp", None, "tensor"))
   with pytest.raises(ValueError, match="no sharding rule"):
     sharding.logical_to_spec(("nonsense",))
 
@@ -59,3 +62,20 @@ def test_initialize_distributed_is_noop_for_one_process(monkeypatch):
             "MEGASCALE_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(k, raising=False)
   assert sharding.initialize_distributed() is False
+
+
+def test_moe_shards_by_expert_and_dispatches_per_device(tmp_path):
+  """qwen3_moe on the 2x2x2 mesh: expert weights split by expert over fsdp and by width over
+  tensor, the router's expert axis whole; the sorted (ragged_dot) dispatch runs per device in
+  a shard_map and gives the dense experts' logits and gradients of one device."""
+  src = testing.save_tiny_hf_model("qwen3_moe", str(tmp_path / "moe"), vocab_size=212)
+  result = _run_worker(src)
+  assert result["max_diff"] <= 1e-5 and result["shard_model_same"]
+  placed = result["placements"]
+  assert placed["blocks.mlp.gate_proj"] == [None, "fsdp", None, "tensor"]
+  assert placed["blocks.mlp.up_proj"] == [None, "fsdp", None, "tensor"]
+  assert placed["blocks.mlp.down_proj"] == [None, "fsdp", "tensor", None]
+  assert placed["blocks.mlp.router.kernel"] == [None, "fsdp", None]
+  assert result["experts_in_shard_map"]
+  assert result["ragged_max_diff"] <= 1e-5
+  assert result["ragged_grad_max_diff"] <= 1e-5

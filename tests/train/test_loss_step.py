@@ -1,6 +1,8 @@
 """Loss normalization, per-example perplexity, and the jitted train step."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,3 +135,92 @@ def test_bf16_compute_keeps_fp32_master_weights():
   losses, _, _, trained, _, _ = _run_steps(cfg, batch, 3, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trained))
   assert losses[-1] < losses[0]
+
+
+def _moe_config(**overrides):
+  from memdyn_jax import testing
+  hf = dict(testing.TINY_CONFIGS["qwen3_moe"], model_type="qwen3_moe", vocab_size=64,
+            **overrides)
+  return models.from_hf_config(hf)
+
+
+def test_router_aux_coefficient_follows_hf_unless_told():
+  on = _moe_config()  # the tiny config sets output_router_logits: HF adds it (0.01)
+  off = _moe_config(output_router_logits=False)
+  assert loss_lib.router_aux_coefficient("hf", on) == 0.01
+  assert loss_lib.router_aux_coefficient("hf", off) == 0.0
+  assert loss_lib.router_aux_coefficient("on", off) == 0.01
+  assert loss_lib.router_aux_coefficient("off", on) == 0.0
+  assert loss_lib.router_aux_coefficient("on", models.from_hf_config(TINY)) == 0.0  # dense
+  with pytest.raises(ValueError, match="router_aux_loss"):
+    TrainConfig(router_aux_loss="always")
+
+
+def test_moe_step_adds_the_load_balancing_loss():
+  """A train step of a mixture of experts with the load-balancing term, 2 micro-batches:
+  the metric is the mean of the micro-batches' losses (each that of its own forward, as
+  HF's), the gradient that of loss + c * aux, and steps run (and learn) with it."""
+  from memdyn_jax.models import moe
+  coef = 0.5  # large, so its gradient shows
+  cfg = TrainConfig(learning_rate=1e-2, schedule="constant", global_batch_size=8,
+                    micro_batch_size=4, max_grad_norm=0.0)
+  batch = tiny_batch()
+  host = dict(batch, weights=np.ones(8, np.float32))
+  mb = step_lib.to_microbatches(host, cfg.accumulation_steps)
+  model = models.build_model(_moe_config(), seed=0)
+  graphdef, trained, rngs, frozen = step_lib.split_model(model)
+  tx = optim.make_optimizer(cfg, 50)
+  step = step_lib.make_train_step(graphdef, tx, router_aux_loss_coef=coef, donate=False)
+  trained1, _, _, m = step(trained, tx.init(trained), rngs, frozen, mb, jnp.int32(0))
+
+  # the reference: per micro-batch, the loss and the aux loss of a plain forward
+  def objective(model):
+    lm, aux = 0.0, 0.0
+    denom = loss_lib.num_target_tokens(batch["target_mask"])
+    for a in range(cfg.accumulation_steps):
+      logits, stats = model.logits_and_router_stats(mb["input_ids"][a], mb["attention_mask"][a])
+      lm += loss_lib.weighted_nll_sum(logits, mb["input_ids"][a], mb["target_mask"][a]) / denom
+      aux += moe.load_balancing_loss(stats, model.cfg.num_experts) / cfg.accumulation_steps
+    return lm + coef * aux, (lm, aux)
+
+  (_, (lm, aux)), grads = nnx.jit(nnx.value_and_grad(objective, has_aux=True))(model)
+  assert float(m["loss"]) == pytest.approx(float(lm), rel=1e-5)
+  assert float(m["router_aux_loss"]) == pytest.approx(float(aux), rel=1e-5)
+  assert float(m["grad_norm"]) == pytest.approx(float(optim.global_norm(grads)), rel=1e-4)
+  # the router's update differs from a step without the term
+  plain = step_lib.make_train_step(graphdef, tx, donate=False)
+  trained0, _, _, m0 = plain(trained, tx.init(trained), rngs, frozen, mb, jnp.int32(0))
+  assert "router_aux_loss" not in m0 and float(m0["loss"]) == float(m["loss"])
+  router = lambda t: np.asarray(t["blocks"]["mlp"]["router"]["kernel"][...])
+  assert np.abs(router(trained1) - router(trained0)).max() > 0
+  losses = [float(m["loss"])]
+  opt_state = tx.init(trained1)
+  for s in range(1, 4):
+    trained1, opt_state, rngs, m = step(trained1, opt_state, rngs, frozen, mb, jnp.int32(s))
+    assert bool(m["finite"])
+    losses.append(float(m["loss"]))
+  assert losses[-1] < losses[0]
+
+
+def test_moe_training_run_logs_the_load_balancing_loss(tmp_path):
+  """`train.loop.train` of a qwen3_moe checkpoint: the tiny config has HF add the loss
+  (output_router_logits), so the run weighs it in and logs it; "off" logs none."""
+  import json
+
+  from memdyn_jax import testing
+  from memdyn_jax.train import loop
+
+  src = testing.save_tiny_hf_model("qwen3_moe", str(tmp_path / "moe"), vocab_size=64)
+  b = tiny_batch()
+  data = loop.TrainData(b["input_ids"], b["attention_mask"], b["target_mask"])
+  cfg = TrainConfig(learning_rate=1e-2, schedule="constant", global_batch_size=4,
+                    max_steps=2, micro_batch_size=2)
+  for mode, logged in (("hf", True), ("off", False)):
+    run = str(tmp_path / mode)
+    result = loop.train(cfg.replace(router_aux_loss=mode), data, src, run, progress=False,
+                        async_checkpoints=False)
+    assert result.step == 2
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [("router_aux_loss" in r) for r in records] == [logged] * 2
+    if logged:
+      assert all(r["router_aux_loss"] > 0.9 for r in records)  # ~1 when balanced

@@ -270,13 +270,14 @@ def held_out_scores(trajs: Sequence[RunRecords], traj_rows: Sequence[Mapping[str
   column = lambda col: [np.array([float(r.get(col, math.nan)) for r in by_run[n]])
                         for n in names]
   test = column("test_accuracy")
+  xs = {key: column(col) for key, col in predictors.items() if key != "premem"}
   scores = {}
   for protocol, protocol_folds in folds.items():
     scores[protocol] = {
         key: (metrics.premem_held_out(cal_runs, default_candidates(), protocol_folds,
                                       base_perplexity=base_ppl) if key == "premem"
-              else metrics.line_held_out(column(col), test, protocol_folds))
-        for key, col in predictors.items()}
+              else metrics.line_held_out(xs[key], test, protocol_folds))
+        for key in predictors}
   return HeldOut(names, tuple(names[i] for i in chosen), scores, tuple(notes))
 
 

@@ -129,3 +129,21 @@ def test_unsupported_config_fields_name_the_field(name, overrides, field):
   cfg = dict(testing.TINY_CONFIGS[name], model_type=name, **overrides)
   with pytest.raises(ValueError, match=field):
     models.from_hf_config(cfg)
+
+
+def test_hf_layer_types_are_checked_and_give_the_windows():
+  import types
+
+  from memdyn_jax.models import config
+
+  hf = types.SimpleNamespace(num_hidden_layers=3, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention",
+                                          "sliding_attention"])
+  assert config.windows_of_layer_types(hf) == (4, 0, 4)
+  assert config.windows_of_layer_types(types.SimpleNamespace(
+      **{**vars(hf), "sliding_window": None})) == (0, 0, 0)  # HF's "sliding off"
+  with pytest.raises(ValueError, match="layer_types.*names 2 layers, not num_hidden_layers = 3"):
+    config.layer_types(types.SimpleNamespace(**{**vars(hf), "layer_types": ["full_attention"] * 2}))
+  with pytest.raises(ValueError, match="'chunked_attention' is not supported"):
+    config.layer_types(types.SimpleNamespace(
+        **{**vars(hf), "layer_types": ["full_attention", "chunked_attention", "full_attention"]}))
